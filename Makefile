@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make serve` and `make test`.
+# Each installs what it needs on a fresh Debian machine (Python 3.11, root, no GPU).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint bench
+
+serve: $(STAMP)
+	$(VENV)/bin/enhance-node serve
+
+test: $(STAMP)
+	scripts/ensure-debian-packages dcmtk sqlite3 openssl
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	scripts/ensure-debian-packages dcmtk
+	$(VENV)/bin/python bench/receive.py
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)

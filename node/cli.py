@@ -1,0 +1,130 @@
+"""The `enhance-node` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad usage/config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from node import __version__
+from node.config import ConfigError, default_config_path, load_config
+from node.errors import EnhanceNodeError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2 (argparse prints the whole usage otherwise)."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="enhance-node", description="DICOM node that enhances low-dose and fast scans.")
+    p.add_argument("--version", action="version", version=f"enhance-node {__version__}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="configuration file (default: $ENHANCE_NODE_CONFIG, then ./config.toml, else built-in defaults)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    from node.serve import ROLES
+
+    s = sub.add_parser("serve", help="run the node (receive; later: process and deliver)")
+    s.add_argument("--role", default="all", choices=ROLES, help="which role(s) this process runs")
+
+    e = sub.add_parser("echo", help="C-ECHO a peer: exit 0 when it answers success")
+    e.add_argument("peer", help="AE@HOST:PORT, e.g. PACS@127.0.0.1:4242")
+    e.add_argument("--calling-ae", help="our AE title (default: node.ae_title)")
+    e.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the peer")
+
+    ae = sub.add_parser("ae", help="calling AE titles allowed to store to this node")
+    ae_sub = ae.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ae_sub.add_parser("list", help="list allowed calling AEs")
+    add = ae_sub.add_parser("add", help="allow a calling AE (optionally only from one IP address)")
+    add.add_argument("ae_title")
+    add.add_argument("--host", help="the only IP address this AE may connect from")
+    rm = ae_sub.add_parser("remove", help="stop allowing a calling AE")
+    rm.add_argument("ae_title")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        if args.command == "serve":
+            from node.serve import serve
+
+            return serve(load_config(args.config), args.role)
+        if args.command == "echo":
+            return _echo(args)
+        return _ae(args)
+    except ConfigError as exc:
+        print(f"enhance-node: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except EnhanceNodeError as exc:
+        print(f"enhance-node: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:@]+):(?P<port>\d{1,5})$")
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    m = _PEER.match(args.peer)
+    if not m or not 0 < int(m["port"]) < 65536:
+        print(f"enhance-node: error: peer must be AE@HOST:PORT, not {args.peer!r}", file=sys.stderr)
+        return EXIT_USAGE
+    calling = args.calling_ae or load_config(args.config).node.ae_title
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(m["host"].strip("[]"), int(m["port"]), ae_title=m["ae"])
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        print(f"echo {args.peer}: association failed ({why})", file=sys.stderr)
+        return EXIT_FAILURE
+    rsp = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(rsp, "Status", None)
+    if code != 0x0000:
+        print(f"echo {args.peer}: failed (status {code})", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"echo {args.peer}: success")
+    return EXIT_OK
+
+
+def _ae(args: argparse.Namespace) -> int:
+    from node.admin import add_allowed_ae, remove_allowed_ae
+
+    path = args.config or default_config_path()
+    if args.action == "list":
+        cfg = load_config(args.config)
+        if not cfg.node.allowed:
+            print("(no calling AE allowed: every association is rejected)")
+        for a in cfg.node.allowed:
+            print(f"{a.ae_title:<16}  {a.host or 'any host'}")
+        return EXIT_OK
+    if args.action == "add":
+        add_allowed_ae(path, args.ae_title, args.host)
+        print(f"allowed {args.ae_title} in {path}; restart the node to apply")
+    else:
+        remove_allowed_ae(path, args.ae_title)
+        print(f"removed {args.ae_title} from {path}; restart the node to apply")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The node's configuration: one frozen, typed object, loaded and validated at the entry point.
+
+Every error names the key it is about, so `enhance-node` can exit 2 with a one-line reason.
+Relative paths are resolved against the config file's folder (or the working directory for
+the embedded defaults). Environment variables may override paths and secrets only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+ENV_CONFIG = "ENHANCE_NODE_CONFIG"
+ENV_STORAGE_DIR = "ENHANCE_NODE_STORAGE_DIR"
+ENV_LEDGER_URL = "ENHANCE_NODE_LEDGER_URL"
+ENV_ADMIN_PASSWORD_HASH = "ENHANCE_NODE_ADMIN_PASSWORD_HASH"
+
+_AE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class AllowedAE:
+    ae_title: str
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None  # when set, client certificates are required and verified
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "ENHANCE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    storage_dir: Path = Path("var/storage")
+    ledger_url: str = "sqlite:///var/ledger.db"
+    max_associations: int = 16
+    min_free_disk_mb: int = 1024
+    max_pdu_size: int = 0  # 0 = unlimited: fewer, larger P-DATA PDUs from the sender
+    network_timeout: float = 60.0  # an association silent this long is aborted
+    allowed: tuple[AllowedAE, ...] = ()
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    idle_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    modality: str = "*"
+    calling_ae: str = "*"
+    series_description: str = ".*"
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    model: str
+    destinations: tuple[str, ...]
+    match: RouteMatch = RouteMatch()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    backend: str = "auto"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_password_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = NodeConfig()
+    series: SeriesConfig = SeriesConfig()
+    destinations: tuple[DestinationConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    worker: WorkerConfig = WorkerConfig()
+    dashboard: DashboardConfig = DashboardConfig()
+    source: Path | None = field(default=None, compare=False)  # the file it came from
+
+    def allowed_ae(self, calling_ae: str) -> AllowedAE | None:
+        for entry in self.node.allowed:
+            if entry.ae_title == calling_ae:
+                return entry
+        return None
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(ENV_CONFIG) or "config.toml")
+
+
+def load_config(path: Path | None = None, *, required: bool = False) -> Config:
+    """Read and validate `path` (default: $ENHANCE_NODE_CONFIG, then ./config.toml).
+
+    A missing default file gives the embedded defaults; a missing explicit file is an error.
+    """
+    explicit = path is not None or ENV_CONFIG in os.environ
+    path = path or default_config_path()
+    if not path.exists():
+        if explicit or required:
+            raise ConfigError("config", f"file not found: {path}")
+        return parse_config({}, base_dir=Path.cwd())
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=path.resolve().parent, source=path)
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document into a Config (pure apart from reading the env)."""
+    reader = _Table(data, "")
+    node = _parse_node(reader.table("node"), base_dir)
+    series_t = reader.table("series")
+    series = SeriesConfig(idle_seconds=series_t.number("idle_seconds", 30.0, minimum=0.0))
+    series_t.done()
+    destinations = tuple(_parse_destination(t) for t in reader.tables("destinations"))
+    _unique([d.name for d in destinations], "destinations", "name")
+    routes = tuple(_parse_route(t, {d.name for d in destinations}) for t in reader.tables("routes"))
+    _unique([r.name for r in routes], "routes", "name")
+    worker_t = reader.table("worker")
+    worker = WorkerConfig(
+        backend=worker_t.choice("backend", "auto", BACKENDS),
+        device=worker_t.string("device", "auto", pattern=r"auto|cpu|cuda(:\d+)?"),
+    )
+    worker_t.done()
+    dash_t = reader.table("dashboard")
+    dashboard = DashboardConfig(
+        host=dash_t.string("host", "127.0.0.1"),
+        port=dash_t.integer("port", 8080, minimum=0, maximum=65535),
+        admin_password_hash=os.environ.get(ENV_ADMIN_PASSWORD_HASH)
+        or dash_t.optional_string("admin_password_hash"),
+    )
+    dash_t.done()
+    reader.done()
+    return Config(node, series, destinations, routes, worker, dashboard, source)
+
+
+def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
+    allowed = []
+    for a in t.tables("allowed"):
+        host = a.optional_string("host")
+        if host is not None:
+            _check_ip(host, a.key("host"))
+        allowed.append(AllowedAE(ae_title=_ae_title(a, "ae_title", required=True), host=host))
+        a.done()
+    _unique([a.ae_title for a in allowed], t.key("allowed"), "ae_title")
+    tls = None
+    if t.has("tls"):
+        tt = t.table("tls")
+        ca = tt.optional_string("ca_file")
+        tls = TLSConfig(
+            cert_file=_existing_file(tt, "cert_file", base_dir),
+            key_file=_existing_file(tt, "key_file", base_dir),
+            ca_file=_existing_file(tt, "ca_file", base_dir) if ca is not None else None,
+        )
+        tt.done()
+    storage = os.environ.get(ENV_STORAGE_DIR) or t.string("storage_dir", "var/storage")
+    ledger_url = os.environ.get(ENV_LEDGER_URL) or t.string("ledger_url", "sqlite:///var/ledger.db")
+    cfg = NodeConfig(
+        ae_title=_ae_title(t, "ae_title", default="ENHANCE"),
+        host=t.string("host", "0.0.0.0"),
+        port=t.integer("port", 11112, minimum=0, maximum=65535),
+        storage_dir=_resolve(Path(storage), base_dir),
+        ledger_url=_resolve_sqlite_url(ledger_url, base_dir, t.key("ledger_url")),
+        max_associations=t.integer("max_associations", 16, minimum=1, maximum=1024),
+        min_free_disk_mb=t.integer("min_free_disk_mb", 1024, minimum=0),
+        max_pdu_size=t.integer("max_pdu_size", 0, minimum=0),
+        network_timeout=t.number("network_timeout", 60.0, minimum=1.0),
+        allowed=tuple(allowed),
+        tls=tls,
+    )
+    _check_ip(cfg.host, t.key("host"))
+    t.done()
+    return cfg
+
+
+def _parse_destination(t: _Table) -> DestinationConfig:
+    d = DestinationConfig(
+        name=t.string("name", required=True, pattern=r"[A-Za-z0-9_.-]{1,64}"),
+        ae_title=_ae_title(t, "ae_title", required=True),
+        host=t.string("host", required=True),
+        port=t.integer("port", required=True, minimum=1, maximum=65535),
+        max_attempts=t.integer("max_attempts", 8, minimum=1, maximum=1000),
+    )
+    t.done()
+    return d
+
+
+def _parse_route(t: _Table, destinations: set[str]) -> RouteConfig:
+    m = t.table("match")
+    match = RouteMatch(
+        modality=m.string("modality", "*"),
+        calling_ae=m.string("calling_ae", "*"),
+        series_description=m.string("series_description", ".*"),
+    )
+    try:
+        re.compile(match.series_description)
+    except re.error as exc:
+        raise ConfigError(m.key("series_description"), f"not a regular expression: {exc}") from None
+    m.done()
+    dests = t.string_list("destinations")
+    for name in dests:
+        if name not in destinations:
+            raise ConfigError(t.key("destinations"), f"no destination named {name!r}")
+    r = RouteConfig(
+        name=t.string("name", required=True, pattern=r"[A-Za-z0-9_.-]{1,64}"),
+        model=t.string("model", required=True, pattern=r"[A-Za-z0-9_.-]{1,64}"),
+        destinations=tuple(dests),
+        match=match,
+    )
+    t.done()
+    return r
+
+
+def _ae_title(t: _Table, name: str, default: str | None = None, required: bool = False) -> str:
+    value = t.string(name, default, required=required)
+    if not _AE_CHARS.match(value) or not value.strip():
+        raise ConfigError(t.key(name), "must be 1-16 printable characters, no backslash")
+    if value != value.strip():
+        raise ConfigError(t.key(name), "must not start or end with spaces")
+    return value
+
+
+def _check_ip(value: str, key: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, f"not an IP address: {value!r}") from None
+
+
+def _existing_file(t: _Table, name: str, base_dir: Path) -> Path:
+    path = _resolve(Path(t.string(name, required=True)), base_dir)
+    if not path.is_file():
+        raise ConfigError(t.key(name), f"file not found: {path}")
+    return path
+
+
+def _resolve(path: Path, base_dir: Path) -> Path:
+    return path if path.is_absolute() else base_dir / path
+
+
+def _resolve_sqlite_url(url: str, base_dir: Path, key: str) -> str:
+    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", url):
+        raise ConfigError(key, "must be a sqlite:/// or postgresql+psycopg:// URL")
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+        return prefix + str(base_dir / url[len(prefix) :])
+    return url
+
+
+def _unique(values: list[str], key: str, field_name: str) -> None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise ConfigError(key, f"duplicate {field_name} {v!r}")
+        seen.add(v)
+
+
+class _Table:
+    """Typed, key-naming access to one TOML table; `done()` rejects unknown keys."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _get(self, name: str, required: bool) -> Any:
+        self._used.add(name)
+        if name not in self._data:
+            if required:
+                raise ConfigError(self.key(name), "is required")
+            return None
+        return self._data[name]
+
+    def string(
+        self, name: str, default: str | None = None, *, required: bool = False, pattern: str | None = None
+    ) -> str:
+        value = self._get(name, required)
+        if value is None:
+            assert default is not None
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(self.key(name), f"must be a string, not {type(value).__name__}")
+        if pattern is not None and not re.fullmatch(pattern, value):
+            raise ConfigError(self.key(name), f"{value!r} does not match {pattern}")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        if self._data.get(name) is None:
+            self._used.add(name)
+            return None
+        return self.string(name)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.string(name, default)
+        if value not in choices:
+            raise ConfigError(self.key(name), f"must be one of {', '.join(choices)}")
+        return value
+
+    def integer(
+        self,
+        name: str,
+        default: int | None = None,
+        *,
+        required: bool = False,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        value = self._get(name, required)
+        if value is None:
+            assert default is not None
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"must be an integer, not {value!r}")
+        return int(self._bounded(name, value, minimum, maximum))
+
+    def number(self, name: str, default: float, *, minimum: float | None = None) -> float:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(self.key(name), f"must be a number, not {value!r}")
+        return float(self._bounded(name, value, minimum, None))
+
+    def _bounded(self, name: str, value: float, lo: float | None, hi: float | None) -> float:
+        if lo is not None and value < lo:
+            raise ConfigError(self.key(name), f"must be >= {lo}, not {value}")
+        if hi is not None and value > hi:
+            raise ConfigError(self.key(name), f"must be <= {hi}, not {value}")
+        return value
+
+    def string_list(self, name: str) -> list[str]:
+        value = self._get(name, True)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(self.key(name), "must be a list of strings")
+        return value
+
+    def table(self, name: str) -> _Table:
+        value = self._get(name, False)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(self.key(name), "must be a table")
+        return _Table(value, f"{self.key(name)}.")
+
+    def tables(self, name: str) -> list[_Table]:
+        value = self._get(name, False)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(self.key(name), f"must be an array of tables ([[{self.key(name)}]])")
+        return [_Table(v, f"{self.key(name)}[{i}].") for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")

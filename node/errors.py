@@ -1,0 +1,28 @@
+"""One exception base; subclasses exist only where callers branch on them."""
+
+from __future__ import annotations
+
+
+class EnhanceNodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(EnhanceNodeError):
+    """The configuration is invalid; the CLI exits 2 with this one-line message."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class OutOfResources(EnhanceNodeError):
+    """Disk below the floor, a write failed or the ledger is unavailable (retryable: 0xA700)."""
+
+
+class InvalidDataset(EnhanceNodeError):
+    """A received dataset cannot be parsed or does not match its SOP class (permanent)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status

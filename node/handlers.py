@@ -1,0 +1,188 @@
+"""pynetdicom event handlers of the SCP. Each takes its dependencies as arguments
+(bound with `evt_handlers=[(evt, fn, [args])]`); none does heavy work or decodes pixels.
+
+Unexpected errors propagate: pynetdicom answers 0xC211 and logs them. Only failures that
+have a status of their own (out of resources, invalid dataset) are caught here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, replace
+
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import status
+from node.config import NodeConfig
+from node.errors import InvalidDataset, OutOfResources
+from node.instance import check_matches_request, file_meta, parse_header
+from storage.filestore import FileStore, object_path
+from storage.ledger import EventKind, Ledger, Received, StoredFile
+
+log = logging.getLogger(__name__)
+
+
+class OpenAssociations:
+    """Ledger row ids of the associations this SCP process holds open."""
+
+    def __init__(self) -> None:
+        self._ids: dict[Association, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, assoc: Association, row_id: int) -> None:
+        with self._lock:
+            self._ids[assoc] = row_id
+
+    def get(self, assoc: Association) -> int | None:
+        with self._lock:
+            return self._ids.get(assoc)
+
+    def pop(self, assoc: Association) -> int | None:
+        with self._lock:
+            return self._ids.pop(assoc, None)
+
+
+@dataclass(frozen=True)
+class Peer:
+    calling_ae: str
+    called_ae: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, assoc: Association) -> Peer:
+        rq = assoc.requestor
+        prim = rq.primitive  # the A-ASSOCIATE-RQ; requestor.ae_title is only set after negotiation
+        calling = prim.calling_ae_title if prim is not None else rq.ae_title
+        called = prim.called_ae_title if prim is not None else ""
+        return cls(str(calling).strip(), str(called).strip(), rq.address, rq.port)
+
+
+def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] | None:
+    """Why an association must be rejected (A-ASSOCIATE-RJ triple and reason), or None."""
+    if peer.called_ae != config.ae_title:
+        return status.REJECT_CALLED_AE, f"called AE {peer.called_ae!r} is not {config.ae_title!r}"
+    allowed = next((a for a in config.allowed if a.ae_title == peer.calling_ae), None)
+    if allowed is None:
+        return status.REJECT_CALLING_AE, f"calling AE {peer.calling_ae!r} is not in node.allowed"
+    if allowed.host is not None and allowed.host != peer.host:
+        return status.REJECT_CALLING_AE, f"calling AE {peer.calling_ae!r} not allowed from {peer.host}"
+    return None
+
+
+def handle_requested(event: Event, config: NodeConfig, ledger: Ledger) -> None:
+    """EVT_REQUESTED: apply the association policy before negotiation."""
+    peer = Peer.of(event.assoc)
+    refused = refusal(config, peer)
+    if refused is None:
+        return
+    rj, reason = refused
+    log.warning("rejecting association from %s@%s: %s", peer.calling_ae, peer.host, reason)
+    event.assoc.acse.send_reject(*rj)
+    _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, reason)
+
+
+def handle_rejected(event: Event, ledger: Ledger) -> None:
+    """EVT_REJECTED: pynetdicom's own rejections (too many associations, bad context)."""
+    peer = Peer.of(event.assoc)
+    prim = event.assoc.acceptor.primitive
+    why = f"rejected by the DICOM layer (result {prim.result}, source {prim.result_source}, reason {prim.diagnostic})"
+    if (prim.result_source, prim.diagnostic) == status.REJECT_TOO_MANY[1:]:
+        why = "too many associations (node.max_associations)"
+    log.warning("rejected association from %s@%s: %s", peer.calling_ae, peer.host, why)
+    _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, why)
+
+
+def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool) -> None:
+    peer = Peer.of(event.assoc)
+    row = ledger.open_association(node_id, peer.calling_ae, peer.called_ae, peer.host, peer.port, tls)
+    open_assocs.add(event.assoc, row)
+    log.info("association %d from %s@%s:%d", row, peer.calling_ae, peer.host, peer.port)
+
+
+def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations) -> None:
+    """EVT_CONN_CLOSE: the end of every association, released or not."""
+    row = open_assocs.pop(event.assoc)
+    if row is not None:
+        outcome = "released" if event.assoc.is_released else "aborted"
+        ledger.close_association(row, outcome)
+        log.info("association %d %s", row, outcome)
+
+
+def handle_echo(event: Event) -> int:
+    return status.SUCCESS
+
+
+def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: OpenAssociations) -> int:
+    """EVT_C_STORE: persist the bytes as received, durably, then record them; then answer."""
+    peer = Peer.of(event.assoc)
+    rq = event.request
+    sop_class, sop_uid = str(rq.AffectedSOPClassUID), str(rq.AffectedSOPInstanceUID)
+    ts = str(event.context.transfer_syntax)
+    part10 = file_meta(sop_class, sop_uid, ts, peer.calling_ae) + event.encoded_dataset(include_meta=False)
+    series_uid: str | None = None
+    try:
+        header = parse_header(part10)
+        series_uid = header.series_instance_uid
+        check_matches_request(header, sop_class, sop_uid)
+        sha = hashlib.sha256(part10).hexdigest()
+        path = object_path(header.study_instance_uid, series_uid, sop_uid, sha)
+        received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, open_assocs.get(event.assoc))
+        existing = _current(ledger, sop_uid)
+        wrote = not (existing is not None and existing.sha256 == sha and store.abspath(existing.path).exists())
+        if wrote:
+            store.write(path, part10)
+        else:
+            received = replace(received, file=existing)  # identical re-send: stored once
+        try:
+            outcome = ledger.record_instance(header, received)
+        except SQLAlchemyError as exc:
+            if wrote and (existing is None or existing.path != path):
+                store.remove(path)
+            raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
+    except OutOfResources as exc:
+        return _refuse(ledger, peer, status.OUT_OF_RESOURCES, sop_uid, series_uid, str(exc))
+    except InvalidDataset as exc:
+        return _refuse(ledger, peer, exc.status, sop_uid, series_uid, str(exc))
+    log.debug("stored %s (%s) from %s", sop_uid, outcome.value, peer.calling_ae)
+    return status.SUCCESS
+
+
+def _current(ledger: Ledger, sop_uid: str) -> StoredFile | None:
+    try:
+        return ledger.current_file(sop_uid)
+    except SQLAlchemyError as exc:
+        raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
+
+
+def _refuse(ledger: Ledger, peer: Peer, code: int, sop_uid: str, series_uid: str | None, reason: str) -> int:
+    log.warning("refused C-STORE of %s from %s@%s: 0x%04X %s", sop_uid, peer.calling_ae, peer.host, code, reason)
+    _record_refusal(ledger, EventKind.STORE_REFUSED, peer, sop_uid, series_uid, reason, code)
+    return code
+
+
+def _record_refusal(
+    ledger: Ledger,
+    kind: EventKind,
+    peer: Peer,
+    sop_uid: str | None,
+    series_uid: str | None,
+    reason: str,
+    code: int | None = None,
+) -> None:
+    try:
+        ledger.add_event(
+            kind,
+            calling_ae=peer.calling_ae,
+            peer_host=peer.host,
+            sop_instance_uid=sop_uid,
+            series_instance_uid=series_uid,
+            status=code,
+            detail=reason,
+        )
+    except SQLAlchemyError:
+        log.error("ledger unavailable: could not record %s from %s@%s", kind, peer.calling_ae, peer.host)

@@ -1,0 +1,122 @@
+"""The file store: instances as blobs, written so that a kill at any moment leaves either the
+whole file under its final name or nothing but a temp file that start-up discards.
+
+Layout under storage_dir:
+    tmp/<random>.part                 being written; never an instance
+    objects/<study>/<series>/<sop>_<sha256[:12]>.dcm
+    quarantine/                       files found at start-up that cannot be parsed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from node.errors import OutOfResources
+
+TMP_DIR = "tmp"
+OBJECTS_DIR = "objects"
+QUARANTINE_DIR = "quarantine"
+TMP_SUFFIX = ".part"
+OBJECT_SUFFIX = ".dcm"
+_SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+def _component(uid: str) -> str:
+    """A UID as a path component: itself when it is a well-formed UID, else a hash of it."""
+    if _SAFE_UID.match(uid) and not uid.startswith("."):
+        return uid
+    return "x" + hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()
+
+
+def object_path(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+    """Relative path of one version of an instance (the hash keeps versions apart)."""
+    name = f"{_component(sop_uid)}_{sha256[:12]}{OBJECT_SUFFIX}"
+    return f"{OBJECTS_DIR}/{_component(study_uid)}/{_component(series_uid)}/{name}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self._tmp = root / TMP_DIR
+        for sub in (TMP_DIR, OBJECTS_DIR, QUARANTINE_DIR):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def abspath(self, rel: str) -> Path:
+        return self.root / rel
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int) -> None:
+        """Refuse before writing when the write would take free space below the floor."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise OutOfResources(
+                f"free disk {free // 2**20} MiB minus {incoming} bytes is below the "
+                f"{self.min_free_bytes // 2**20} MiB floor"
+            )
+
+    def write(self, rel: str, *chunks: bytes) -> None:
+        """Durably place `chunks` at `rel`: temp file, fsync, rename, fsync of the folder.
+
+        On any failure the temp file is removed and OutOfResources raised; nothing is
+        half-written under the final name.
+        """
+        self.check_space(sum(len(c) for c in chunks))
+        final = self.root / rel
+        tmp = self._tmp / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
+
+    def remove(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+    def discard_temp_files(self) -> int:
+        """Delete leftovers of writes interrupted by a crash (never acknowledged)."""
+        count = 0
+        for path in self._tmp.iterdir():
+            path.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def iter_objects(self) -> Iterator[str]:
+        """Relative paths of every instance file (temp files are elsewhere and never listed)."""
+        base = self.root / OBJECTS_DIR
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.endswith(OBJECT_SUFFIX):
+                    yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+    def quarantine(self, rel: str) -> str:
+        target = f"{QUARANTINE_DIR}/{uuid.uuid4().hex}_{Path(rel).name}"
+        os.rename(self.root / rel, self.root / target)
+        return target

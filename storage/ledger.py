@@ -1,0 +1,288 @@
+"""Ledger operations for receiving: each is one short transaction, so a kill at any moment
+leaves the ledger either before or after it, never in between."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, update
+
+from node.instance import InstanceHeader
+from storage import schema as t
+from storage.schema import SERIES_COMPLETE, SERIES_RECEIVING
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class EventKind(enum.StrEnum):
+    ASSOCIATION_REJECTED = "association.rejected"
+    STORE_REFUSED = "store.refused"
+    INSTANCE_DUPLICATE = "instance.duplicate"
+    INSTANCE_REPLACED = "instance.replaced"
+    INSTANCE_RECOVERED = "instance.recovered"
+    INSTANCE_MISSING = "instance.missing"
+    FILE_QUARANTINED = "file.quarantined"
+    TEMP_DISCARDED = "temp.discarded"
+    ASSOCIATION_LOST = "association.lost"
+    SERIES_REOPENED = "series.reopened"
+    SERIES_COMPLETE = "series.complete"
+
+
+class StoreOutcome(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: stored once
+    REPLACED = "replaced"  # same SOP Instance UID, new bytes: newest wins, older version kept
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the SCP knows about one received instance besides its header."""
+
+    file: StoredFile
+    calling_ae: str
+    peer_host: str | None = None
+    association_id: int | None = None
+
+
+class Ledger:
+    def __init__(self, engine: Engine, now: Clock = utcnow) -> None:
+        self.engine = engine
+        self.now = now
+
+    # -- events -------------------------------------------------------------------------
+    def add_event(self, kind: EventKind, **fields: object) -> None:
+        with self.engine.begin() as conn:
+            _event(conn, self.now(), kind, **fields)
+
+    # -- associations -------------------------------------------------------------------
+    def open_association(
+        self, node_id: str, calling_ae: str, called_ae: str, peer_host: str, peer_port: int, tls: bool
+    ) -> int:
+        now = self.now()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                insert(t.associations).values(
+                    node_id=node_id,
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    peer_host=peer_host,
+                    peer_port=peer_port,
+                    tls=tls,
+                    opened_at=now,
+                    last_activity_at=now,
+                    instances_stored=0,
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def close_association(self, association_id: int, outcome: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(t.associations)
+                .where(t.associations.c.id == association_id, t.associations.c.closed_at.is_(None))
+                .values(closed_at=self.now(), outcome=outcome)
+            )
+
+    def close_lost_associations(self, node_id: str) -> int:
+        """Associations this SCP held when it died: closed, so their series can complete."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(t.associations)
+                .where(t.associations.c.node_id == node_id, t.associations.c.closed_at.is_(None))
+                .values(closed_at=self.now(), outcome="lost")
+                .returning(t.associations.c.calling_ae)
+            ).all()
+            for (ae,) in rows:
+                _event(conn, self.now(), EventKind.ASSOCIATION_LOST, calling_ae=ae, detail=node_id)
+            return len(rows)
+
+    # -- instances ------------------------------------------------------------------------
+    def current_file(self, sop_instance_uid: str) -> StoredFile | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(t.instances.c.path, t.instances.c.sha256, t.instances.c.size).where(
+                    t.instances.c.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        return StoredFile(row.path, row.sha256, row.size) if row else None
+
+    def record_instance(self, header: InstanceHeader, received: Received) -> StoreOutcome:
+        """Record a durably written file as the instance's current version, in one transaction."""
+        now = self.now()
+        f = received.file
+        with self.engine.begin() as conn:
+            series_id = self._touch_series(conn, header, received, now)
+            old = conn.execute(
+                select(t.instances).where(t.instances.c.sop_instance_uid == header.sop_instance_uid)
+            ).first()
+            outcome = StoreOutcome.NEW
+            fields = dict(
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                series_id=series_id,
+                instance_number=header.instance_number,
+                path=f.path,
+                sha256=f.sha256,
+                size=f.size,
+                calling_ae=received.calling_ae,
+                association_id=received.association_id,
+                received_at=now,
+            )
+            if old is None:
+                conn.execute(insert(t.instances).values(sop_instance_uid=header.sop_instance_uid, **fields))
+                _count(conn, series_id, +1)
+            elif old.sha256 == f.sha256:
+                outcome = StoreOutcome.DUPLICATE
+            else:
+                outcome = StoreOutcome.REPLACED
+                conn.execute(
+                    insert(t.superseded_instances).values(
+                        instance_id=old.id,
+                        path=old.path,
+                        sha256=old.sha256,
+                        size=old.size,
+                        received_at=old.received_at,
+                        superseded_at=now,
+                    )
+                )
+                conn.execute(update(t.instances).where(t.instances.c.id == old.id).values(**fields))
+                if old.series_id != series_id:
+                    _count(conn, old.series_id, -1)
+                    _count(conn, series_id, +1)
+            if outcome is not StoreOutcome.NEW:
+                kind = EventKind.INSTANCE_DUPLICATE if outcome is StoreOutcome.DUPLICATE else EventKind.INSTANCE_REPLACED
+                detail = "" if outcome is StoreOutcome.DUPLICATE else f"sha256 {old.sha256[:12]} -> {f.sha256[:12]}"
+                _event(
+                    conn,
+                    now,
+                    kind,
+                    calling_ae=received.calling_ae,
+                    peer_host=received.peer_host,
+                    series_instance_uid=header.series_instance_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                    detail=detail,
+                )
+            if received.association_id is not None:
+                conn.execute(
+                    update(t.associations)
+                    .where(t.associations.c.id == received.association_id)
+                    .values(last_activity_at=now, instances_stored=t.associations.c.instances_stored + 1)
+                )
+        return outcome
+
+    def _touch_series(self, conn: Connection, h: InstanceHeader, received: Received, now: dt.datetime) -> int:
+        row = conn.execute(
+            select(t.series.c.id, t.series.c.state).where(t.series.c.series_instance_uid == h.series_instance_uid)
+        ).first()
+        if row is None:
+            study_id = conn.execute(
+                select(t.studies.c.id).where(t.studies.c.study_instance_uid == h.study_instance_uid)
+            ).scalar()
+            if study_id is None:
+                study_id = conn.execute(
+                    insert(t.studies).values(study_instance_uid=h.study_instance_uid, first_received_at=now)
+                ).inserted_primary_key[0]
+            return int(
+                conn.execute(
+                    insert(t.series).values(
+                        series_instance_uid=h.series_instance_uid,
+                        study_id=study_id,
+                        modality=h.modality,
+                        series_description=h.series_description,
+                        calling_ae=received.calling_ae,
+                        state=SERIES_RECEIVING,
+                        instance_count=0,
+                        first_received_at=now,
+                        last_received_at=now,
+                        reopened_count=0,
+                    )
+                ).inserted_primary_key[0]
+            )
+        values: dict[str, object] = {"last_received_at": now, "calling_ae": received.calling_ae}
+        if row.state != SERIES_RECEIVING:
+            # A late instance: the series is received again and will complete (and be
+            # reprocessed with the same deterministic output UIDs) after a new quiet period.
+            values.update(state=SERIES_RECEIVING, completed_at=None, reopened_count=t.series.c.reopened_count + 1)
+            _event(
+                conn,
+                now,
+                EventKind.SERIES_REOPENED,
+                calling_ae=received.calling_ae,
+                series_instance_uid=h.series_instance_uid,
+                sop_instance_uid=h.sop_instance_uid,
+                detail=f"was {row.state}",
+            )
+        conn.execute(update(t.series).where(t.series.c.id == row.id).values(**values))
+        return int(row.id)
+
+    # -- completion -------------------------------------------------------------------------
+    def complete_idle_series(self, idle_seconds: float, stale_association_seconds: float) -> list[str]:
+        """Mark complete every receiving series quiet for `idle_seconds` whose sender has no
+        open association (one silent for `stale_association_seconds` counts as gone)."""
+        now = self.now()
+        quiet_since = now - dt.timedelta(seconds=idle_seconds)
+        alive_since = now - dt.timedelta(seconds=stale_association_seconds)
+        s, a = t.series, t.associations
+        sender_busy = exists().where(
+            and_(a.c.calling_ae == s.c.calling_ae, a.c.closed_at.is_(None), a.c.last_activity_at > alive_since)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(s)
+                .where(s.c.state == SERIES_RECEIVING, s.c.last_received_at <= quiet_since, ~sender_busy)
+                .values(state=SERIES_COMPLETE, completed_at=now)
+                .returning(s.c.series_instance_uid, s.c.calling_ae, s.c.instance_count)
+            ).all()
+            for uid, ae, count in rows:
+                _event(
+                    conn, now, EventKind.SERIES_COMPLETE, calling_ae=ae, series_instance_uid=uid, detail=f"{count} instances"
+                )
+        return [r[0] for r in rows]
+
+    # -- start-up reconciliation ------------------------------------------------------------
+    def known_paths(self) -> set[str]:
+        with self.engine.connect() as conn:
+            current = conn.execute(select(t.instances.c.path)).scalars()
+            older = conn.execute(select(t.superseded_instances.c.path)).scalars()
+            return set(current) | set(older)
+
+    def series_state(self, series_instance_uid: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(t.series.c.state).where(t.series.c.series_instance_uid == series_instance_uid)
+            ).scalar()
+
+    def count_instances(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(t.instances)).scalar_one())
+
+    def add_events(self, kind: EventKind, details: Iterable[str]) -> None:
+        with self.engine.begin() as conn:
+            now = self.now()
+            for d in details:
+                _event(conn, now, kind, detail=d)
+
+
+def _count(conn: Connection, series_id: int, delta: int) -> None:
+    conn.execute(
+        update(t.series).where(t.series.c.id == series_id).values(instance_count=t.series.c.instance_count + delta)
+    )
+
+
+def _event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
+    fields.setdefault("detail", "")
+    conn.execute(insert(t.events).values(at=now, kind=str(kind), **fields))

@@ -1,0 +1,143 @@
+"""Ledger tables (SQLAlchemy Core). Changes go through an alembic migration in migrations/.
+
+No patient names or pixel data live here: UIDs, AE titles, paths, hashes and states.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+UID = String(64)
+AE = String(16)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stores naive UTC, returns aware UTC: SQLite has no time zones, PostgreSQL gets UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use an aware UTC clock")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC)
+
+
+metadata = MetaData()
+
+# Series states (DESIGN 3.3).
+SERIES_RECEIVING = "receiving"
+SERIES_COMPLETE = "complete"
+SERIES_ROUTED = "routed"
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, unique=True),
+    Column("first_received_at", UTCDateTime, nullable=False),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_instance_uid", UID, nullable=False, unique=True),
+    Column("study_id", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("series_description", String(64), nullable=False, default=""),
+    Column("calling_ae", AE, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("first_received_at", UTCDateTime, nullable=False),
+    Column("last_received_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime),
+    Column("reopened_count", Integer, nullable=False, default=0),
+    Index("ix_series_state_last", "state", "last_received_at"),
+)
+
+associations = Table(
+    "associations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("node_id", String(128), nullable=False),  # which SCP (host:port) holds it
+    Column("calling_ae", AE, nullable=False),
+    Column("called_ae", AE, nullable=False),
+    Column("peer_host", String(64), nullable=False),
+    Column("peer_port", Integer, nullable=False),
+    Column("tls", Boolean, nullable=False, default=False),
+    Column("opened_at", UTCDateTime, nullable=False),
+    Column("last_activity_at", UTCDateTime, nullable=False),
+    Column("closed_at", UTCDateTime),
+    Column("outcome", String(16)),  # released | aborted | lost
+    Column("instances_stored", Integer, nullable=False, default=0),
+    Index("ix_associations_open", "calling_ae", "closed_at"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("series_id", ForeignKey("series.id"), nullable=False, index=True),
+    Column("instance_number", Integer),
+    Column("path", Text, nullable=False, unique=True),  # relative to storage_dir
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("calling_ae", AE, nullable=False),
+    Column("association_id", ForeignKey("associations.id")),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
+# Earlier versions of an instance re-sent with different bytes: kept, never deleted.
+superseded_instances = Table(
+    "superseded_instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("instance_id", ForeignKey("instances.id"), nullable=False, index=True),
+    Column("path", Text, nullable=False, unique=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("superseded_at", UTCDateTime, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", UTCDateTime, nullable=False, index=True),
+    Column("kind", String(48), nullable=False, index=True),
+    Column("calling_ae", AE),
+    Column("peer_host", String(64)),
+    Column("series_instance_uid", UID),
+    Column("sop_instance_uid", UID),
+    Column("status", Integer),  # DIMSE status answered, when there was one
+    Column("detail", Text, nullable=False, default=""),
+)

@@ -1,0 +1,91 @@
+"""Synthetic DICOM instances for tests and benchmarks (no patient data, nothing downloaded).
+
+The images are a simple water cylinder phantom with noise: enough to exercise receiving,
+storage and pixel handling; the `train` package has the realistic phantoms.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1533."
+
+
+def ct_slice(
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    rows: int = 512,
+    cols: int = 512,
+    seed: int = 0,
+    sop_uid: str | None = None,
+) -> Dataset:
+    """One CT slice of a water cylinder in air, stored as signed 16-bit with rescale -1024."""
+    rng = np.random.default_rng(seed + index)
+    yy, xx = np.mgrid[:rows, :cols]
+    r = np.hypot(yy - rows / 2, xx - cols / 2)
+    hu = np.where(r < min(rows, cols) * 0.4, 0.0, -1000.0) + rng.normal(0, 20, (rows, cols))
+    stored = np.clip(np.round(hu + 1024), 0, 4095).astype(np.int16)
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    sop_uid = sop_uid or generate_uid(UID_ROOT)
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid(UID_ROOT, [study_uid])
+    ds.Modality = "CT"
+    ds.PatientName = "PHANTOM^WATER"
+    ds.PatientID = "PHANTOM-1"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = dt.date(2026, 1, 1).strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.AccessionNumber = "ACC0001"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    ds.SeriesDescription = "Synthetic phantom"
+    ds.Manufacturer = "enhance-node tests"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-float(cols) / 2 * 0.7, -float(rows) / 2 * 0.7, float(index)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.SliceThickness = 1.0
+    ds.KVP = 120
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def write_ct_series(
+    folder: Path, count: int, rows: int = 512, cols: int = 512, seed: int = 0
+) -> tuple[str, str, list[Path]]:
+    """Write `count` slices of one new series; returns (study UID, series UID, paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    paths = []
+    for i in range(count):
+        ds = ct_slice(study_uid, series_uid, i, rows, cols, seed)
+        path = folder / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study_uid, series_uid, paths
