@@ -183,8 +183,9 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
             ca_file=_existing_file(tt, "ca_file", base_dir) if ca is not None else None,
         )
         tt.done()
-    storage = os.environ.get(ENV_STORAGE_DIR) or t.string("storage_dir", "var/storage")
-    ledger_url = os.environ.get(ENV_LEDGER_URL) or t.string("ledger_url", "sqlite:///var/ledger.db")
+    storage = os.environ.get(ENV_STORAGE_DIR) or t.string("storage_dir", NodeConfig.storage_dir.as_posix())
+    ledger_url = os.environ.get(ENV_LEDGER_URL) or t.string("ledger_url", NodeConfig.ledger_url)
+    t.string("storage_dir", ""), t.string("ledger_url", "")  # still type-checked when overridden
     cfg = NodeConfig(
         ae_title=_ae_title(t, "ae_title", default="ENHANCE"),
         host=t.string("host", "0.0.0.0"),

@@ -1,0 +1,139 @@
+"""Shared test helpers: free ports, config files, a node subprocess, DCMTK commands, polling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll until `predicate()` is truthy (tests never sleep to synchronise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def require(cmd: str) -> str:
+    path = shutil.which(cmd)
+    if path is None:
+        pytest.fail(f"{cmd} not found: `make test` installs dcmtk (Debian package)")
+    return path
+
+
+def dcmtk_env() -> dict[str, str]:
+    # DCMTK stalls ~40 ms per object without TCP_NODELAY (Nagle vs delayed ACK).
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def toml_config(
+    tmp: Path,
+    port: int,
+    *,
+    allowed: list[tuple[str, str | None]] = (("STORESCU", "127.0.0.1"),),  # type: ignore[assignment]
+    idle_seconds: float = 30,
+    extra_node: str = "",
+    extra: str = "",
+) -> Path:
+    lines = [
+        "[node]",
+        'ae_title = "ENHANCE"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        f'storage_dir = "{tmp / "storage"}"',
+        f'ledger_url = "sqlite:///{tmp / "ledger.db"}"',
+        "min_free_disk_mb = 0",
+        extra_node,
+    ]
+    for ae, host in allowed:
+        lines += ["[[node.allowed]]", f'ae_title = "{ae}"'] + ([f'host = "{host}"'] if host else [])
+    lines += ["[series]", f"idle_seconds = {idle_seconds}", extra]
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class NodeProcess:
+    """`enhance-node serve` as a real subprocess, as an admin would run it."""
+
+    config: Path
+    port: int
+    tmp: Path
+    proc: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def ledger(self) -> Path:
+        return self.tmp / "ledger.db"
+
+    @property
+    def storage(self) -> Path:
+        return self.tmp / "storage"
+
+    def start(self) -> NodeProcess:
+        log = self.tmp / f"node-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"],
+            cwd=REPO,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self._ready(log), timeout=60, what="node to listen")
+        return self
+
+    def _ready(self, log: Path) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited {self.proc.returncode}:\n{log.read_text()}")
+        return "enhance-node ready" in log.read_text()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+    def log_text(self) -> str:
+        return "".join(p.read_text() for p in self.logs)
+
+    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.ledger, timeout=30) as conn:
+            return conn.execute(sql, args).fetchall()
+
+
+def storescu(port: int, files: list[Path], *args: str, calling: str = "STORESCU", called: str = "ENHANCE",
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu, each file proposed and sent in its own transfer syntax (-xs... not forced)."""
+    cmd = [require("storescu"), "-aet", calling, "-aec", called, *args, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_config, parse_config
+from tests.helpers import REPO
+
+
+def parse(text: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    import tomllib
+
+    return parse_config(tomllib.loads(text), base_dir=tmp_path)
+
+
+def test_shipped_config_is_valid_and_documented() -> None:
+    cfg = load_config(REPO / "config.toml")
+    assert cfg.node.ae_title == "ENHANCE"
+    assert cfg.node.port == 11112
+    assert cfg.node.storage_dir == REPO / "var" / "storage"
+    assert cfg.node.ledger_url == f"sqlite:///{REPO}/var/ledger.db"
+    assert [(a.ae_title, a.host) for a in cfg.node.allowed] == [("STORESCU", "127.0.0.1")]
+
+
+def test_embedded_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ENHANCE_NODE_CONFIG", raising=False)
+    cfg = load_config()
+    assert cfg.node.allowed == ()  # refuse all until an admin allows a sender
+    assert cfg.series.idle_seconds == 30
+    assert cfg.node.storage_dir == tmp_path / "var" / "storage"
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"', "node.ae_title"),
+        ('[node]\nae_title = ""', "node.ae_title"),
+        ('[node]\nae_title = "A\\\\B"', "node.ae_title"),
+        ("[node]\nport = 70000", "node.port"),
+        ('[node]\nport = "11112"', "node.port"),
+        ("[node]\nmax_associations = 0", "node.max_associations"),
+        ('[node]\nhost = "example.org"', "node.host"),
+        ('[node]\nledger_url = "mysql://x"', "node.ledger_url"),
+        ("[node]\nunknown_key = 1", "node.unknown_key"),
+        ('[[node.allowed]]\nhost = "127.0.0.1"', "node.allowed[0].ae_title"),
+        ('[[node.allowed]]\nae_title = "A"\nhost = "nohost"', "node.allowed[0].host"),
+        ('[[node.allowed]]\nae_title = "A"\n[[node.allowed]]\nae_title = "A"', "node.allowed"),
+        ('[node.tls]\ncert_file = "missing.pem"\nkey_file = "k"', "node.tls.cert_file"),
+        ("[series]\nidle_seconds = -1", "series.idle_seconds"),
+        ('[worker]\nbackend = "cuda"', "worker.backend"),
+        ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = ["nowhere"]', "routes[0].destinations"),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nmatch = { series_description = "(" }',
+            "routes[0].match.series_description",
+        ),
+    ],
+)
+def test_bad_values_name_their_key(text: str, key: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, tmp_path)
+    assert info.value.key == key
+
+
+def test_env_overrides_paths_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENHANCE_NODE_STORAGE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("ENHANCE_NODE_LEDGER_URL", "sqlite:////tmp/x.db")
+    cfg = parse('[node]\nstorage_dir = "s"', tmp_path)
+    assert cfg.node.storage_dir == tmp_path / "elsewhere"
+    assert cfg.node.ledger_url == "sqlite:////tmp/x.db"
+
+
+def test_cli_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "config.toml"
+    bad.write_text("[node]\nport = 99999\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--config", str(bad), "serve"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "node.port" in lines[0], result.stderr
+
+
+def test_cli_bad_usage_exits_2_with_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "node.cli", "frobnicate"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ae_add_list_remove_keeps_comments(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('# my site\n[node]\nae_title = "ENHANCE"  # keep me\n')
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", "--config", str(cfg), "ae", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+
+    assert run("add", "CT01", "--host", "10.0.0.5").returncode == 0
+    assert run("add", "MR01").returncode == 0
+    listed = run("list").stdout
+    assert "CT01" in listed and "10.0.0.5" in listed and "MR01" in listed
+    dup = run("add", "CT01")
+    assert dup.returncode == 2 and "already" in dup.stderr
+    bad = run("add", "TOO_LONG_FOR_AN_AE_TITLE")
+    assert bad.returncode == 2 and "ae_title" in bad.stderr
+    assert run("remove", "CT01").returncode == 0
+    text = cfg.read_text()
+    assert "# my site" in text and "# keep me" in text
+    assert "CT01" not in text and "MR01" in text
+    assert run("remove", "CT01").returncode == 2

@@ -1,0 +1,183 @@
+"""Ledger and file store against a real SQLite file, with an injected clock (no sleeping)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from sqlalchemy import select
+
+from node.completion import stale_association_seconds, sweep
+from node.errors import OutOfResources
+from node.instance import InstanceHeader, file_meta, parse_header
+from storage import schema as t
+from storage.db import make_engine, migrate
+from storage.filestore import FileStore, object_path
+from storage.ledger import EventKind, Ledger, Received, StoredFile, StoreOutcome
+from storage.recovery import reconcile
+from tests.dicom_factory import ct_slice
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock) -> Ledger:
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    migrate(engine)
+    migrate(engine)  # idempotent
+    return Ledger(engine, now=clock)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "storage", min_free_bytes=0)
+
+
+def header(sop: str, series: str = "1.2.3.4", study: str = "1.2.3") -> InstanceHeader:
+    return InstanceHeader(CTImageStorage, sop, study, series, ExplicitVRLittleEndian, "CT", "desc", 1)
+
+
+def received(path: str, data: bytes, ae: str = "CT01", assoc: int | None = None) -> Received:
+    return Received(StoredFile(path, hashlib.sha256(data).hexdigest(), len(data)), ae, "127.0.0.1", assoc)
+
+
+def events(ledger: Ledger, kind: EventKind) -> list[str]:
+    with ledger.engine.connect() as conn:
+        return list(conn.execute(select(t.events.c.detail).where(t.events.c.kind == str(kind))).scalars())
+
+
+def test_sqlite_runs_in_wal_mode(ledger: Ledger) -> None:
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_new_duplicate_and_replaced_instances(ledger: Ledger) -> None:
+    assert ledger.record_instance(header("1.1"), received("a", b"one")) is StoreOutcome.NEW
+    assert ledger.record_instance(header("1.1"), received("a", b"one")) is StoreOutcome.DUPLICATE
+    assert ledger.record_instance(header("1.1"), received("b", b"two")) is StoreOutcome.REPLACED
+    current = ledger.current_file("1.1")
+    assert current == StoredFile("b", hashlib.sha256(b"two").hexdigest(), 3)
+    assert ledger.known_paths() == {"a", "b"}  # the older version is kept and still known
+    assert ledger.count_instances() == 1
+    assert len(events(ledger, EventKind.INSTANCE_DUPLICATE)) == 1
+    assert len(events(ledger, EventKind.INSTANCE_REPLACED)) == 1
+    with ledger.engine.connect() as conn:
+        assert conn.execute(select(t.series.c.instance_count)).scalar() == 1
+
+
+def test_series_completes_after_idle_period_and_reopens_on_late_instance(ledger: Ledger, clock: Clock) -> None:
+    ledger.record_instance(header("1.1"), received("a", b"a"))
+    clock.advance(29)
+    assert sweep(ledger, idle_seconds=30, network_timeout=60) == []
+    ledger.record_instance(header("1.2"), received("b", b"b"))
+    clock.advance(29)
+    assert sweep(ledger, 30, 60) == []  # the quiet period restarts with each instance
+    clock.advance(1)
+    assert sweep(ledger, 30, 60) == ["1.2.3.4"]
+    assert ledger.series_state("1.2.3.4") == t.SERIES_COMPLETE
+    assert sweep(ledger, 30, 60) == []  # completes once
+    ledger.record_instance(header("1.3"), received("c", b"c"))  # late instance
+    assert ledger.series_state("1.2.3.4") == t.SERIES_RECEIVING
+    assert events(ledger, EventKind.SERIES_REOPENED) == ["was complete"]
+    clock.advance(30)
+    assert sweep(ledger, 30, 60) == ["1.2.3.4"]
+
+
+def test_open_association_from_the_sender_holds_completion(ledger: Ledger, clock: Clock) -> None:
+    assoc = ledger.open_association("n:1", "CT01", "ENHANCE", "127.0.0.1", 5000, False)
+    other = ledger.open_association("n:1", "MR01", "ENHANCE", "127.0.0.1", 5001, False)
+    ledger.record_instance(header("1.1"), received("a", b"a", assoc=assoc))
+    clock.advance(31)
+    assert sweep(ledger, 30, 60) == []  # CT01 still has its association open
+    ledger.close_association(assoc, "released")
+    assert sweep(ledger, 30, 60) == ["1.2.3.4"]  # MR01's open association is not the sender
+    ledger.close_association(other, "released")
+
+
+def test_a_silent_association_stops_holding_completion(ledger: Ledger, clock: Clock) -> None:
+    assoc = ledger.open_association("n:1", "CT01", "ENHANCE", "127.0.0.1", 5000, False)
+    ledger.record_instance(header("1.1"), received("a", b"a", assoc=assoc))
+    clock.advance(stale_association_seconds(60) + 1)
+    assert sweep(ledger, 30, 60) == ["1.2.3.4"]
+
+
+def test_associations_of_a_dead_scp_are_closed_as_lost(ledger: Ledger, clock: Clock) -> None:
+    ledger.open_association("host:11112", "CT01", "ENHANCE", "127.0.0.1", 5000, False)
+    ledger.open_association("other:11112", "CT02", "ENHANCE", "127.0.0.1", 5000, False)
+    assert ledger.close_lost_associations("host:11112") == 1
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(select(t.associations.c.calling_ae, t.associations.c.outcome)).all()
+    assert sorted(rows, key=lambda r: r[0]) == [("CT01", "lost"), ("CT02", None)]
+
+
+def test_filestore_write_is_whole_and_respects_the_disk_floor(store: FileStore) -> None:
+    rel = object_path("1.2", "1.2.3", "1.2.3.4", "ab" * 32)
+    store.write(rel, b"x" * 1000)
+    assert store.abspath(rel).read_bytes() == b"x" * 1000
+    assert list((store.root / "tmp").iterdir()) == []
+    full = FileStore(store.root, min_free_bytes=store.free_bytes() + 2**30)
+    with pytest.raises(OutOfResources, match="below"):
+        full.write(object_path("1.2", "1.2.3", "1.2.3.5", "cd" * 32), b"y")
+    assert list(store.iter_objects()) == [rel]
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_unsafe_uids_never_escape_the_store() -> None:
+    rel = object_path("../../etc", "1.2", "a/b", "0" * 64)
+    assert ".." not in rel and rel.count("/") == 3
+
+
+def part10(sop: str, series: str = "1.2.3.4") -> bytes:
+    ds = ct_slice("1.2.3", series, 0, rows=8, cols=8, sop_uid=sop)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return file_meta(CTImageStorage, sop, ExplicitVRLittleEndian, "CT01") + fp.getvalue()
+
+
+def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
+    # A row whose file exists, a file renamed but never recorded, a temp file, garbage.
+    known = part10("1.2.1")
+    h = parse_header(known)
+    rel_known = object_path("1.2.3", "1.2.3.4", "1.2.1", hashlib.sha256(known).hexdigest())
+    store.write(rel_known, known)
+    ledger.record_instance(h, received(rel_known, known))
+    orphan = part10("1.2.2")
+    rel_orphan = object_path("1.2.3", "1.2.3.4", "1.2.2", hashlib.sha256(orphan).hexdigest())
+    store.write(rel_orphan, orphan)
+    (store.root / "tmp" / "dead.part").write_bytes(b"half")
+    store.write("objects/x/y/garbage_000000000000.dcm", b"not dicom")
+    gone = "objects/1.2.3/1.2.3.4/lost_000000000000.dcm"
+    ledger.record_instance(header("1.2.9"), received(gone, b"lost"))
+
+    report = reconcile(store, ledger)
+
+    assert (report.temp_discarded, report.adopted, report.quarantined, report.missing) == (1, 1, 1, 1)
+    assert ledger.current_file("1.2.2") == StoredFile(rel_orphan, hashlib.sha256(orphan).hexdigest(), len(orphan))
+    assert set(store.iter_objects()) == {rel_known, rel_orphan}
+    assert os.listdir(store.root / "tmp") == []
+    assert len(os.listdir(store.root / "quarantine")) == 1
+    assert events(ledger, EventKind.INSTANCE_MISSING) == [gone]
+    again = reconcile(store, ledger)
+    assert (again.adopted, again.quarantined) == (0, 0)
