@@ -56,6 +56,7 @@ def toml_config(
     *,
     allowed: list[tuple[str, str | None]] = (("STORESCU", "127.0.0.1"),),  # type: ignore[assignment]
     idle_seconds: float = 30,
+    min_free_disk_mb: int = 0,
     extra_node: str = "",
     extra: str = "",
 ) -> Path:
@@ -66,7 +67,7 @@ def toml_config(
         f"port = {port}",
         f'storage_dir = "{tmp / "storage"}"',
         f'ledger_url = "sqlite:///{tmp / "ledger.db"}"',
-        "min_free_disk_mb = 0",
+        f"min_free_disk_mb = {min_free_disk_mb}",
         extra_node,
     ]
     for ae, host in allowed:

@@ -1,0 +1,45 @@
+"""The node as a subprocess: completion after the idle period, the disk floor, re-send after
+completion. Peers are DCMTK's storescu on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.dicom_factory import write_ct_series
+from tests.helpers import NodeProcess, storescu, wait_for
+
+
+def test_series_completes_after_idle_period_and_reopens(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, series_uid, files = write_ct_series(tmp_path / "s", 5, rows=64, cols=64)
+    node: NodeProcess = node_factory(idle_seconds=1).start()
+    assert storescu(node.port, files[:4]).returncode == 0
+
+    def state() -> str:
+        rows = node.query("SELECT state FROM series WHERE series_instance_uid = ?", series_uid)
+        return rows[0][0] if rows else ""
+
+    wait_for(lambda: state() == "complete", what="series complete")
+    assert storescu(node.port, files[4:]).returncode == 0  # a late instance reopens it
+    assert node.query("SELECT reopened_count FROM series") == [(1,)]
+    wait_for(lambda: state() == "complete", what="series complete again")
+    assert node.query("SELECT instance_count FROM series") == [(5,)]
+    assert node.query("SELECT count(*) FROM events WHERE kind = 'series.complete'") == [(2,)]
+
+
+def test_disk_below_floor_answers_a700_and_writes_nothing(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, files = write_ct_series(tmp_path / "s", 2, rows=64, cols=64)
+    node: NodeProcess = node_factory(min_free_disk_mb=2**40).start()
+    result = storescu(node.port, files, "-v", "--no-halt")
+    out = result.stdout + result.stderr
+    assert out.count("Received Store Response (Refused: OutOfResources)") == 2, out
+    assert node.query("SELECT count(*) FROM instances") == [(0,)]
+    assert [p for p in (node.storage / "objects").rglob("*") if p.is_file()] == []
+    assert list((node.storage / "tmp").iterdir()) == []
+    refused = node.query("SELECT status, detail FROM events WHERE kind = 'store.refused'")
+    assert len(refused) == 2 and all(code == 0xA700 and "floor" in detail for code, detail in refused)
+
+
+def test_sigterm_stops_cleanly(node_factory) -> None:  # type: ignore[no-untyped-def]
+    node: NodeProcess = node_factory().start()
+    assert node.stop() == 0
+    assert "stopped" in node.log_text()
