@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -86,6 +87,7 @@ class StorageSCP:
             evt_handlers=self.evt_handlers,
             server_class=NodeServer,
         )
+        self.ae._servers.append(self._server)  # as AE.start_server does, so shutdown() finds it
         self._thread = threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
         log.info(
@@ -97,11 +99,14 @@ class StorageSCP:
         assert self._server is not None
         return int(self._server.server_address[1])
 
-    def stop(self) -> None:
-        """Stop accepting, then let open associations finish their current operation."""
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting; give open associations `grace_seconds` to end, then abort them.
+
+        An aborted sender is never answered for an instance in flight, so it re-sends it.
+        """
         if self._server is not None:
             self._server.shutdown()
-            self._server.server_close()
-        for assoc in list(self.ae.active_associations):
-            assoc.release()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.ae.shutdown()
