@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -132,16 +132,15 @@ def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: Op
         sha = hashlib.sha256(part10).hexdigest()
         path = object_path(header.study_instance_uid, series_uid, sop_uid, sha)
         received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, open_assocs.get(event.assoc))
-        existing = _current(ledger, sop_uid)
-        wrote = not (existing is not None and existing.sha256 == sha and store.abspath(existing.path).exists())
+        # The path names the content (sha256), so an existing file there holds these bytes:
+        # an identical re-send is stored once.
+        wrote = not store.abspath(path).exists()
         if wrote:
             store.write(path, part10)
-        else:
-            received = replace(received, file=existing)  # identical re-send: stored once
         try:
             outcome = ledger.record_instance(header, received)
         except SQLAlchemyError as exc:
-            if wrote and (existing is None or existing.path != path):
+            if wrote:
                 store.remove(path)
             raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
     except OutOfResources as exc:
@@ -150,13 +149,6 @@ def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: Op
         return _refuse(ledger, peer, exc.status, sop_uid, series_uid, str(exc))
     log.debug("stored %s (%s) from %s", sop_uid, outcome.value, peer.calling_ae)
     return status.SUCCESS
-
-
-def _current(ledger: Ledger, sop_uid: str) -> StoredFile | None:
-    try:
-        return ledger.current_file(sop_uid)
-    except SQLAlchemyError as exc:
-        raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
 
 
 def _refuse(ledger: Ledger, peer: Peer, code: int, sop_uid: str, series_uid: str | None, reason: str) -> int:

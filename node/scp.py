@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -48,6 +49,14 @@ def tls_context(cfg: TLSConfig) -> ssl.SSLContext:
     return ctx
 
 
+def quiet_pydicom() -> None:
+    """Skip pydicom's value validation in the SCP process: it only encodes DIMSE commands and
+    reads headers here (stored bytes are never rewritten), and the regex checks cost more
+    than the rest of the command encoding."""
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+
+
 def build_ae(cfg: NodeConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_associations = cfg.max_associations
@@ -81,6 +90,7 @@ class StorageSCP:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        quiet_pydicom()
         self._server = self.ae.make_server(
             (self.cfg.host, self.cfg.port),
             ssl_context=tls_context(self.cfg.tls) if self.cfg.tls else None,

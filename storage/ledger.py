@@ -8,7 +8,7 @@ import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, insert, select, update
 
 from node.instance import InstanceHeader
 from storage import schema as t
@@ -121,77 +121,68 @@ class Ledger:
         return StoredFile(row.path, row.sha256, row.size) if row else None
 
     def record_instance(self, header: InstanceHeader, received: Received) -> StoreOutcome:
-        """Record a durably written file as the instance's current version, in one transaction."""
+        """Record a durably written file as the instance's current version, in one transaction.
+
+        Runs once per received instance, so its statements are built once (module level).
+        """
         now = self.now()
         f = received.file
         with self.engine.begin() as conn:
-            series_id = self._touch_series(conn, header, received, now)
-            old = conn.execute(
-                select(t.instances).where(t.instances.c.sop_instance_uid == header.sop_instance_uid)
-            ).first()
-            outcome = StoreOutcome.NEW
-            fields = dict(
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                series_id=series_id,
-                instance_number=header.instance_number,
-                path=f.path,
-                sha256=f.sha256,
-                size=f.size,
-                calling_ae=received.calling_ae,
-                association_id=received.association_id,
-                received_at=now,
-            )
-            if old is None:
-                conn.execute(insert(t.instances).values(sop_instance_uid=header.sop_instance_uid, **fields))
-                _count(conn, series_id, +1)
-            elif old.sha256 == f.sha256:
-                outcome = StoreOutcome.DUPLICATE
+            old = conn.execute(_SELECT_INSTANCE, {"sop": header.sop_instance_uid}).first()
+            if old is not None and old.sha256 == f.sha256:
+                outcome = StoreOutcome.DUPLICATE  # identical re-send: the series is not reopened
             else:
-                outcome = StoreOutcome.REPLACED
-                conn.execute(
-                    insert(t.superseded_instances).values(
-                        instance_id=old.id,
-                        path=old.path,
-                        sha256=old.sha256,
-                        size=old.size,
-                        received_at=old.received_at,
-                        superseded_at=now,
+                outcome = StoreOutcome.NEW if old is None else StoreOutcome.REPLACED
+                series_id = self._touch_series(conn, header, received, now)
+                fields = {
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "series_id": series_id,
+                    "instance_number": header.instance_number,
+                    "path": f.path,
+                    "sha256": f.sha256,
+                    "size": f.size,
+                    "calling_ae": received.calling_ae,
+                    "association_id": received.association_id,
+                    "received_at": now,
+                }
+                if old is None:
+                    conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, **fields})
+                    conn.execute(_COUNT_SERIES, {"sid": series_id, "delta": 1})
+                else:
+                    conn.execute(
+                        insert(t.superseded_instances).values(
+                            instance_id=old.id,
+                            path=old.path,
+                            sha256=old.sha256,
+                            size=old.size,
+                            received_at=old.received_at,
+                            superseded_at=now,
+                        )
                     )
-                )
-                conn.execute(update(t.instances).where(t.instances.c.id == old.id).values(**fields))
-                if old.series_id != series_id:
-                    _count(conn, old.series_id, -1)
-                    _count(conn, series_id, +1)
-            if outcome is not StoreOutcome.NEW:
-                kind = EventKind.INSTANCE_DUPLICATE if outcome is StoreOutcome.DUPLICATE else EventKind.INSTANCE_REPLACED
-                detail = "" if outcome is StoreOutcome.DUPLICATE else f"sha256 {old.sha256[:12]} -> {f.sha256[:12]}"
+                    conn.execute(update(t.instances).where(t.instances.c.id == old.id).values(**fields))
+                    if old.series_id != series_id:
+                        conn.execute(_COUNT_SERIES, {"sid": old.series_id, "delta": -1})
+                        conn.execute(_COUNT_SERIES, {"sid": series_id, "delta": 1})
+            if old is not None:
                 _event(
                     conn,
                     now,
-                    kind,
+                    EventKind.INSTANCE_DUPLICATE if outcome is StoreOutcome.DUPLICATE else EventKind.INSTANCE_REPLACED,
                     calling_ae=received.calling_ae,
                     peer_host=received.peer_host,
                     series_instance_uid=header.series_instance_uid,
                     sop_instance_uid=header.sop_instance_uid,
-                    detail=detail,
+                    detail="" if outcome is StoreOutcome.DUPLICATE else f"sha256 {old.sha256[:12]} -> {f.sha256[:12]}",
                 )
             if received.association_id is not None:
-                conn.execute(
-                    update(t.associations)
-                    .where(t.associations.c.id == received.association_id)
-                    .values(last_activity_at=now, instances_stored=t.associations.c.instances_stored + 1)
-                )
+                conn.execute(_TOUCH_ASSOCIATION, {"aid": received.association_id, "now": now})
         return outcome
 
     def _touch_series(self, conn: Connection, h: InstanceHeader, received: Received, now: dt.datetime) -> int:
-        row = conn.execute(
-            select(t.series.c.id, t.series.c.state).where(t.series.c.series_instance_uid == h.series_instance_uid)
-        ).first()
+        row = conn.execute(_SELECT_SERIES, {"uid": h.series_instance_uid}).first()
         if row is None:
-            study_id = conn.execute(
-                select(t.studies.c.id).where(t.studies.c.study_instance_uid == h.study_instance_uid)
-            ).scalar()
+            study_id = conn.execute(_SELECT_STUDY, {"uid": h.study_instance_uid}).scalar()
             if study_id is None:
                 study_id = conn.execute(
                     insert(t.studies).values(study_instance_uid=h.study_instance_uid, first_received_at=now)
@@ -212,21 +203,31 @@ class Ledger:
                     )
                 ).inserted_primary_key[0]
             )
-        values: dict[str, object] = {"last_received_at": now, "calling_ae": received.calling_ae}
-        if row.state != SERIES_RECEIVING:
-            # A late instance: the series is received again and will complete (and be
-            # reprocessed with the same deterministic output UIDs) after a new quiet period.
-            values.update(state=SERIES_RECEIVING, completed_at=None, reopened_count=t.series.c.reopened_count + 1)
-            _event(
-                conn,
-                now,
-                EventKind.SERIES_REOPENED,
+        if row.state == SERIES_RECEIVING:
+            conn.execute(_TOUCH_SERIES, {"sid": row.id, "now": now, "ae": received.calling_ae})
+            return int(row.id)
+        # A late instance: the series is received again and will complete (and be
+        # reprocessed with the same deterministic output UIDs) after a new quiet period.
+        conn.execute(
+            update(t.series)
+            .where(t.series.c.id == row.id)
+            .values(
+                last_received_at=now,
                 calling_ae=received.calling_ae,
-                series_instance_uid=h.series_instance_uid,
-                sop_instance_uid=h.sop_instance_uid,
-                detail=f"was {row.state}",
+                state=SERIES_RECEIVING,
+                completed_at=None,
+                reopened_count=t.series.c.reopened_count + 1,
             )
-        conn.execute(update(t.series).where(t.series.c.id == row.id).values(**values))
+        )
+        _event(
+            conn,
+            now,
+            EventKind.SERIES_REOPENED,
+            calling_ae=received.calling_ae,
+            series_instance_uid=h.series_instance_uid,
+            sop_instance_uid=h.sop_instance_uid,
+            detail=f"was {row.state}",
+        )
         return int(row.id)
 
     # -- completion -------------------------------------------------------------------------
@@ -277,12 +278,28 @@ class Ledger:
                 _event(conn, now, kind, detail=d)
 
 
-def _count(conn: Connection, series_id: int, delta: int) -> None:
-    conn.execute(
-        update(t.series).where(t.series.c.id == series_id).values(instance_count=t.series.c.instance_count + delta)
-    )
-
-
 def _event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
     fields.setdefault("detail", "")
     conn.execute(insert(t.events).values(at=now, kind=str(kind), **fields))
+
+
+# Statements of the per-instance path, built once.
+_SELECT_INSTANCE = select(t.instances).where(t.instances.c.sop_instance_uid == bindparam("sop"))
+_INSERT_INSTANCE = insert(t.instances)
+_SELECT_SERIES = select(t.series.c.id, t.series.c.state).where(t.series.c.series_instance_uid == bindparam("uid"))
+_SELECT_STUDY = select(t.studies.c.id).where(t.studies.c.study_instance_uid == bindparam("uid"))
+_TOUCH_SERIES = (
+    update(t.series)
+    .where(t.series.c.id == bindparam("sid"))
+    .values(last_received_at=bindparam("now"), calling_ae=bindparam("ae"))
+)
+_COUNT_SERIES = (
+    update(t.series)
+    .where(t.series.c.id == bindparam("sid"))
+    .values(instance_count=t.series.c.instance_count + bindparam("delta"))
+)
+_TOUCH_ASSOCIATION = (
+    update(t.associations)
+    .where(t.associations.c.id == bindparam("aid"))
+    .values(last_activity_at=bindparam("now"), instances_stored=t.associations.c.instances_stored + 1)
+)
