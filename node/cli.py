@@ -56,10 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(logging.getLevelName(args.log_level))
     try:
         if args.command == "serve":
             from node.serve import serve
@@ -74,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     except EnhanceNodeError as exc:
         print(f"enhance-node: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def configure_logging(level: int) -> None:
+    """Human-readable lines on stderr; pynetdicom's own chatter only from WARNING (its
+    debug output would dump datasets, which may hold patient names)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
 
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:@]+):(?P<port>\d{1,5})$")

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -46,6 +47,33 @@ class OpenAssociations:
             return self._ids.pop(assoc, None)
 
 
+class AssociationSlots:
+    """`node.max_associations` across every SCP process of the node (a shared counter)."""
+
+    def __init__(self, limit: int, counter: Any) -> None:
+        self.limit = limit
+        self._counter = counter  # multiprocessing.Value("i"), shared with the other processes
+        self._held: set[Association] = set()
+        self._lock = threading.Lock()
+
+    def acquire(self, assoc: Association) -> bool:
+        with self._counter.get_lock():
+            if self._counter.value >= self.limit:
+                return False
+            self._counter.value += 1
+        with self._lock:
+            self._held.add(assoc)
+        return True
+
+    def release(self, assoc: Association) -> None:
+        with self._lock:
+            if assoc not in self._held:
+                return
+            self._held.remove(assoc)
+        with self._counter.get_lock():
+            self._counter.value -= 1
+
+
 @dataclass(frozen=True)
 class Peer:
     calling_ae: str
@@ -74,12 +102,14 @@ def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] 
     return None
 
 
-def handle_requested(event: Event, config: NodeConfig, ledger: Ledger) -> None:
+def handle_requested(event: Event, config: NodeConfig, ledger: Ledger, slots: AssociationSlots) -> None:
     """EVT_REQUESTED: apply the association policy before negotiation."""
     peer = Peer.of(event.assoc)
     refused = refusal(config, peer)
     if refused is None:
-        return
+        if slots.acquire(event.assoc):
+            return
+        refused = status.REJECT_TOO_MANY, f"too many associations (node.max_associations = {slots.limit})"
     rj, reason = refused
     log.warning("rejecting association from %s@%s: %s", peer.calling_ae, peer.host, reason)
     event.assoc.acse.send_reject(*rj)
@@ -87,12 +117,10 @@ def handle_requested(event: Event, config: NodeConfig, ledger: Ledger) -> None:
 
 
 def handle_rejected(event: Event, ledger: Ledger) -> None:
-    """EVT_REJECTED: pynetdicom's own rejections (too many associations, bad context)."""
+    """EVT_REJECTED: rejections by pynetdicom itself (ours are recorded in handle_requested)."""
     peer = Peer.of(event.assoc)
     prim = event.assoc.acceptor.primitive
     why = f"rejected by the DICOM layer (result {prim.result}, source {prim.result_source}, reason {prim.diagnostic})"
-    if (prim.result_source, prim.diagnostic) == status.REJECT_TOO_MANY[1:]:
-        why = "too many associations (node.max_associations)"
     log.warning("rejected association from %s@%s: %s", peer.calling_ae, peer.host, why)
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, why)
 
@@ -104,8 +132,9 @@ def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociatio
     log.info("association %d from %s@%s:%d", row, peer.calling_ae, peer.host, peer.port)
 
 
-def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations) -> None:
-    """EVT_CONN_CLOSE: the end of every association, released or not."""
+def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations, slots: AssociationSlots) -> None:
+    """EVT_CONN_CLOSE: the end of every connection, released, aborted or rejected."""
+    slots.release(event.assoc)
     row = open_assocs.pop(event.assoc)
     if row is not None:
         outcome = "released" if event.assoc.is_released else "aborted"

@@ -27,11 +27,14 @@ DIMSE_TIMEOUT_S = 60.0
 
 
 class NodeServer(ThreadedAssociationServer):
-    """Sets TCP_NODELAY on every accepted connection.
+    """Binds with SO_REUSEPORT, so several SCP processes share the port (the kernel spreads
+    connections over them), and sets TCP_NODELAY on every accepted connection: C-STORE
+    responses are small, and with Nagle's algorithm each may wait for the peer's delayed
+    ACK (~40 ms on Linux)."""
 
-    C-STORE responses are small; with Nagle's algorithm on, each may wait for the
-    peer's delayed ACK (~40 ms on Linux) and throughput collapses.
-    """
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = super().get_request()
@@ -59,7 +62,7 @@ def quiet_pydicom() -> None:
 
 def build_ae(cfg: NodeConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
-    ae.maximum_associations = cfg.max_associations
+    ae.maximum_associations = cfg.max_associations  # per process; AssociationSlots is node-wide
     ae.maximum_pdu_size = cfg.max_pdu_size
     ae.network_timeout = cfg.network_timeout
     ae.acse_timeout = ACSE_TIMEOUT_S
@@ -73,16 +76,18 @@ def build_ae(cfg: NodeConfig) -> AE:
 class StorageSCP:
     """One listening SCP with its handlers; `start()` returns once it accepts connections."""
 
-    def __init__(self, cfg: NodeConfig, store: FileStore, ledger: Ledger, node_id: str) -> None:
+    def __init__(
+        self, cfg: NodeConfig, store: FileStore, ledger: Ledger, node_id: str, slots: handlers.AssociationSlots
+    ) -> None:
         self.cfg = cfg
         self.ae = build_ae(cfg)
         self.open_associations = handlers.OpenAssociations()
         tls = cfg.tls is not None
         self.evt_handlers: list[Any] = [
-            (evt.EVT_REQUESTED, handlers.handle_requested, [cfg, ledger]),
+            (evt.EVT_REQUESTED, handlers.handle_requested, [cfg, ledger, slots]),
             (evt.EVT_REJECTED, handlers.handle_rejected, [ledger]),
             (evt.EVT_ESTABLISHED, handlers.handle_established, [ledger, self.open_associations, node_id, tls]),
-            (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, self.open_associations]),
+            (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, self.open_associations, slots]),
             (evt.EVT_C_ECHO, handlers.handle_echo),
             (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, self.open_associations]),
         ]

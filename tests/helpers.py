@@ -114,10 +114,26 @@ class NodeProcess:
             raise AssertionError(f"node exited {self.proc.returncode}:\n{log.read_text()}")
         return "enhance-node ready" in log.read_text()
 
-    def kill(self) -> None:
+    def children(self) -> list[int]:
+        """PIDs of the node's child processes (its receiving SCPs), from /proc."""
         assert self.proc is not None
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL the node; its receiving processes must die with it (PR_SET_PDEATHSIG)."""
+        assert self.proc is not None
+        children = self.children()
         self.proc.kill()
         self.proc.wait(timeout=30)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), what="children to die")
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
