@@ -9,7 +9,8 @@ from pathlib import Path
 import tomlkit
 from tomlkit.items import AoT, Table
 
-from node.config import ConfigError, parse_config
+from node.config import parse_config
+from node.errors import ConfigError
 
 
 def _load(path: Path) -> tomlkit.TOMLDocument:

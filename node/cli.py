@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from node import __version__
-from node.config import ConfigError, default_config_path, load_config
-from node.errors import EnhanceNodeError
+from node.config import default_config_path, load_config
+from node.errors import ConfigError, EnhanceNodeError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -157,8 +157,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     dashboard = DashboardConfig(
         host=dash_t.string("host", "127.0.0.1"),
         port=dash_t.integer("port", 8080, minimum=0, maximum=65535),
-        admin_password_hash=os.environ.get(ENV_ADMIN_PASSWORD_HASH)
-        or dash_t.optional_string("admin_password_hash"),
+        admin_password_hash=os.environ.get(ENV_ADMIN_PASSWORD_HASH) or dash_t.optional_string("admin_password_hash"),
     )
     dash_t.done()
     reader.done()
@@ -186,7 +185,8 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
         tt.done()
     storage = os.environ.get(ENV_STORAGE_DIR) or t.string("storage_dir", NodeConfig.storage_dir.as_posix())
     ledger_url = os.environ.get(ENV_LEDGER_URL) or t.string("ledger_url", NodeConfig.ledger_url)
-    t.string("storage_dir", ""), t.string("ledger_url", "")  # still type-checked when overridden
+    for key in ("storage_dir", "ledger_url"):  # still type-checked when the env overrides them
+        t.string(key, "")
     cfg = NodeConfig(
         ae_title=_ae_title(t, "ae_title", default="ENHANCE"),
         host=t.string("host", "0.0.0.0"),

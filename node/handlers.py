@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -120,6 +121,7 @@ def handle_rejected(event: Event, ledger: Ledger) -> None:
     """EVT_REJECTED: rejections by pynetdicom itself (ours are recorded in handle_requested)."""
     peer = Peer.of(event.assoc)
     prim = event.assoc.acceptor.primitive
+    assert prim is not None  # set by send_reject before EVT_REJECTED
     why = f"rejected by the DICOM layer (result {prim.result}, source {prim.result_source}, reason {prim.diagnostic})"
     log.warning("rejected association from %s@%s: %s", peer.calling_ae, peer.host, why)
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, why)
@@ -150,6 +152,7 @@ def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: Op
     """EVT_C_STORE: persist the bytes as received, durably, then record them; then answer."""
     peer = Peer.of(event.assoc)
     rq = event.request
+    assert isinstance(rq, C_STORE)
     sop_class, sop_uid = str(rq.AffectedSOPClassUID), str(rq.AffectedSOPInstanceUID)
     ts = str(event.context.transfer_syntax)
     part10 = file_meta(sop_class, sop_uid, ts, peer.calling_ae) + event.encoded_dataset(include_meta=False)
@@ -160,7 +163,8 @@ def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: Op
         check_matches_request(header, sop_class, sop_uid)
         sha = hashlib.sha256(part10).hexdigest()
         path = object_path(header.study_instance_uid, series_uid, sop_uid, sha)
-        received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, open_assocs.get(event.assoc))
+        assoc_row = open_assocs.get(event.assoc)
+        received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, assoc_row)
         # The path names the content (sha256), so an existing file there holds these bytes:
         # an identical re-send is stored once.
         wrote = not store.abspath(path).exists()

@@ -33,6 +33,7 @@ class NodeServer(ThreadedAssociationServer):
     ACK (~40 ms on Linux)."""
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -69,6 +70,7 @@ def build_ae(cfg: NodeConfig) -> AE:
     ae.dimse_timeout = DIMSE_TIMEOUT_S
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
@@ -96,14 +98,16 @@ class StorageSCP:
 
     def start(self) -> None:
         quiet_pydicom()
-        self._server = self.ae.make_server(
+        server = self.ae.make_server(
             (self.cfg.host, self.cfg.port),
             ssl_context=tls_context(self.cfg.tls) if self.cfg.tls else None,
             evt_handlers=self.evt_handlers,
             server_class=NodeServer,
         )
-        self.ae._servers.append(self._server)  # as AE.start_server does, so shutdown() finds it
-        self._thread = threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True)
+        assert isinstance(server, NodeServer)
+        self.ae._servers.append(server)  # as AE.start_server does, so shutdown() finds it
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
         log.info(
             "SCP %s listening on %s:%d%s", self.cfg.ae_title, self.cfg.host, self.port, " (TLS)" if self.cfg.tls else ""

@@ -7,8 +7,9 @@ import datetime as dt
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, CursorResult, Engine, and_, bindparam, exists, func, insert, select, update
 
 from node.instance import InstanceHeader
 from storage import schema as t
@@ -87,7 +88,7 @@ class Ledger:
                     instances_stored=0,
                 )
             )
-            return int(result.inserted_primary_key[0])
+            return int(_pk(result))
 
     def close_association(self, association_id: int, outcome: str) -> None:
         with self.engine.begin() as conn:
@@ -184,10 +185,12 @@ class Ledger:
         if row is None:
             study_id = conn.execute(_SELECT_STUDY, {"uid": h.study_instance_uid}).scalar()
             if study_id is None:
-                study_id = conn.execute(
-                    insert(t.studies).values(study_instance_uid=h.study_instance_uid, first_received_at=now)
-                ).inserted_primary_key[0]
-            return int(
+                study_id = _pk(
+                    conn.execute(
+                        insert(t.studies).values(study_instance_uid=h.study_instance_uid, first_received_at=now)
+                    )
+                )
+            return _pk(
                 conn.execute(
                     insert(t.series).values(
                         series_instance_uid=h.series_instance_uid,
@@ -201,7 +204,7 @@ class Ledger:
                         last_received_at=now,
                         reopened_count=0,
                     )
-                ).inserted_primary_key[0]
+                )
             )
         if row.state == SERIES_RECEIVING:
             conn.execute(_TOUCH_SERIES, {"sid": row.id, "now": now, "ae": received.calling_ae})
@@ -249,9 +252,8 @@ class Ledger:
                 .returning(s.c.series_instance_uid, s.c.calling_ae, s.c.instance_count)
             ).all()
             for uid, ae, count in rows:
-                _event(
-                    conn, now, EventKind.SERIES_COMPLETE, calling_ae=ae, series_instance_uid=uid, detail=f"{count} instances"
-                )
+                detail = f"{count} instances"
+                _event(conn, now, EventKind.SERIES_COMPLETE, calling_ae=ae, series_instance_uid=uid, detail=detail)
         return [r[0] for r in rows]
 
     # -- start-up reconciliation ------------------------------------------------------------
@@ -276,6 +278,12 @@ class Ledger:
             now = self.now()
             for d in details:
                 _event(conn, now, kind, detail=d)
+
+
+def _pk(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def _event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:

@@ -66,4 +66,3 @@ def reconcile(store: FileStore, ledger: Ledger) -> RecoveryReport:
         *report.__dict__.values(),
     )
     return report
-

@@ -149,8 +149,9 @@ class NodeProcess:
             return conn.execute(sql, args).fetchall()
 
 
-def storescu(port: int, files: list[Path], *args: str, calling: str = "STORESCU", called: str = "ENHANCE",
-             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, files: list[Path], *args: str, calling: str = "STORESCU", called: str = "ENHANCE", timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu, each file proposed and sent in its own transfer syntax (-xs... not forced)."""
     cmd = [require("storescu"), "-aet", calling, "-aec", called, *args, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)

@@ -41,9 +41,21 @@ def test_sigkill_mid_transfer_then_resend_loses_nothing(node_factory, tmp_path: 
     _, series_uid, files = write_ct_series(tmp_path / "series", 200, rows=256, cols=256)
     node: NodeProcess = node_factory(idle_seconds=1).start()
     sender = subprocess.Popen(
-        [require("storescu"), "-v", "-aet", "STORESCU", "-aec", "ENHANCE", "127.0.0.1", str(node.port),
-         *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env(),
+        [
+            require("storescu"),
+            "-v",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "ENHANCE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dcmtk_env(),
     )
     wait_for(lambda: node.query("SELECT count(*) FROM instances")[0][0] >= 40, what="40 instances received")
     assert len(node.children()) >= 1  # receiving processes, killed with the node below
@@ -55,8 +67,10 @@ def test_sigkill_mid_transfer_then_resend_loses_nothing(node_factory, tmp_path: 
     node.start()  # restart on the same ledger and storage
     resend = storescu(node.port, files)
     assert resend.returncode == 0, resend.stdout + resend.stderr
-    wait_for(lambda: node.query("SELECT state FROM series WHERE series_instance_uid = ?", series_uid)
-             == [("complete",)], what="series complete")
+    wait_for(
+        lambda: node.query("SELECT state FROM series WHERE series_instance_uid = ?", series_uid) == [("complete",)],
+        what="series complete",
+    )
 
     rows = {uid: (path, sha) for uid, path, sha in node.query("SELECT sop_instance_uid, path, sha256 FROM instances")}
     assert len(rows) == 200
