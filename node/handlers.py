@@ -114,6 +114,10 @@ def handle_requested(event: Event, config: NodeConfig, ledger: Ledger, slots: As
     rj, reason = refused
     log.warning("rejecting association from %s@%s: %s", peer.calling_ae, peer.host, reason)
     event.assoc.acse.send_reject(*rj)
+    # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (or the ARTIM
+    # timer expired), as pynetdicom's own rejection path does; otherwise the socket is
+    # shut before the DUL thread sends it and the peer only sees a dropped connection.
+    event.assoc.kill()
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, reason)
 
 
