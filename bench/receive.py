@@ -159,6 +159,7 @@ def run_storescp(files: list[Path], assoc: int, work: Path) -> Run:
         # own process group, so that --fork children are stopped along with the listener
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dcmtk_env(), start_new_session=True)
     try:
+
         def ready() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"storescp exited {proc.returncode}: {log.read_text(errors='replace')}")
@@ -251,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=300, help="instances to send (default 300)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per receiver and association count (default 1)")
-    ap.add_argument("--stat", choices=("best", "median"), default="best",
-                    help="which of the --repeat runs to report (default best = fastest)")
+    ap.add_argument(
+        "--stat",
+        choices=("best", "median"),
+        default="best",
+        help="which of the --repeat runs to report (default best = fastest)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.count < 1 or args.repeat < 1:

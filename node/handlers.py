@@ -131,6 +131,12 @@ def handle_rejected(event: Event, ledger: Ledger) -> None:
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, why)
 
 
+def tls_refused(ledger: Ledger, host: str, reason: str) -> None:
+    """A client whose TLS handshake failed (no or untrusted certificate, plain TCP, silence)."""
+    log.warning("refused connection from %s: %s", host, reason)
+    _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, Peer("", "", host, 0), None, None, reason)
+
+
 def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool) -> None:
     peer = Peer.of(event.assoc)
     row = ledger.open_association(node_id, peer.calling_ae, peer.called_ae, peer.host, peer.port, tls)

@@ -3,11 +3,13 @@ class and transfer syntax pynetdicom knows, with the node's association policy a
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydicom import config as pydicom_config
@@ -23,14 +25,25 @@ from storage.ledger import Ledger
 log = logging.getLogger(__name__)
 
 ACSE_TIMEOUT_S = 30.0
+TLS_HANDSHAKE_TIMEOUT_S = 30.0
 DIMSE_TIMEOUT_S = 60.0
 
 
 class NodeServer(ThreadedAssociationServer):
-    """Binds with SO_REUSEPORT, so several SCP processes share the port (the kernel spreads
-    connections over them), and sets TCP_NODELAY on every accepted connection: C-STORE
-    responses are small, and with Nagle's algorithm each may wait for the peer's delayed
-    ACK (~40 ms on Linux)."""
+    """pynetdicom's threaded server, with three changes:
+
+    - binds with SO_REUSEPORT, so several SCP processes share the port (the kernel spreads
+      connections over them);
+    - sets TCP_NODELAY on every accepted connection: C-STORE responses are small, and with
+      Nagle's algorithm each may wait for the peer's delayed ACK (~40 ms on Linux);
+    - does the TLS handshake in the connection's own thread with a timeout, not in the
+      accept loop, so a silent or failing client never stops others from connecting, and
+      a failed handshake is reported to `on_tls_refused`.
+    """
+
+    def __init__(self, *args: Any, on_tls_refused: Callable[[str, str], None], **kwargs: Any) -> None:
+        self.on_tls_refused = on_tls_refused
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -38,9 +51,22 @@ class NodeServer(ThreadedAssociationServer):
         super().server_bind()
 
     def get_request(self) -> tuple[Any, Any]:
-        sock, address = super().get_request()
+        assert self.socket is not None
+        sock, address = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except OSError as exc:  # ssl.SSLError, timeout, reset: this client only
+                self.on_tls_refused(client_address[0], f"TLS handshake failed: {exc}")
+                request.close()
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
 
 
 def tls_context(cfg: TLSConfig) -> ssl.SSLContext:
@@ -82,6 +108,7 @@ class StorageSCP:
         self, cfg: NodeConfig, store: FileStore, ledger: Ledger, node_id: str, slots: handlers.AssociationSlots
     ) -> None:
         self.cfg = cfg
+        self.ledger = ledger
         self.ae = build_ae(cfg)
         self.open_associations = handlers.OpenAssociations()
         tls = cfg.tls is not None
@@ -103,6 +130,7 @@ class StorageSCP:
             ssl_context=tls_context(self.cfg.tls) if self.cfg.tls else None,
             evt_handlers=self.evt_handlers,
             server_class=NodeServer,
+            on_tls_refused=functools.partial(handlers.tls_refused, self.ledger),
         )
         assert isinstance(server, NodeServer)
         self.ae._servers.append(server)  # as AE.start_server does, so shutdown() finds it
