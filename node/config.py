@@ -54,6 +54,9 @@ class NodeConfig:
     allowed: tuple[AllowedAE, ...] = ()
     tls: TLSConfig | None = None
 
+    def allowed_ae(self, calling_ae: str) -> AllowedAE | None:
+        return next((a for a in self.allowed if a.ae_title == calling_ae), None)
+
 
 @dataclass(frozen=True)
 class SeriesConfig:
@@ -106,12 +109,6 @@ class Config:
     worker: WorkerConfig = WorkerConfig()
     dashboard: DashboardConfig = DashboardConfig()
     source: Path | None = field(default=None, compare=False)  # the file it came from
-
-    def allowed_ae(self, calling_ae: str) -> AllowedAE | None:
-        for entry in self.node.allowed:
-            if entry.ae_title == calling_ae:
-                return entry
-        return None
 
 
 def default_config_path() -> Path:

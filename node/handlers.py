@@ -29,32 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class OpenAssociations:
-    """Ledger row ids of the associations this SCP process holds open."""
-
-    def __init__(self) -> None:
-        self._ids: dict[Association, int] = {}
-        self._lock = threading.Lock()
-
-    def add(self, assoc: Association, row_id: int) -> None:
-        with self._lock:
-            self._ids[assoc] = row_id
-
-    def get(self, assoc: Association) -> int | None:
-        with self._lock:
-            return self._ids.get(assoc)
-
-    def pop(self, assoc: Association) -> int | None:
-        with self._lock:
-            return self._ids.pop(assoc, None)
-
-
-class AssociationSlots:
-    """`node.max_associations` across every SCP process of the node (a shared counter)."""
+    """The associations this SCP process holds: each takes one of the node-wide
+    `node.max_associations` slots (a counter shared by every SCP process) when requested,
+    and gets its ledger row id once established."""
 
     def __init__(self, limit: int, counter: Any) -> None:
         self.limit = limit
         self._counter = counter  # multiprocessing.Value("i"), shared with the other processes
-        self._held: set[Association] = set()
+        self._rows: dict[Association, int | None] = {}
         self._lock = threading.Lock()
 
     def acquire(self, assoc: Association) -> bool:
@@ -63,16 +45,26 @@ class AssociationSlots:
                 return False
             self._counter.value += 1
         with self._lock:
-            self._held.add(assoc)
+            self._rows[assoc] = None
         return True
 
-    def release(self, assoc: Association) -> None:
+    def bind(self, assoc: Association, row_id: int) -> None:
         with self._lock:
-            if assoc not in self._held:
-                return
-            self._held.remove(assoc)
+            self._rows[assoc] = row_id
+
+    def row(self, assoc: Association) -> int | None:
+        with self._lock:
+            return self._rows.get(assoc)
+
+    def release(self, assoc: Association) -> int | None:
+        """Free the slot (if this association held one); returns its ledger row id."""
+        with self._lock:
+            if assoc not in self._rows:
+                return None
+            row = self._rows.pop(assoc)
         with self._counter.get_lock():
             self._counter.value -= 1
+        return row
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] 
     """Why an association must be rejected (A-ASSOCIATE-RJ triple and reason), or None."""
     if peer.called_ae != config.ae_title:
         return status.REJECT_CALLED_AE, f"called AE {peer.called_ae!r} is not {config.ae_title!r}"
-    allowed = next((a for a in config.allowed if a.ae_title == peer.calling_ae), None)
+    allowed = config.allowed_ae(peer.calling_ae)
     if allowed is None:
         return status.REJECT_CALLING_AE, f"calling AE {peer.calling_ae!r} is not in node.allowed"
     if allowed.host is not None and allowed.host != peer.host:
@@ -103,14 +95,14 @@ def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] 
     return None
 
 
-def handle_requested(event: Event, config: NodeConfig, ledger: Ledger, slots: AssociationSlots) -> None:
+def handle_requested(event: Event, config: NodeConfig, ledger: Ledger, open_assocs: OpenAssociations) -> None:
     """EVT_REQUESTED: apply the association policy before negotiation."""
     peer = Peer.of(event.assoc)
     refused = refusal(config, peer)
     if refused is None:
-        if slots.acquire(event.assoc):
+        if open_assocs.acquire(event.assoc):
             return
-        refused = status.REJECT_TOO_MANY, f"too many associations (node.max_associations = {slots.limit})"
+        refused = status.REJECT_TOO_MANY, f"too many associations (node.max_associations = {open_assocs.limit})"
     rj, reason = refused
     log.warning("rejecting association from %s@%s: %s", peer.calling_ae, peer.host, reason)
     event.assoc.acse.send_reject(*rj)
@@ -140,14 +132,13 @@ def tls_refused(ledger: Ledger, host: str, reason: str) -> None:
 def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool) -> None:
     peer = Peer.of(event.assoc)
     row = ledger.open_association(node_id, peer.calling_ae, peer.called_ae, peer.host, peer.port, tls)
-    open_assocs.add(event.assoc, row)
+    open_assocs.bind(event.assoc, row)
     log.info("association %d from %s@%s:%d", row, peer.calling_ae, peer.host, peer.port)
 
 
-def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations, slots: AssociationSlots) -> None:
+def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations) -> None:
     """EVT_CONN_CLOSE: the end of every connection, released, aborted or rejected."""
-    slots.release(event.assoc)
-    row = open_assocs.pop(event.assoc)
+    row = open_assocs.release(event.assoc)
     if row is not None:
         outcome = "released" if event.assoc.is_released else "aborted"
         ledger.close_association(row, outcome)
@@ -173,7 +164,7 @@ def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: Op
         check_matches_request(header, sop_class, sop_uid)
         sha = hashlib.sha256(part10).hexdigest()
         path = object_path(header.study_instance_uid, series_uid, sop_uid, sha)
-        assoc_row = open_assocs.get(event.assoc)
+        assoc_row = open_assocs.row(event.assoc)
         received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, assoc_row)
         # The path names the content (sha256), so an existing file there holds these bytes:
         # an identical re-send is stored once.

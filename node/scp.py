@@ -89,7 +89,7 @@ def quiet_pydicom() -> None:
 
 def build_ae(cfg: NodeConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
-    ae.maximum_associations = cfg.max_associations  # per process; AssociationSlots is node-wide
+    ae.maximum_associations = cfg.max_associations  # per process; OpenAssociations is node-wide
     ae.maximum_pdu_size = cfg.max_pdu_size
     ae.network_timeout = cfg.network_timeout
     ae.acse_timeout = ACSE_TIMEOUT_S
@@ -105,20 +105,24 @@ class StorageSCP:
     """One listening SCP with its handlers; `start()` returns once it accepts connections."""
 
     def __init__(
-        self, cfg: NodeConfig, store: FileStore, ledger: Ledger, node_id: str, slots: handlers.AssociationSlots
+        self,
+        cfg: NodeConfig,
+        store: FileStore,
+        ledger: Ledger,
+        node_id: str,
+        associations: handlers.OpenAssociations,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.ae = build_ae(cfg)
-        self.open_associations = handlers.OpenAssociations()
         tls = cfg.tls is not None
         self.evt_handlers: list[Any] = [
-            (evt.EVT_REQUESTED, handlers.handle_requested, [cfg, ledger, slots]),
+            (evt.EVT_REQUESTED, handlers.handle_requested, [cfg, ledger, associations]),
             (evt.EVT_REJECTED, handlers.handle_rejected, [ledger]),
-            (evt.EVT_ESTABLISHED, handlers.handle_established, [ledger, self.open_associations, node_id, tls]),
-            (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, self.open_associations, slots]),
+            (evt.EVT_ESTABLISHED, handlers.handle_established, [ledger, associations, node_id, tls]),
+            (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, associations]),
             (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, self.open_associations]),
+            (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, associations]),
         ]
         self._server: NodeServer | None = None
         self._thread: threading.Thread | None = None

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from node.completion import CompletionLoop
 from node.config import Config
-from node.handlers import AssociationSlots
+from node.handlers import OpenAssociations
 from node.scp import StorageSCP
 from storage.db import make_engine, migrate
 from storage.filestore import FileStore
@@ -150,7 +150,7 @@ def run_receiver(
 
     configure_logging(log_level)
     store, ledger = open_storage(cfg, upgrade=False)
-    scp = StorageSCP(cfg.node, store, ledger, ident, AssociationSlots(cfg.node.max_associations, counter))
+    scp = StorageSCP(cfg.node, store, ledger, ident, OpenAssociations(cfg.node.max_associations, counter))
     scp.start()
     ready.set()
     stop.wait()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Engine, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, CursorResult, Engine, and_, bindparam, exists, insert, select, update
 
 from node.instance import InstanceHeader
 from storage import schema as t
@@ -100,27 +100,19 @@ class Ledger:
 
     def close_lost_associations(self, node_id: str) -> int:
         """Associations this SCP held when it died: closed, so their series can complete."""
+        now = self.now()
         with self.engine.begin() as conn:
             rows = conn.execute(
                 update(t.associations)
                 .where(t.associations.c.node_id == node_id, t.associations.c.closed_at.is_(None))
-                .values(closed_at=self.now(), outcome="lost")
+                .values(closed_at=now, outcome="lost")
                 .returning(t.associations.c.calling_ae)
             ).all()
             for (ae,) in rows:
-                _event(conn, self.now(), EventKind.ASSOCIATION_LOST, calling_ae=ae, detail=node_id)
+                _event(conn, now, EventKind.ASSOCIATION_LOST, calling_ae=ae, detail=node_id)
             return len(rows)
 
     # -- instances ------------------------------------------------------------------------
-    def current_file(self, sop_instance_uid: str) -> StoredFile | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(t.instances.c.path, t.instances.c.sha256, t.instances.c.size).where(
-                    t.instances.c.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
-        return StoredFile(row.path, row.sha256, row.size) if row else None
-
     def record_instance(self, header: InstanceHeader, received: Received) -> StoreOutcome:
         """Record a durably written file as the instance's current version, in one transaction.
 
@@ -262,16 +254,6 @@ class Ledger:
             current = conn.execute(select(t.instances.c.path)).scalars()
             older = conn.execute(select(t.superseded_instances.c.path)).scalars()
             return set(current) | set(older)
-
-    def series_state(self, series_instance_uid: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(t.series.c.state).where(t.series.c.series_instance_uid == series_instance_uid)
-            ).scalar()
-
-    def count_instances(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(t.instances)).scalar_one())
 
     def add_events(self, kind: EventKind, details: Iterable[str]) -> None:
         with self.engine.begin() as conn:

@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,7 +54,7 @@ def toml_config(
     tmp: Path,
     port: int,
     *,
-    allowed: list[tuple[str, str | None]] = (("STORESCU", "127.0.0.1"),),  # type: ignore[assignment]
+    allowed: Sequence[tuple[str, str | None]] = (("STORESCU", "127.0.0.1"),),
     idle_seconds: float = 30,
     min_free_disk_mb: int = 0,
     extra_node: str = "",
