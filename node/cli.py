@@ -12,6 +12,9 @@ from typing import NoReturn
 from node import __version__
 from node.config import default_config_path, load_config
 from node.errors import ConfigError, EnhanceNodeError
+from train.cli import COMMANDS as TRAIN_COMMANDS
+from train.cli import add_parsers as add_training_parsers
+from train.cli import run as run_training_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -51,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--host", help="the only IP address this AE may connect from")
     rm = ae_sub.add_parser("remove", help="stop allowing a calling AE")
     rm.add_argument("ae_title")
+
+    add_training_parsers(sub)
     return p
 
 
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(load_config(args.config), args.role)
         if args.command == "echo":
             return _echo(args)
+        if args.command in TRAIN_COMMANDS:
+            return run_training_command(args)
         return _ae(args)
     except ConfigError as exc:
         print(f"enhance-node: config error: {exc}", file=sys.stderr)

@@ -26,3 +26,7 @@ class InvalidDataset(EnhanceNodeError):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+
+
+class ManifestError(EnhanceNodeError):
+    """A model package whose model.toml is missing, malformed or contradicts its ONNX graph (permanent)."""

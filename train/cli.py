@@ -1,0 +1,139 @@
+"""`enhance-node train | evaluate | export`: argument parsing here (no torch import, so the
+node's own commands stay fast), the work in train.loop / train.evaluate / train.export."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from train.presets import PRESETS
+
+COMMANDS = ("train", "evaluate", "export")
+
+TRAIN_HELP = """\
+Train a model from a preset. Without --data the net learns from procedural phantoms (nothing
+is downloaded); with --data it degrades your own clean DICOM series with the preset's physics
+(low-dose CT simulation, Rician MR noise, or x2 resolution loss); with --self-supervised it
+learns from your noisy series alone (Neighbor2Neighbor), no clean images needed.
+The run folder gets checkpoint.pt (every epoch), train_log.csv and curves.png; then
+`enhance-node export RUN --out models/NAME` makes the model package."""
+
+EVALUATE_HELP = """\
+Measure a model package against classical filters on held-out images: PSNR and SSIM (CT in
+the soft-tissue window -160..240 HU, MR in the 0.5-99.5 percentile window), RMSE in HU,
+mean-HU bias and noise SD in uniform regions, seconds per slice. Baselines: non-local means
+(sigma passed explicitly) and total variation for denoising; bicubic and Lanczos for x2.
+Writes report.md and panel.png (input / baseline / model / target / difference)."""
+
+EXPORT_HELP = """\
+Export a training run's checkpoint to a model package: model.onnx (opset 17, dynamic batch,
+height and width) and model.toml (normalisation, tiling, training provenance, metrics).
+Checks that ONNX Runtime reproduces torch's output before writing."""
+
+
+def add_parsers(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train a denoising or super-resolution model", description=TRAIN_HELP,
+                       formatter_class=fmt)
+    t.add_argument("--preset", required=True, choices=sorted(PRESETS), help="what to train (the shipped models)")
+    t.add_argument("--out", type=Path, help="run folder (default: runs/PRESET)")
+    t.add_argument("--data", type=Path, nargs="+", default=[], metavar="PATH",
+                   help="DICOM files or folders (any layout) to train on instead of phantoms")
+    t.add_argument("--self-supervised", action="store_true", help="train on noisy --data without clean targets")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps-per-epoch", type=int)
+    t.add_argument("--batch", type=int)
+    t.add_argument("--patch", type=int, help="target patch side in pixels")
+    t.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine decay)")
+    t.add_argument("--loss", choices=["l1", "l2"])
+    t.add_argument("--ssim-weight", type=float, default=0.0, help="add w * (1 - SSIM) to the loss")
+    t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
+    t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
+    t.add_argument("--width", type=int, help="feature channels")
+    t.add_argument("--context-slices", type=int, choices=[1, 3, 5], help="1 = 2-D, 3 or 5 = 2.5-D")
+    t.add_argument("--dose", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="low-dose CT: dose fraction range, e.g. 0.25 0.25")
+    t.add_argument("--sigma-percent", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="MR: Rician noise SD range, %% of the bright signal")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    t.add_argument("--workers", type=int, default=2, help="processes that simulate the training data")
+
+    e = sub.add_parser("evaluate", help="compare a model with classical filters on held-out images",
+                       description=EVALUATE_HELP, formatter_class=fmt)
+    e.add_argument("model", type=Path, help="model package folder (model.onnx + model.toml)")
+    e.add_argument("--data", type=Path, nargs="+", default=[], metavar="PATH",
+                   help="clean DICOM series to degrade and restore (default: pydicom-data's test images)")
+    e.add_argument("--dose", type=float, default=0.25, help="low-dose CT: simulated dose fraction")
+    e.add_argument("--sigma-percent", type=float, default=5.0, help="MR: Rician noise SD, %% of the bright signal")
+    e.add_argument("--out", type=Path, help="report folder (default: MODEL/evaluation)")
+    e.add_argument("--max-slices", type=int, default=8, help="evaluate at most this many slices")
+    e.add_argument("--update-manifest", action="store_true", help="record the metrics in the model's model.toml")
+    e.add_argument("--seed", type=int, default=0)
+
+    x = sub.add_parser("export", help="turn a training run into a model package", description=EXPORT_HELP,
+                       formatter_class=fmt)
+    x.add_argument("run", type=Path, help="training run folder (or its checkpoint.pt)")
+    x.add_argument("--out", type=Path, required=True, help="model package folder, e.g. models/ct-denoise")
+    x.add_argument("--name", help="model name (default: the preset's)")
+    x.add_argument("--version", default="1.0.0")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print(f"enhance-node {args.command}: needs the training extra: pip install 'enhance-node[train]'",
+              file=sys.stderr)
+        return 2
+    if args.command == "train":
+        return _train(args)
+    if args.command == "evaluate":
+        from train.evaluate import evaluate_cli
+
+        return evaluate_cli(args)
+    from train.export import export_cli
+
+    return export_cli(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from train.loop import RunConfig, train
+    from train.presets import Degradation, with_overrides
+
+    preset = PRESETS[args.preset]
+    if args.self_supervised and not args.data:
+        print("enhance-node train: --self-supervised needs --data (your noisy series)", file=sys.stderr)
+        return 2
+    if args.self_supervised and preset.task != "denoise":
+        print("enhance-node train: --self-supervised trains denoisers only", file=sys.stderr)
+        return 2
+    net = with_overrides(preset.net, depth=args.depth, width=args.width, context_slices=args.context_slices)
+    deg: Degradation = with_overrides(preset.degradation, dose=tuple(args.dose) if args.dose else None,
+                                      sigma_percent=tuple(args.sigma_percent) if args.sigma_percent else None)
+    preset = with_overrides(preset, net=net, degradation=deg, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                            batch=args.batch, patch=args.patch, lr=args.lr, loss=args.loss, phantoms=args.phantoms)
+    if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
+        print("enhance-node train: --patch must be a multiple of the scale and unshuffle factor", file=sys.stderr)
+        return 2
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = RunConfig(
+        preset=preset, out=args.out or Path("runs") / preset.name, data=tuple(args.data),
+        self_supervised=args.self_supervised, seed=args.seed, device=device, ssim_weight=args.ssim_weight,
+        workers=args.workers, command=shlex.join(["enhance-node", *sys.argv[1:]]),
+    )
+    try:
+        path = train(cfg, resume=args.resume)
+    except ValueError as exc:
+        print(f"enhance-node train: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,129 @@
+"""Physics-based degradations that turn a clean image into what a low-dose or fast scan gives.
+
+Low-dose CT follows the acquisition: Hounsfield units -> linear attenuation -> parallel-beam
+projections -> photon counts Poisson(I0 * dose * exp(-p)) plus Gaussian electronic noise ->
+log -> filtered back-projection. Only the noise is reconstructed and added to the image
+(FBP is linear, so clean + FBP(p_noisy - p) equals FBP(p_noisy) up to the reconstruction's
+own blur), which keeps the target's resolution and Hounsfield units exactly as they were.
+Projections are slow (seconds per slice) and cached per clean slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from skimage.transform import iradon, radon
+
+Array = NDArray[np.float32]
+
+MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy
+
+
+@dataclass(frozen=True)
+class CTScanner:
+    """Acquisition model. i0 is photons per detector bin and view at full dose."""
+
+    views: int = 720
+    i0: float = 5.0e5  # gives ~20 HU RMSE on a 0.48 mm head slice at 25% dose (DESIGN 5)
+    electronic_sd: float = 5.0  # counts
+    recon_filter: str = "shepp-logan"
+
+
+class LowDoseCT:
+    """Simulates a CT slice at a fraction of its dose; caches projections in memory and on disk."""
+
+    def __init__(self, scanner: CTScanner = CTScanner(), cache_dir: Path | None = None) -> None:
+        self.scanner = scanner
+        self.cache_dir = cache_dir
+        self._cache: dict[str, NDArray[np.float64]] = {}
+        self.theta = np.linspace(0.0, 180.0, scanner.views, endpoint=False)
+
+    def projections(self, hu: Array, spacing_mm: float) -> NDArray[np.float64]:
+        """Line integrals of attenuation (dimensionless), one column per view."""
+        key = hashlib.sha256(hu.astype(np.float32).tobytes() + repr((hu.shape, spacing_mm, self.scanner.views)).encode())
+        digest = key.hexdigest()[:24]
+        if digest in self._cache:
+            return self._cache[digest]
+        path = self.cache_dir / f"{digest}.npy" if self.cache_dir else None
+        if path is not None and path.exists():
+            sino = np.load(path)
+        else:
+            mu = MU_WATER_PER_MM * np.clip(1.0 + hu.astype(np.float64) / 1000.0, 0.0, None) * spacing_mm
+            sino = radon(_inside_circle(mu), self.theta, circle=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, sino)
+        self._cache[digest] = sino
+        return sino
+
+    def noise(self, hu: Array, spacing_mm: float, dose: float, rng: np.random.Generator) -> Array:
+        """The reconstructed noise (HU) that scanning `hu` at `dose` (fraction of full) adds."""
+        if not 0.0 < dose <= 1.0:
+            raise ValueError(f"dose must be in (0, 1], got {dose}")
+        sino = self.projections(hu, spacing_mm)
+        blank = self.scanner.i0 * dose
+        counts = rng.poisson(blank * np.exp(-sino)).astype(np.float64)
+        counts += rng.normal(0.0, self.scanner.electronic_sd, counts.shape)
+        noisy = -np.log(np.clip(counts, 1.0, None) / blank)
+        delta_mu = iradon(noisy - sino, self.theta, circle=True, filter_name=self.scanner.recon_filter)
+        return (1000.0 * delta_mu / (MU_WATER_PER_MM * spacing_mm)).astype(np.float32)
+
+    def simulate(self, hu: Array, spacing_mm: float, dose: float, rng: np.random.Generator) -> Array:
+        return (hu + self.noise(hu, spacing_mm, dose, rng)).astype(np.float32)
+
+
+def _inside_circle(image: NDArray[np.float64]) -> NDArray[np.float64]:
+    """radon(circle=True) needs zero outside the inscribed circle (the scanner's field of view)."""
+    n = image.shape[0]
+    yy, xx = np.mgrid[:n, : image.shape[1]]
+    centre = (n - 1) / 2
+    out = image.copy()
+    out[(yy - centre) ** 2 + (xx - centre) ** 2 > (n / 2 - 1) ** 2] = 0.0
+    return out
+
+
+def rician(image: Array, sigma_percent: float, rng: np.random.Generator, reference: float | None = None) -> Array:
+    """Magnitude of the image plus complex Gaussian noise; sigma is a percentage of `reference`
+    (default: the 99.5th percentile of the image, the bright end of the signal)."""
+    ref = float(np.percentile(image, 99.5)) if reference is None else reference
+    sigma = sigma_percent / 100.0 * ref
+    real = image + rng.normal(0.0, sigma, image.shape)
+    imag = rng.normal(0.0, sigma, image.shape)
+    return np.sqrt(real**2 + imag**2).astype(np.float32)
+
+
+def ct_downsample(hr: Array, scale: int = 2, psf_fwhm_px: float | None = None) -> Array:
+    """Low-resolution CT as a coarser detector sees it: Gaussian PSF blur, then the mean of each
+    scale x scale block, so low-resolution pixel centres lie at the block centres (DESIGN 3.6)."""
+    fwhm = float(scale) if psf_fwhm_px is None else psf_fwhm_px
+    blurred = ndimage.gaussian_filter(hr.astype(np.float32), fwhm / 2.355, axes=(-2, -1))
+    return _block_mean(blurred, scale)
+
+
+def _block_mean(image: Array, scale: int) -> Array:
+    h, w = image.shape[-2] // scale * scale, image.shape[-1] // scale * scale
+    cropped = image[..., :h, :w]
+    shape = (*cropped.shape[:-2], h // scale, scale, w // scale, scale)
+    return cropped.reshape(shape).mean(axis=(-3, -1)).astype(np.float32)
+
+
+def mr_kspace_truncate(hr: Array, scale: int = 2) -> Array:
+    """A faster MR acquisition: only the central 1/scale of k-space in each direction, as
+    magnitude, sampled at the centres of the high-resolution blocks (a half-pixel shift)."""
+    h, w = hr.shape[-2] // scale * scale, hr.shape[-1] // scale * scale
+    k = np.fft.fftshift(np.fft.fft2(hr[..., :h, :w]), axes=(-2, -1))
+    lh, lw = h // scale, w // scale
+    top, left = (h - lh) // 2, (w - lw) // 2
+    kc = k[..., top : top + lh, left : left + lw]
+    # shift by (scale - 1) / 2 high-resolution pixels so sample i sits at the centre of block i
+    shift = (scale - 1) / 2
+    fy = np.fft.fftshift(np.fft.fftfreq(lh, d=1.0 / lh))
+    fx = np.fft.fftshift(np.fft.fftfreq(lw, d=1.0 / lw))
+    ramp = np.exp(2j * np.pi * shift * (fy[:, None] / h + fx[None, :] / w))
+    low = np.fft.ifft2(np.fft.ifftshift(kc * ramp, axes=(-2, -1)))
+    return (np.abs(low) / scale**2).astype(np.float32)

@@ -1,0 +1,245 @@
+"""Held-out evaluation of a model package against classical filters; Markdown report + PNG panel.
+
+The model runs through ONNX Runtime exactly as the node's CPU engine will (whole slice,
+normalisation per DESIGN 3.4), so its seconds per slice are the deployed figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from PIL import Image
+from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+
+from engines.manifest import ModelManifest, dump, load
+from engines.normalization import Normalization
+from node.errors import ManifestError
+from train import metrics
+from train.degrade import LowDoseCT, ct_downsample, mr_kspace_truncate, rician
+from train.volumes import Volume, read_series
+
+log = logging.getLogger(__name__)
+Array = NDArray[np.float32]
+
+# Real images the shipped models never saw in training (DESIGN 4: evaluation only).
+HELD_OUT = {
+    "CT": ["693_UNCI.dcm", "bad_sequence.dcm", "explicit_VR-UN.dcm", "eCT_Supplemental.dcm"],
+    "MR": ["MR-SIEMENS-DICOM-WithOverlays.dcm", "MR2_UNCI.dcm"],
+}
+SOFT_TISSUE = (-50.0, 100.0)
+
+
+def held_out_paths(modality: str) -> list[Path]:
+    from pydicom.data import get_testdata_file
+
+    paths = []
+    for name in HELD_OUT.get(modality, []):
+        found = get_testdata_file(name, download=False)
+        if found is None:
+            raise FileNotFoundError(f"{name} not found: install pydicom-data (pip install 'enhance-node[train]')")
+        paths.append(Path(str(found)))
+    return paths
+
+
+class OnnxModel:
+    def __init__(self, package: Path, threads: int = 0) -> None:
+        self.manifest = load(package)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(package / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, stack: Array, window: tuple[float, float]) -> Array:
+        """stack: (context, h, w) in image units; returns the enhanced centre slice in image units."""
+        x = Normalization.forward(stack, window)[None]
+        (y,) = self.session.run(["output"], {"input": x})
+        return Normalization.inverse(y[0, 0], window)
+
+
+@dataclass
+class Case:
+    """One held-out slice: clean target, degraded input (with context), spacing, noise SD."""
+
+    name: str
+    target: Array
+    degraded: Array  # (context, h, w)
+    window: tuple[float, float]  # normalisation window from the degraded series
+    sigma: float  # noise SD in image units (denoise), 0 for SR
+
+
+def make_cases(volumes: list[Volume], manifest: ModelManifest, dose: float, sigma_percent: float,
+               max_slices: int, seed: int) -> list[Case]:
+    rng = np.random.default_rng(seed)
+    sim = LowDoseCT()
+    half, scale = manifest.context_slices // 2, manifest.scale
+    cases: list[Case] = []
+    for vol in volumes:
+        h, w = vol.pixels.shape[1] // scale * scale, vol.pixels.shape[2] // scale * scale
+        clean = vol.pixels[:, :h, :w]
+        if manifest.task == "denoise" and "CT" in manifest.modalities:
+            degraded = np.stack([sim.simulate(s, vol.spacing[0], dose, rng) for s in clean])
+        elif manifest.task == "denoise":
+            ref = float(np.percentile(clean, 99.5))
+            degraded = np.stack([rician(s, sigma_percent, rng, reference=ref) for s in clean])
+        elif "CT" in manifest.modalities:
+            degraded = ct_downsample(clean, scale)
+        else:
+            degraded = mr_kspace_truncate(clean, scale)
+        window = manifest.normalization.window(degraded)
+        for z in range(vol.slices):
+            idx = np.clip(np.arange(z - half, z + half + 1), 0, vol.slices - 1)
+            sigma = float(np.std(degraded[z] - clean[z])) if manifest.task == "denoise" else 0.0
+            cases.append(Case(f"{vol.description or vol.series_uid[-12:]}#{z}", clean[z], degraded[idx], window, sigma))
+            if len(cases) == max_slices:
+                return cases
+    return cases
+
+
+def _resize(image: Array, scale: int, method: Image.Resampling) -> Array:
+    h, w = image.shape
+    return np.asarray(Image.fromarray(image.astype(np.float32)).resize((w * scale, h * scale), method), np.float32)
+
+
+def baselines(manifest: ModelManifest) -> dict[str, Callable[[Case], Array]]:
+    if manifest.task == "sr":
+        s = manifest.scale
+        return {
+            "bicubic": lambda c: _resize(c.degraded[len(c.degraded) // 2], s, Image.Resampling.BICUBIC),
+            "lanczos": lambda c: _resize(c.degraded[len(c.degraded) // 2], s, Image.Resampling.LANCZOS),
+        }
+
+    def centre(c: Case) -> Array:
+        return c.degraded[len(c.degraded) // 2]
+
+    return {
+        "input": centre,
+        # sigma passed explicitly: estimate_sigma underestimates CT's spatially correlated noise
+        "nlm": lambda c: denoise_nl_means(centre(c), h=0.8 * c.sigma, sigma=c.sigma, fast_mode=True,
+                                          patch_size=5, patch_distance=6).astype(np.float32),
+        "tv": lambda c: denoise_tv_chambolle(centre(c), weight=c.sigma).astype(np.float32),
+    }
+
+
+def evaluate(package: Path, data: list[Path], out: Path, dose: float = 0.25, sigma_percent: float = 5.0,
+             max_slices: int = 8, seed: int = 0) -> dict[str, Any]:
+    model = OnnxModel(package)
+    manifest = model.manifest
+    modality = manifest.modalities[0]
+    volumes = [v for v in read_series(data or held_out_paths(modality)) if v.modality in manifest.modalities]
+    if not volumes:
+        raise ValueError(f"no {'/'.join(manifest.modalities)} images to evaluate on")
+    cases = make_cases(volumes, manifest, dose, sigma_percent, max_slices, seed)
+    methods: dict[str, Callable[[Case], Array]] = {**baselines(manifest), "model": lambda c: model(c.degraded, c.window)}
+    rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    panel: dict[str, Array] = {}
+    ct = "CT" in manifest.modalities
+    for i, case in enumerate(cases):
+        window = metrics.CT_WINDOW if ct and manifest.task == "denoise" else metrics.percentile_window(case.target)
+        rois = metrics.uniform_rois(case.target, SOFT_TISSUE) if ct and manifest.task == "denoise" else []
+        for name, fn in methods.items():
+            started = time.perf_counter()
+            pred = fn(case)
+            seconds = time.perf_counter() - started
+            r = rows[name]
+            r["psnr"].append(metrics.psnr(pred, case.target, window))
+            r["ssim"].append(metrics.ssim(pred, case.target, window))
+            r["rmse"].append(metrics.rmse(pred, case.target))
+            r["seconds"].append(seconds)
+            if rois:
+                bias, sd = metrics.roi_bias_and_sd(pred, case.target, rois)
+                r["roi_bias"].append(bias)
+                r["roi_sd"].append(sd)
+            if i == 0:
+                panel[name] = pred
+    summary = {name: {k: float(np.nanmax(v)) if k == "roi_bias" else float(np.nanmean(v)) for k, v in r.items()}
+               for name, r in rows.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    context = {
+        "model": f"{manifest.name} {manifest.version}", "task": manifest.task, "slices": len(cases),
+        "images": sorted({c.name.rsplit("#", 1)[0] for c in cases}),
+        "degradation": _degradation_text(manifest, dose, sigma_percent),
+        "window": "soft tissue -160..240 HU" if ct and manifest.task == "denoise" else "0.5-99.5 percentile of the target",
+    }
+    (out / "report.md").write_text(_report(context, summary))
+    _panel(out / "panel.png", cases[0], panel, manifest)
+    return {**context, "results": summary}
+
+
+def _degradation_text(manifest: ModelManifest, dose: float, sigma_percent: float) -> str:
+    if manifest.task == "sr":
+        how = "PSF blur + block decimation" if "CT" in manifest.modalities else "k-space truncation"
+        return f"x{manifest.scale} {how}"
+    return f"simulated {dose:.0%} dose" if "CT" in manifest.modalities else f"Rician noise {sigma_percent}% of signal"
+
+
+def _report(context: dict[str, Any], summary: dict[str, dict[str, float]]) -> str:
+    lines = [f"# Evaluation of {context['model']}", "",
+             f"- Held-out images: {', '.join(context['images'])} ({context['slices']} slices)",
+             f"- Degradation: {context['degradation']}", f"- PSNR/SSIM window: {context['window']}", "",
+             "| method | PSNR dB | SSIM | RMSE | max ROI mean bias | ROI SD | s/slice |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in summary.items():
+        lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['rmse']:.2f} | {_fmt(m.get('roi_bias'))} "
+                     f"| {_fmt(m.get('roi_sd'))} | {m['seconds']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _panel(path: Path, case: Case, preds: dict[str, Array], manifest: ModelManifest) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ct_denoise = "CT" in manifest.modalities and manifest.task == "denoise"
+    lo, hi = metrics.CT_WINDOW if ct_denoise else metrics.percentile_window(case.target)
+    baseline = "nlm" if manifest.task == "denoise" else "lanczos"
+    centre = case.degraded[len(case.degraded) // 2]
+    images = [("input", centre), (baseline, preds[baseline]), ("model", preds["model"]), ("target", case.target),
+              ("model - target", preds["model"] - case.target)]
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
+    for ax, (title, img) in zip(axes, images, strict=True):
+        if title == "model - target":
+            span = (hi - lo) / 8
+            ax.imshow(img, cmap="coolwarm", vmin=-span, vmax=span)
+        else:
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def evaluate_cli(args: argparse.Namespace) -> int:
+    try:
+        result = evaluate(args.model, args.data, args.out or args.model / "evaluation", args.dose,
+                          args.sigma_percent, args.max_slices, args.seed)
+    except (ManifestError, ValueError, FileNotFoundError) as exc:
+        print(f"enhance-node evaluate: {exc}", file=sys.stderr)
+        return 2
+    print((args.out or args.model / "evaluation").joinpath("report.md").read_text())
+    if args.update_manifest:
+        record_metrics(args.model, result)
+    return 0
+
+
+def record_metrics(package: Path, result: dict[str, Any]) -> None:
+    manifest = load(package)
+    metrics_ = {k: v for k, v in result.items() if k != "results"}
+    metrics_["results"] = {name: {k: round(v, 4) for k, v in m.items()} for name, m in result["results"].items()}
+    dump(ModelManifest.from_dict({**manifest.as_dict(), "metrics": metrics_}), package / "model.toml")

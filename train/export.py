@@ -1,0 +1,122 @@
+"""Checkpoint -> model package (DESIGN 3.4): model.onnx + model.toml, checked against torch."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from engines.manifest import ModelManifest, Tile, dump, sha256_file
+from engines.normalization import Normalization
+from train.loop import CHECKPOINT, net_from_checkpoint
+from train.presets import PRESETS
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+TOLERANCE = 1e-4  # normalised units: 0.4 HU in the HU window
+
+
+class ExportMismatch(RuntimeError):
+    """ONNX Runtime's output differs from torch's beyond the tolerance."""
+
+
+def onnx_bytes(model: torch.nn.Module, context: int) -> bytes:
+    example = torch.zeros(1, context, 64, 64)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model, (example,), buf, input_names=["input"], output_names=["output"], opset_version=OPSET,
+            dynamo=False, dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
+                                        "output": {0: "batch", 2: "height", 3: "width"}},
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    return buf.getvalue()
+
+
+def check_round_trip(model: torch.nn.Module, data: bytes, context: int, seed: int = 0) -> float:
+    """Largest |ORT - torch| over a few batch sizes and shapes (odd sizes too: the graph is dynamic)."""
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for shape in [(1, context, 96, 96), (2, context, 67, 45), (1, context, 128, 80)]:
+        x = (0.3 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        (got,) = session.run(["output"], {"input": x})
+        if got.shape != expected.shape:
+            raise ExportMismatch(f"ONNX output shape {got.shape} differs from torch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > TOLERANCE:
+        raise ExportMismatch(f"ONNX Runtime differs from torch by {worst:.2e} (> {TOLERANCE:.0e})")
+    return worst
+
+
+def export(checkpoint: Path, out: Path, name: str | None = None, version: str = "1.0.0") -> ModelManifest:
+    state: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = net_from_checkpoint(state)
+    preset = PRESETS[state["preset"]]
+    run = state["run"]
+    context = int(state["net"]["context_slices"])
+    data = onnx_bytes(model, context)
+    error = check_round_trip(model, data, context)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.onnx").write_bytes(data)
+    history = state["history"]
+    manifest = ModelManifest(
+        name=name or preset.name,
+        version=version,
+        task=preset.task,
+        modalities=(preset.modality,),
+        scale=int(state["net"]["scale"]),
+        context_slices=context,
+        normalization=Normalization.from_dict(run["normalization"]),
+        tile=Tile(*preset.tile),
+        onnx_sha256=sha256_file(out / "model.onnx"),
+        net=dict(state["net"]),
+        training={
+            **{k: v for k, v in run.items() if k not in ("net", "normalization")},
+            "epochs_done": state["epoch"],
+            "final_train_loss": history[-1]["train_loss"],
+            "validation": {k: v for k, v in history[-1].items() if k.startswith("val")},
+            "train_seconds": round(sum(r["seconds"] for r in history), 1),
+            "machine": _machine(),
+            "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "onnx_vs_torch_max_abs": error,
+        },
+    )
+    dump(manifest, out / "model.toml")
+    return manifest
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def export_cli(args: argparse.Namespace) -> int:
+    checkpoint = args.run / CHECKPOINT if args.run.is_dir() else args.run
+    if not checkpoint.is_file():
+        print(f"enhance-node export: no checkpoint at {checkpoint}", file=sys.stderr)
+        return 2
+    try:
+        manifest = export(checkpoint, args.out, args.name, args.version)
+    except ExportMismatch as exc:
+        print(f"enhance-node export: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {manifest.name} {manifest.version} ({manifest.task}, onnx sha256 {manifest.onnx_sha256[:12]})")
+    return 0

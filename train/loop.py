@@ -1,0 +1,249 @@
+"""The training loop: AdamW, cosine schedule, L1/L2 (+ optional SSIM), AMP on CUDA, a checkpoint
+every epoch, --resume, seeds, a progress bar, a CSV log and a PNG of the curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
+from train.nets import build, parameter_count
+from train.presets import NetSpec, Preset
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+LOG_CSV = "train_log.csv"
+CURVES_PNG = "curves.png"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: Preset
+    out: Path
+    data: tuple[Path, ...] = ()  # DICOM files/folders; empty = procedural phantoms
+    self_supervised: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    ssim_weight: float = 0.0
+    workers: int = 2
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        p = self.preset
+        return {
+            "preset": p.name, "net": p.net.as_dict(), "degradation": asdict(p.degradation),
+            "normalization": p.normalization.as_dict(), "epochs": p.epochs, "steps_per_epoch": p.steps_per_epoch,
+            "batch": p.batch, "patch": p.patch, "lr": p.lr, "loss": p.loss, "ssim_weight": self.ssim_weight,
+            "seed": self.seed, "self_supervised": self.self_supervised,
+            "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
+            "command": self.command,
+        }
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM with an 11x11 Gaussian window (Wang et al. 2004), differentiable."""
+    coords = torch.arange(11, dtype=x.dtype, device=x.device) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = (g / g.sum())[None, None]
+    c = x.shape[1]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        t = F.conv2d(t, g[..., None].expand(c, 1, 11, 1), groups=c)
+        return F.conv2d(t, g[:, :, None].expand(c, 1, 1, 11), groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean()
+
+
+def loss_fn(kind: str, ssim_weight: float) -> Any:
+    base = F.l1_loss if kind == "l1" else F.mse_loss
+
+    def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = base(pred, target)
+        if ssim_weight > 0:
+            value = value + ssim_weight * (1 - ssim(pred, target, data_range=float(target.max() - target.min()) or 1.0))
+        return value
+
+    return loss
+
+
+def neighbour_pair(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbor2Neighbor sub-sampling: from every 2x2 cell take two different random pixels,
+    giving two half-size images with independent noise and (nearly) the same signal."""
+    n, c, h, w = x.shape
+    cells = F.pixel_unshuffle(x[..., : h // 2 * 2, : w // 2 * 2], 2).view(n, c, 4, h // 2, w // 2)
+    first = torch.randint(0, 4, (n, 1, 1, h // 2, w // 2), generator=gen)
+    second = (first + torch.randint(1, 4, first.shape, generator=gen)) % 4
+    pick = lambda idx: cells.gather(2, idx.expand(n, c, 1, h // 2, w // 2)).squeeze(2)  # noqa: E731
+    return pick(first), pick(second)
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1] // 2
+    return x[:, c : c + 1]
+
+
+def train(cfg: RunConfig, resume: bool = False) -> Path:
+    """Trains and returns the checkpoint path; the checkpoint carries everything export needs."""
+    preset = cfg.preset
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device(cfg.device)
+    model = build(preset.net).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=1e-4)
+    total = preset.epochs * preset.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    start_epoch, history = 0, []
+    ckpt_path = cfg.out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = state["epoch"], state["history"]
+        log.info("resuming %s at epoch %d", preset.name, start_epoch + 1)
+    bank, val = _banks(cfg)
+    log.info("%s: %d training slices, %d validation slices, %d parameters", preset.name, len(bank), len(val),
+             parameter_count(model))
+    criterion = loss_fn(preset.loss, cfg.ssim_weight)
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    scale = preset.net.scale
+    for epoch in range(start_epoch, preset.epochs):
+        model.train()
+        started, losses = time.monotonic(), []
+        bar = tqdm(range(preset.steps_per_epoch), desc=f"{preset.name} epoch {epoch + 1}/{preset.epochs}",
+                   unit="step", dynamic_ncols=True)
+        for _ in bar:
+            x, y = sample(bank, rng, preset.batch, preset.patch, scale)
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                if cfg.self_supervised:
+                    loss = _neighbour_loss(model, x, gen)
+                else:
+                    loss = criterion(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        bar.close()
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **_validate(model, val, cfg, device),
+               "lr": sched.get_last_lr()[0], "seconds": round(time.monotonic() - started, 1)}
+        history.append(row)
+        log.info("epoch %d: %s", epoch + 1, json.dumps(row))
+        torch.save({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "epoch": epoch + 1, "history": history, "net": preset.net.as_dict(), "run": cfg.describe(),
+            "preset": preset.name,
+        }, ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # a kill mid-save keeps the previous epoch
+        _write_log(cfg.out, history)
+    return ckpt_path
+
+
+def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:
+    g1, g2 = neighbour_pair(x, gen)
+    out1 = model(g1)
+    with torch.no_grad():
+        full = model(x)
+    f1, f2 = neighbour_pair(full, gen)  # a different draw: only the regulariser's expectation matters
+    diff = out1 - _centre(g2)
+    return torch.mean(diff**2) + gamma * torch.mean((diff - (f1 - f2)) ** 2)
+
+
+def _banks(cfg: RunConfig) -> tuple[Bank, Bank]:
+    """The training bank (cached in the output folder) and a small held-out validation bank."""
+    preset, cache = cfg.preset, cfg.out / ".cache"
+    path = cfg.out / "bank.npz"
+    if path.exists():
+        bank = Bank.load(path)
+    elif cfg.self_supervised:
+        bank = noisy_bank(preset, load_volumes(list(cfg.data), preset.modality))
+    elif cfg.data:
+        slabs = list(volume_slabs(load_volumes(list(cfg.data), preset.modality), preset.net.context_slices))
+        bank = build_bank(preset, slabs, cfg.seed, cfg.workers, cache)
+    else:
+        bank = build_bank(preset, list(phantom_slabs(preset, preset.phantoms, cfg.seed)), cfg.seed, cfg.workers, cache)
+    bank.save(path)
+    if cfg.self_supervised:
+        return bank, bank
+    val_slabs = list(phantom_slabs(preset, 4, seed=cfg.seed + 10_000))  # phantoms never seen in training
+    return bank, build_bank(preset, val_slabs, cfg.seed + 10_000, cfg.workers, cache)
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val: Bank, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    if cfg.self_supervised:
+        return {}
+    model.eval()
+    mse, base = [], []
+    for i in range(len(val)):
+        x = torch.from_numpy(val.inputs[i : i + 1]).to(device)
+        y = torch.from_numpy(val.targets[i : i + 1]).to(device)
+        pred = model(x)
+        ref = F.interpolate(_centre(x), size=y.shape[-2:], mode="bicubic") if cfg.preset.net.scale > 1 else _centre(x)
+        mse.append(float(F.mse_loss(pred, y)))
+        base.append(float(F.mse_loss(ref, y)))
+    psnr = lambda m: 10 * math.log10(1.0 / max(m, 1e-12))  # noqa: E731
+    return {"val_mse": float(np.mean(mse)), "val_psnr": psnr(float(np.mean(mse))),
+            "val_psnr_input": psnr(float(np.mean(base)))}
+
+
+def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with (out / LOG_CSV).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in history]
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_yscale("log")
+    ax1.legend()
+    if "val_psnr" in history[0]:
+        ax2.plot(epochs, [r["val_psnr"] for r in history], "o-", label="model")
+        ax2.plot(epochs, [r["val_psnr_input"] for r in history], "--", label="input / bicubic")
+        ax2.set_ylabel("validation PSNR (dB, normalised units)")
+        ax2.set_xlabel("epoch")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / CURVES_PNG, dpi=80)
+    plt.close(fig)
+
+
+def net_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    model = build(NetSpec(**state["net"]))
+    model.load_state_dict(state["model"])
+    return model.eval()

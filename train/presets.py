@@ -1,0 +1,81 @@
+"""The four shipped models, each as a preset: task, net, normalisation and degradation.
+
+`enhance-node train --preset ct-denoise` reproduces a shipped model; every field can be
+overridden on the command line, and the result records what was used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TypeVar
+
+from engines.normalization import Normalization
+
+T = TypeVar("T")
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Architecture of a model; stored in checkpoints and model.toml so a net can be rebuilt."""
+
+    kind: str = "dncnn"  # "dncnn" (denoise) or "srnet" (super-resolution)
+    depth: int = 10  # dncnn: convolutions; srnet: residual blocks
+    width: int = 48
+    context_slices: int = 1
+    unshuffle: int = 2  # dncnn: pixel-unshuffle factor (FFDNet-style), 1 = full resolution
+    scale: int = 1  # srnet: upscaling factor
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+
+
+@dataclass(frozen=True)
+class Degradation:
+    kind: str  # "lowdose-ct" | "rician" | "ct-sr" | "mr-kspace"
+    dose: tuple[float, float] = (0.25, 0.25)  # lowdose-ct: dose fraction, drawn uniformly
+    sigma_percent: tuple[float, float] = (2.0, 8.0)  # rician: noise SD, % of the 99.5th percentile
+    scale: int = 2  # ct-sr / mr-kspace
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    task: str  # "denoise" | "sr"
+    modality: str  # "CT" | "MR": which phantom renderer, and the manifest's modalities
+    net: NetSpec
+    normalization: Normalization
+    degradation: Degradation
+    phantom_size: int
+    epochs: int = 8
+    steps_per_epoch: int = 100
+    batch: int = 12
+    patch: int = 96  # target patch side in pixels
+    lr: float = 1e-3
+    loss: str = "l1"
+    phantoms: int = 40  # slabs generated when no data is given
+    tile: tuple[int, int] = (512, 32)
+    modalities: tuple[str, ...] = field(default=())
+
+
+HU = Normalization("hu", -1024.0, 3071.0)
+PERCENTILE = Normalization("percentile", 0.5, 99.5)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("ct-denoise", "denoise", "CT", NetSpec("dncnn", depth=12, width=32, unshuffle=2), HU,
+               Degradation("lowdose-ct", dose=(0.15, 0.5)), phantom_size=512, phantoms=48),
+        Preset("mr-denoise", "denoise", "MR", NetSpec("dncnn", depth=12, width=32, unshuffle=2), PERCENTILE,
+               Degradation("rician", sigma_percent=(1.0, 8.0)), phantom_size=256, phantoms=96),
+        Preset("ct-sr2", "sr", "CT", NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2), HU,
+               Degradation("ct-sr", scale=2), phantom_size=512, phantoms=48, tile=(256, 16)),
+        Preset("mr-sr2", "sr", "MR", NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2), PERCENTILE,
+               Degradation("mr-kspace", scale=2), phantom_size=256, phantoms=96, tile=(256, 16)),
+    )
+}
+
+
+def with_overrides(base: T, **overrides: Any) -> T:
+    """`base` with the fields that are not None in `overrides` replaced (command-line options)."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[type-var]
