@@ -59,6 +59,10 @@ class ModelManifest:
     def from_dict(cls, data: dict[str, Any]) -> ModelManifest:
         try:
             tile = data.get("tile", {})
+            if not isinstance(tile, dict):
+                raise TypeError("tile must be a table {size, overlap}")
+            if not isinstance(data["modalities"], list):
+                raise TypeError("modalities must be a list, e.g. [\"CT\"]")
             return cls(
                 name=str(data["name"]),
                 version=str(data["version"]),

@@ -44,7 +44,7 @@ class LowDoseCT:
         self.theta = np.linspace(0.0, 180.0, scanner.views, endpoint=False)
 
     def projections(self, hu: Array, spacing_mm: float) -> NDArray[np.float64]:
-        """Line integrals of attenuation (dimensionless), one column per view."""
+        """Line integrals of attenuation (dimensionless), one column per view, of a square slice."""
         key = hashlib.sha256(hu.astype(np.float32).tobytes() + repr((hu.shape, spacing_mm, self.scanner.views)).encode())
         digest = key.hexdigest()[:24]
         if digest in self._cache:
@@ -65,12 +65,20 @@ class LowDoseCT:
         """The reconstructed noise (HU) that scanning `hu` at `dose` (fraction of full) adds."""
         if not 0.0 < dose <= 1.0:
             raise ValueError(f"dose must be in (0, 1], got {dose}")
+        rows, cols = hu.shape
+        side = max(rows, cols)
+        top, left = (side - rows) // 2, (side - cols) // 2
+        if rows != cols:  # the reconstruction circle needs a square: pad with air, crop after
+            square = np.full((side, side), -1000.0, np.float32)
+            square[top : top + rows, left : left + cols] = hu
+            hu = square
         sino = self.projections(hu, spacing_mm)
         blank = self.scanner.i0 * dose
         counts = rng.poisson(blank * np.exp(-sino)).astype(np.float64)
         counts += rng.normal(0.0, self.scanner.electronic_sd, counts.shape)
         noisy = -np.log(np.clip(counts, 1.0, None) / blank)
         delta_mu = iradon(noisy - sino, self.theta, circle=True, filter_name=self.scanner.recon_filter)
+        delta_mu = delta_mu[top : top + rows, left : left + cols]
         return (1000.0 * delta_mu / (MU_WATER_PER_MM * spacing_mm)).astype(np.float32)
 
     def simulate(self, hu: Array, spacing_mm: float, dose: float, rng: np.random.Generator) -> Array:
@@ -80,7 +88,7 @@ class LowDoseCT:
 def _inside_circle(image: NDArray[np.float64]) -> NDArray[np.float64]:
     """radon(circle=True) needs zero outside the inscribed circle (the scanner's field of view)."""
     n = image.shape[0]
-    yy, xx = np.mgrid[:n, : image.shape[1]]
+    yy, xx = np.mgrid[:n, :n]
     centre = (n - 1) / 2
     out = image.copy()
     out[(yy - centre) ** 2 + (xx - centre) ** 2 > (n / 2 - 1) ** 2] = 0.0

@@ -34,8 +34,7 @@ class DnCNN(nn.Module):
             layers += [nn.Conv2d(spec.width, spec.width, 3, padding=1), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(spec.width, c_out, 3, padding=1))
         self.body = nn.Sequential(*layers)
-        nn.init.zeros_(self.body[-1].weight)  # start as the identity: output = input
-        nn.init.zeros_(self.body[-1].bias)
+        _init(self.body)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2], x.shape[-1]
@@ -47,6 +46,18 @@ class DnCNN(nn.Module):
             noise = self.body(x)
         out = x[:, self.centre : self.centre + 1] - noise
         return out[..., :h, :w]
+
+
+def _init(module: nn.Module) -> None:
+    """He initialisation keeps activations alive through a deep stack without batch norm (the
+    default init shrinks them ~1.7x per layer and the first layers stop learning); the last
+    convolution starts small so an untrained net is close to its skip path."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+    with torch.no_grad():
+        convs[-1].weight.mul_(0.01)
 
 
 class ResBlock(nn.Module):
@@ -75,8 +86,7 @@ class SRNet(nn.Module):
         self.head = nn.Conv2d(spec.context_slices, spec.width, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(spec.width) for _ in range(spec.depth)])
         self.tail = nn.Conv2d(spec.width, spec.scale**2, 3, padding=1)
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centre = x[:, self.centre : self.centre + 1]

@@ -192,7 +192,8 @@ def ct_phantom(rng: np.random.Generator, size: int = 512, spacing_mm: float | No
     means[Tissue.AIR] = -1000.0
     means[Tissue.LESION] = rng.uniform(-30, 90)
     texture = {t: s * rng.uniform(0.6, 1.5) for t, (_, s) in CT_HU.items()}
-    return _render(labels, rng, means, texture, spacing_mm, rng.uniform(0.5, 1.0)), spacing_mm
+    image = _render(labels, rng, means, texture, spacing_mm, rng.uniform(0.5, 1.0))
+    return np.clip(image, -1000.0, None), spacing_mm  # nothing attenuates less than air
 
 
 def mr_phantom(rng: np.random.Generator, size: int = 256, spacing_mm: float | None = None, slices: int = 1,

@@ -47,8 +47,8 @@ class Preset:
     normalization: Normalization
     degradation: Degradation
     phantom_size: int
-    epochs: int = 8
-    steps_per_epoch: int = 100
+    epochs: int = 16
+    steps_per_epoch: int = 250
     batch: int = 12
     patch: int = 96  # target patch side in pixels
     lr: float = 1e-3
@@ -65,7 +65,7 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("ct-denoise", "denoise", "CT", NetSpec("dncnn", depth=12, width=32, unshuffle=2), HU,
-               Degradation("lowdose-ct", dose=(0.15, 0.5)), phantom_size=512, phantoms=48),
+               Degradation("lowdose-ct", dose=(0.15, 0.5)), phantom_size=512, phantoms=48, epochs=24),
         Preset("mr-denoise", "denoise", "MR", NetSpec("dncnn", depth=12, width=32, unshuffle=2), PERCENTILE,
                Degradation("rician", sigma_percent=(1.0, 8.0)), phantom_size=256, phantoms=96),
         Preset("ct-sr2", "sr", "CT", NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2), HU,

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.config
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -51,6 +52,15 @@ def read_series(paths: Iterable[Path]) -> list[Volume]:
 
     Files that are not DICOM images are skipped with a debug log line; nothing is written.
     """
+    previous = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE  # tolerant on what we read
+    try:
+        return _read(paths)
+    finally:
+        pydicom.config.settings.reading_validation_mode = previous
+
+
+def _read(paths: Iterable[Path]) -> list[Volume]:
     frames: dict[str, list[_Frame]] = defaultdict(list)
     meta: dict[str, tuple[str, str]] = {}
     seen: set[str] = set()

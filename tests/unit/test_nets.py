@@ -1,0 +1,296 @@
+"""train.nets (DnCNN, SRNet), the normalisation contract and model.toml validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines.manifest import ModelManifest, Tile
+from engines.normalization import Normalization
+from node.errors import ManifestError
+from train.nets import DnCNN, SRNet, build, parameter_count
+from train.presets import PRESETS, NetSpec
+
+DNCNN = NetSpec("dncnn", depth=4, width=8, unshuffle=2)
+SRNET = NetSpec("srnet", depth=2, width=8, unshuffle=1, scale=2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Give every parameter (the zero-initialised last layers too) a random value."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize(("h", "w"), [(37, 50), (32, 32), (1, 3), (64, 33)])
+@pytest.mark.parametrize("unshuffle", [1, 2, 3])
+def test_dncnn_output_shape_equals_input(h: int, w: int, unshuffle: int) -> None:
+    model = DnCNN(NetSpec("dncnn", depth=4, width=8, unshuffle=unshuffle)).eval()
+    _perturb(model)
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, h, w))
+    assert out.shape == (2, 1, h, w)
+    assert torch.isfinite(out).all()
+
+
+def test_dncnn_with_context_slices_outputs_one_channel() -> None:
+    model = DnCNN(NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=3)).eval()
+    _perturb(model)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 37, 50))
+    assert out.shape == (1, 1, 37, 50)
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("context", [1, 3, 5])
+def test_dncnn_starts_close_to_the_identity_on_the_centre_slice(context: int) -> None:
+    """The last convolution starts (near) zero, so an untrained net passes the centre slice."""
+    model = build(NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=context)).eval()
+    assert isinstance(model, DnCNN)
+    x = torch.randn(2, context, 37, 50)
+    with torch.no_grad():
+        out = model(x)
+    centre = x[:, context // 2 : context // 2 + 1]
+    assert _rms(out - centre) < 0.05 * _rms(centre)
+    for other in range(context):
+        if other != context // 2:  # the other slices are not what comes out
+            assert _rms(out - x[:, other : other + 1]) > 0.5 * _rms(centre)
+
+
+def test_dncnn_subtracts_predicted_noise_from_the_centre_slice() -> None:
+    model = DnCNN(NetSpec("dncnn", depth=3, width=8, unshuffle=1, context_slices=3)).eval()
+    _perturb(model)
+    x = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        out = model(x)
+        noise = model.body(x)
+    torch.testing.assert_close(out, x[:, 1:2] - noise)
+    assert not torch.allclose(out, x[:, 1:2])
+
+
+def test_dncnn_is_translation_equivariant_across_the_padding() -> None:
+    """Odd sizes are padded at the bottom/right only: the top-left content is unaffected by it."""
+    model = DnCNN(DNCNN).eval()
+    _perturb(model)
+    x = torch.randn(1, 1, 40, 40)
+    with torch.no_grad():
+        full = model(x)
+        cropped = model(x[..., :37, :37])
+    # far from the cropped edge (beyond the receptive field) the outputs agree
+    torch.testing.assert_close(cropped[..., :20, :20], full[..., :20, :20], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("h", "w"), [(16, 16), (17, 23)])
+@pytest.mark.parametrize("context", [1, 3])
+def test_srnet_output_is_scaled(h: int, w: int, context: int) -> None:
+    model = build(NetSpec("srnet", depth=2, width=8, unshuffle=1, scale=2, context_slices=context)).eval()
+    assert isinstance(model, SRNet)
+    _perturb(model)
+    with torch.no_grad():
+        out = model(torch.randn(2, context, h, w))
+    assert out.shape == (2, 1, 2 * h, 2 * w)
+
+
+def test_srnet_scale_three() -> None:
+    model = SRNet(NetSpec("srnet", depth=1, width=8, scale=3)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 10, 11)).shape == (1, 1, 30, 33)
+
+
+def test_srnet_starts_close_to_bilinear_upsampling_of_the_centre_slice() -> None:
+    model = SRNet(NetSpec("srnet", depth=2, width=8, scale=2, context_slices=3)).eval()
+    x = torch.randn(1, 3, 12, 15)
+    with torch.no_grad():
+        out = model(x)
+        base = F.interpolate(x[:, 1:2], scale_factor=2.0, mode="bilinear", align_corners=False)
+        other = F.interpolate(x[:, 0:1], scale_factor=2.0, mode="bilinear", align_corners=False)
+    assert _rms(out - base) < 0.1 * _rms(base)
+    assert _rms(out - other) > 0.5 * _rms(base)
+
+
+def test_srnet_learns_a_residual_over_bilinear() -> None:
+    model = SRNet(SRNET).eval()
+    _perturb(model)
+    x = torch.randn(1, 1, 12, 15)
+    with torch.no_grad():
+        residual = model(x) - F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        expected = F.pixel_shuffle(model.tail(model.head(x) + model.blocks(model.head(x))), 2)
+    torch.testing.assert_close(residual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [
+    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
+    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
+    NetSpec("dncnn", depth=1, width=8, unshuffle=2),
+    NetSpec("dncnn", depth=4, width=8, unshuffle=0),
+    NetSpec("srnet", depth=2, width=8, scale=1),
+    NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
+    NetSpec("unet", depth=2, width=8),
+])
+def test_invalid_specs_are_refused(spec: NetSpec) -> None:
+    with pytest.raises(ValueError):
+        build(spec)
+
+
+def test_build_names_the_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unet"):
+        build(NetSpec("unet"))
+
+
+def test_presets_build_and_parameter_count() -> None:
+    for preset in PRESETS.values():
+        model = build(preset.net)
+        assert parameter_count(model) > 1000
+    small, large = build(NetSpec("dncnn", depth=3, width=8)), build(NetSpec("dncnn", depth=3, width=16))
+    assert parameter_count(large) > parameter_count(small)
+    # 3x3 convs: (4->8) + (8->8) + (8->4), weights and biases
+    assert parameter_count(small) == (4 * 8 * 9 + 8) + (8 * 8 * 9 + 8) + (8 * 4 * 9 + 4)
+
+
+def test_netspec_as_dict_round_trips() -> None:
+    assert NetSpec(**SRNET.as_dict()) == SRNET
+
+
+# -- normalisation ---------------------------------------------------------------------------
+
+
+def test_hu_window_and_round_trip() -> None:
+    norm = Normalization("hu", -1024.0, 3071.0)
+    values = np.random.default_rng(0).uniform(-1024, 3071, (4, 16, 16)).astype(np.float32)
+    window = norm.window(values)
+    assert window == (-1024.0, 4095.0)  # fixed: independent of the values
+    assert norm.window(values * 0 + 5) == window
+    x = Normalization.forward(values, window)
+    assert x.dtype == np.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    np.testing.assert_allclose(Normalization.forward(np.array([-1024.0, 3071.0]), window), [0.0, 1.0])
+    back = Normalization.inverse(x, window)
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, values, atol=1e-3)
+
+
+def test_percentile_window_from_values() -> None:
+    norm = Normalization("percentile", 0.5, 99.5)
+    values = np.arange(1001, dtype=np.float32)
+    offset, span = norm.window(values)
+    assert offset == pytest.approx(5.0)
+    assert span == pytest.approx(990.0)
+    x = Normalization.forward(values, (offset, span))
+    assert float(x[5]) == pytest.approx(0.0, abs=1e-6) and float(x[995]) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(Normalization.inverse(x, (offset, span)), values, atol=1e-3)
+
+
+def test_percentile_window_of_a_constant_has_unit_span() -> None:
+    norm = Normalization("percentile", 1.0, 99.0)
+    assert norm.window(np.full((8, 8), 7.0)) == (7.0, 1.0)
+
+
+@pytest.mark.parametrize(("kind", "lo", "hi", "match"), [
+    ("linear", 0.0, 1.0, "kind"),
+    ("hu", 100.0, 100.0, "lo < hi"),
+    ("hu", 200.0, 100.0, "lo < hi"),
+    ("percentile", -1.0, 99.0, "percentile"),
+    ("percentile", 1.0, 101.0, "percentile"),
+])
+def test_bad_normalization_is_a_manifest_error(kind: str, lo: float, hi: float, match: str) -> None:
+    with pytest.raises(ManifestError, match=match):
+        Normalization(kind, lo, hi)
+
+
+def test_normalization_dict_round_trip_and_missing_keys() -> None:
+    norm = Normalization("hu", -1024.0, 3071.0)
+    assert Normalization.from_dict(norm.as_dict()) == norm
+    with pytest.raises(ManifestError, match="kind, lo and hi"):
+        Normalization.from_dict({"kind": "hu", "lo": -1024})
+    with pytest.raises(ManifestError):
+        Normalization.from_dict({"kind": "hu", "lo": "low", "hi": 1})
+
+
+# -- model.toml --------------------------------------------------------------------------------
+
+
+def _manifest(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "ct-denoise",
+        "version": "1.0.0",
+        "task": "denoise",
+        "modalities": ["CT"],
+        "scale": 1,
+        "context_slices": 1,
+        "normalization": {"kind": "hu", "lo": -1024.0, "hi": 3071.0},
+        "tile": {"size": 512, "overlap": 32},
+    }
+    data.update(changes)
+    return data
+
+
+def test_manifest_from_dict_and_back() -> None:
+    manifest = ModelManifest.from_dict(_manifest(net={"kind": "dncnn", "depth": 12}))
+    assert manifest.task == "denoise" and manifest.modalities == ("CT",)
+    assert manifest.tile == Tile(512, 32)
+    assert manifest.normalization == Normalization("hu", -1024.0, 3071.0)
+    assert ModelManifest.from_dict(manifest.as_dict()) == manifest
+
+
+def test_manifest_defaults() -> None:
+    data = _manifest()
+    del data["scale"], data["context_slices"], data["tile"]
+    manifest = ModelManifest.from_dict(data)
+    assert manifest.scale == 1 and manifest.context_slices == 1 and manifest.tile == Tile(512, 32)
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"task": "foo"}, "task"),
+    ({"task": "denoise", "scale": 2}, "scale 1"),
+    ({"task": "sr", "scale": 1}, "scale >= 2"),
+    ({"context_slices": 2}, "context_slices"),
+    ({"context_slices": 0}, "context_slices"),
+    ({"modalities": []}, "modalities"),
+    ({"tile": {"size": 8, "overlap": 0}}, "tile"),
+    ({"tile": {"size": 64, "overlap": 32}}, "tile"),
+    ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
+    ({"scale": "two"}, "model.toml"),
+])
+def test_manifest_rejects_bad_values(changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ManifestError, match=match):
+        ModelManifest.from_dict(_manifest(**changes))
+
+
+def test_sr_manifest_with_context_is_accepted() -> None:
+    manifest = ModelManifest.from_dict(_manifest(task="sr", scale=2, context_slices=3))
+    assert manifest.scale == 2 and manifest.context_slices == 3
+
+
+def test_manifest_modalities_must_be_a_list() -> None:
+    """`modalities = "CT"` (a string, not a list) must be refused, not read as ("C", "T"),
+    which would match no CT series."""
+    with pytest.raises(ManifestError, match="modalities"):
+        ModelManifest.from_dict(_manifest(modalities="CT"))
+
+
+@pytest.mark.parametrize("section", ["tile", "normalization", "net"])
+def test_manifest_section_that_is_not_a_table_is_a_manifest_error(section: str) -> None:
+    """model.toml is read strictly: a scalar where a table belongs is refused with the reason
+    (ManifestError), not an AttributeError from deep inside the reader."""
+    with pytest.raises(ManifestError):
+        ModelManifest.from_dict(_manifest(**{section: 512}))
+
+
+@pytest.mark.parametrize("key", ["name", "version", "task", "modalities", "normalization"])
+def test_manifest_missing_key_is_named(key: str) -> None:
+    data = _manifest()
+    del data[key]
+    with pytest.raises(ManifestError, match=f"lacks '{key}'"):
+        ModelManifest.from_dict(data)
