@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.evaluate import evaluate  # noqa: E402
+from train.evaluate import evaluate
 
 BARS = {
     "ct-denoise": "PSNR >= NLM + 1 dB, max ROI mean-HU bias <= 2 HU, >= 4x faster than NLM",
@@ -53,12 +53,16 @@ def main() -> int:
             continue
         result = evaluate(package, [], args.out / name, dose=args.dose, max_slices=args.max_slices)
         summary[name] = result
-        print(f"\n## {name}: {result['degradation']} on {', '.join(result['images'])} "
-              f"({result['slices']} slices), PSNR window {result['window']}")
+        print(
+            f"\n## {name}: {result['degradation']} on {', '.join(result['images'])} "
+            f"({result['slices']} slices), PSNR window {result['window']}"
+        )
         print(f"{'method':10} {'PSNR dB':>8} {'SSIM':>7} {'RMSE':>8} {'ROI bias':>9} {'ROI SD':>7} {'s/slice':>8}")
         for method, m in result["results"].items():
-            print(f"{method:10} {m['psnr']:8.2f} {m['ssim']:7.4f} {m['rmse']:8.2f} {m.get('roi_bias', float('nan')):9.2f} "
-                  f"{m.get('roi_sd', float('nan')):7.2f} {m['seconds']:8.3f}")
+            print(
+                f"{method:10} {m['psnr']:8.2f} {m['ssim']:7.4f} {m['rmse']:8.2f} "
+                f"{m.get('roi_bias', float('nan')):9.2f} {m.get('roi_sd', float('nan')):7.2f} {m['seconds']:8.3f}"
+            )
         print(f"bar: {BARS[name]}\n-> {verdict(name, result['results'])}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(summary, indent=2))

@@ -62,7 +62,7 @@ class ModelManifest:
             if not isinstance(tile, dict):
                 raise TypeError("tile must be a table {size, overlap}")
             if not isinstance(data["modalities"], list):
-                raise TypeError("modalities must be a list, e.g. [\"CT\"]")
+                raise TypeError('modalities must be a list, e.g. ["CT"]')
             return cls(
                 name=str(data["name"]),
                 version=str(data["version"]),

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` as its provenance
     configure_logging(logging.getLevelName(args.log_level))
     try:
         if args.command == "serve":

@@ -36,12 +36,19 @@ Checks that ONNX Runtime reproduces torch's output before writing."""
 
 def add_parsers(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
-    t = sub.add_parser("train", help="train a denoising or super-resolution model", description=TRAIN_HELP,
-                       formatter_class=fmt)
+    t = sub.add_parser(
+        "train", help="train a denoising or super-resolution model", description=TRAIN_HELP, formatter_class=fmt
+    )
     t.add_argument("--preset", required=True, choices=sorted(PRESETS), help="what to train (the shipped models)")
     t.add_argument("--out", type=Path, help="run folder (default: runs/PRESET)")
-    t.add_argument("--data", type=Path, nargs="+", default=[], metavar="PATH",
-                   help="DICOM files or folders (any layout) to train on instead of phantoms")
+    t.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="DICOM files or folders (any layout) to train on instead of phantoms",
+    )
     t.add_argument("--self-supervised", action="store_true", help="train on noisy --data without clean targets")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--epochs", type=int)
@@ -55,19 +62,35 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
     t.add_argument("--width", type=int, help="feature channels")
     t.add_argument("--context-slices", type=int, choices=[1, 3, 5], help="1 = 2-D, 3 or 5 = 2.5-D")
-    t.add_argument("--dose", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="low-dose CT: dose fraction range, e.g. 0.25 0.25")
-    t.add_argument("--sigma-percent", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="MR: Rician noise SD range, %% of the bright signal")
+    t.add_argument(
+        "--dose", type=float, nargs=2, metavar=("LO", "HI"), help="low-dose CT: dose fraction range, e.g. 0.25 0.25"
+    )
+    t.add_argument(
+        "--sigma-percent",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="MR: Rician noise SD range, %% of the bright signal",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     t.add_argument("--workers", type=int, default=2, help="processes that simulate the training data")
 
-    e = sub.add_parser("evaluate", help="compare a model with classical filters on held-out images",
-                       description=EVALUATE_HELP, formatter_class=fmt)
+    e = sub.add_parser(
+        "evaluate",
+        help="compare a model with classical filters on held-out images",
+        description=EVALUATE_HELP,
+        formatter_class=fmt,
+    )
     e.add_argument("model", type=Path, help="model package folder (model.onnx + model.toml)")
-    e.add_argument("--data", type=Path, nargs="+", default=[], metavar="PATH",
-                   help="clean DICOM series to degrade and restore (default: pydicom-data's test images)")
+    e.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="clean DICOM series to degrade and restore (default: pydicom-data's test images)",
+    )
     e.add_argument("--dose", type=float, default=0.25, help="low-dose CT: simulated dose fraction")
     e.add_argument("--sigma-percent", type=float, default=5.0, help="MR: Rician noise SD, %% of the bright signal")
     e.add_argument("--out", type=Path, help="report folder (default: MODEL/evaluation)")
@@ -75,8 +98,9 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--update-manifest", action="store_true", help="record the metrics in the model's model.toml")
     e.add_argument("--seed", type=int, default=0)
 
-    x = sub.add_parser("export", help="turn a training run into a model package", description=EXPORT_HELP,
-                       formatter_class=fmt)
+    x = sub.add_parser(
+        "export", help="turn a training run into a model package", description=EXPORT_HELP, formatter_class=fmt
+    )
     x.add_argument("run", type=Path, help="training run folder (or its checkpoint.pt)")
     x.add_argument("--out", type=Path, required=True, help="model package folder, e.g. models/ct-denoise")
     x.add_argument("--name", help="model name (default: the preset's)")
@@ -87,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        print(f"enhance-node {args.command}: needs the training extra: pip install 'enhance-node[train]'",
-              file=sys.stderr)
+        print(
+            f"enhance-node {args.command}: needs the training extra: pip install 'enhance-node[train]'", file=sys.stderr
+        )
         return 2
     if args.command == "train":
         return _train(args)
@@ -115,10 +140,23 @@ def _train(args: argparse.Namespace) -> int:
         print("enhance-node train: --self-supervised trains denoisers only", file=sys.stderr)
         return 2
     net = with_overrides(preset.net, depth=args.depth, width=args.width, context_slices=args.context_slices)
-    deg: Degradation = with_overrides(preset.degradation, dose=tuple(args.dose) if args.dose else None,
-                                      sigma_percent=tuple(args.sigma_percent) if args.sigma_percent else None)
-    preset = with_overrides(preset, net=net, degradation=deg, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                            batch=args.batch, patch=args.patch, lr=args.lr, loss=args.loss, phantoms=args.phantoms)
+    deg: Degradation = with_overrides(
+        preset.degradation,
+        dose=tuple(args.dose) if args.dose else None,
+        sigma_percent=tuple(args.sigma_percent) if args.sigma_percent else None,
+    )
+    preset = with_overrides(
+        preset,
+        net=net,
+        degradation=deg,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch=args.batch,
+        patch=args.patch,
+        lr=args.lr,
+        loss=args.loss,
+        phantoms=args.phantoms,
+    )
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         print("enhance-node train: --patch must be a multiple of the scale and unshuffle factor", file=sys.stderr)
         return 2
@@ -126,9 +164,15 @@ def _train(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = RunConfig(
-        preset=preset, out=args.out or Path("runs") / preset.name, data=tuple(args.data),
-        self_supervised=args.self_supervised, seed=args.seed, device=device, ssim_weight=args.ssim_weight,
-        workers=args.workers, command=shlex.join(["enhance-node", *sys.argv[1:]]),
+        preset=preset,
+        out=args.out or Path("runs") / preset.name,
+        data=tuple(args.data),
+        self_supervised=args.self_supervised,
+        seed=args.seed,
+        device=device,
+        ssim_weight=args.ssim_weight,
+        workers=args.workers,
+        command=shlex.join(["enhance-node", *args.argv]),
     )
     try:
         path = train(cfg, resume=args.resume)

@@ -138,7 +138,9 @@ def load_volumes(paths: list[Path], modality: str) -> list[Volume]:
     return volumes
 
 
-def sample(bank: Bank, rng: np.random.Generator, batch: int, patch: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    bank: Bank, rng: np.random.Generator, batch: int, patch: int, scale: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of aligned random patches with random flips and 90-degree rotations; patches that
     are mostly background (air is near 0 in both normalisations) are redrawn a few times."""
     lo = patch // scale
@@ -152,7 +154,11 @@ def sample(bank: Bank, rng: np.random.Generator, batch: int, patch: int, scale: 
             x = bank.inputs[n, :, top : top + lo, left : left + lo]
             if float(x.mean()) > 0.05:
                 break
-        y = bank.targets[n, :, top * scale : (top + lo) * scale, left * scale : (left + lo) * scale] if supervised else x
+        y = (
+            bank.targets[n, :, top * scale : (top + lo) * scale, left * scale : (left + lo) * scale]
+            if supervised
+            else x
+        )
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         xs.append(_augment(x, k, flip))
         ys.append(_augment(y, k, flip))

@@ -45,7 +45,9 @@ class LowDoseCT:
 
     def projections(self, hu: Array, spacing_mm: float) -> NDArray[np.float64]:
         """Line integrals of attenuation (dimensionless), one column per view, of a square slice."""
-        key = hashlib.sha256(hu.astype(np.float32).tobytes() + repr((hu.shape, spacing_mm, self.scanner.views)).encode())
+        key = hashlib.sha256(
+            hu.astype(np.float32).tobytes() + repr((hu.shape, spacing_mm, self.scanner.views)).encode()
+        )
         digest = key.hexdigest()[:24]
         if digest in self._cache:
             return self._cache[digest]

@@ -78,8 +78,9 @@ class Case:
     sigma: float  # noise SD in image units (denoise), 0 for SR
 
 
-def make_cases(volumes: list[Volume], manifest: ModelManifest, dose: float, sigma_percent: float,
-               max_slices: int, seed: int) -> list[Case]:
+def make_cases(
+    volumes: list[Volume], manifest: ModelManifest, dose: float, sigma_percent: float, max_slices: int, seed: int
+) -> list[Case]:
     rng = np.random.default_rng(seed)
     sim = LowDoseCT()
     half, scale = manifest.context_slices // 2, manifest.scale
@@ -125,14 +126,22 @@ def baselines(manifest: ModelManifest) -> dict[str, Callable[[Case], Array]]:
     return {
         "input": centre,
         # sigma passed explicitly: estimate_sigma underestimates CT's spatially correlated noise
-        "nlm": lambda c: denoise_nl_means(centre(c), h=0.8 * c.sigma, sigma=c.sigma, fast_mode=True,
-                                          patch_size=5, patch_distance=6).astype(np.float32),
+        "nlm": lambda c: denoise_nl_means(
+            centre(c), h=0.8 * c.sigma, sigma=c.sigma, fast_mode=True, patch_size=5, patch_distance=6
+        ).astype(np.float32),
         "tv": lambda c: denoise_tv_chambolle(centre(c), weight=c.sigma).astype(np.float32),
     }
 
 
-def evaluate(package: Path, data: list[Path], out: Path, dose: float = 0.25, sigma_percent: float = 5.0,
-             max_slices: int = 8, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    package: Path,
+    data: list[Path],
+    out: Path,
+    dose: float = 0.25,
+    sigma_percent: float = 5.0,
+    max_slices: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
     model = OnnxModel(package)
     manifest = model.manifest
     modality = manifest.modalities[0]
@@ -140,7 +149,10 @@ def evaluate(package: Path, data: list[Path], out: Path, dose: float = 0.25, sig
     if not volumes:
         raise ValueError(f"no {'/'.join(manifest.modalities)} images to evaluate on")
     cases = make_cases(volumes, manifest, dose, sigma_percent, max_slices, seed)
-    methods: dict[str, Callable[[Case], Array]] = {**baselines(manifest), "model": lambda c: model(c.degraded, c.window)}
+    methods: dict[str, Callable[[Case], Array]] = {
+        **baselines(manifest),
+        "model": lambda c: model(c.degraded, c.window),
+    }
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     panel: dict[str, Array] = {}
     ct = "CT" in manifest.modalities
@@ -162,14 +174,20 @@ def evaluate(package: Path, data: list[Path], out: Path, dose: float = 0.25, sig
                 r["roi_sd"].append(sd)
             if i == 0:
                 panel[name] = pred
-    summary = {name: {k: float(np.nanmax(v)) if k == "roi_bias" else float(np.nanmean(v)) for k, v in r.items()}
-               for name, r in rows.items()}
+    summary = {
+        name: {k: float(np.nanmax(v)) if k == "roi_bias" else float(np.nanmean(v)) for k, v in r.items()}
+        for name, r in rows.items()
+    }
     out.mkdir(parents=True, exist_ok=True)
     context = {
-        "model": f"{manifest.name} {manifest.version}", "task": manifest.task, "slices": len(cases),
+        "model": f"{manifest.name} {manifest.version}",
+        "task": manifest.task,
+        "slices": len(cases),
         "images": sorted({c.name.rsplit("#", 1)[0] for c in cases}),
         "degradation": _degradation_text(manifest, dose, sigma_percent),
-        "window": "soft tissue -160..240 HU" if ct and manifest.task == "denoise" else "0.5-99.5 percentile of the target",
+        "window": "soft tissue -160..240 HU"
+        if ct and manifest.task == "denoise"
+        else "0.5-99.5 percentile of the target",
     }
     (out / "report.md").write_text(_report(context, summary))
     _panel(out / "panel.png", cases[0], panel, manifest)
@@ -184,14 +202,21 @@ def _degradation_text(manifest: ModelManifest, dose: float, sigma_percent: float
 
 
 def _report(context: dict[str, Any], summary: dict[str, dict[str, float]]) -> str:
-    lines = [f"# Evaluation of {context['model']}", "",
-             f"- Held-out images: {', '.join(context['images'])} ({context['slices']} slices)",
-             f"- Degradation: {context['degradation']}", f"- PSNR/SSIM window: {context['window']}", "",
-             "| method | PSNR dB | SSIM | RMSE | max ROI mean bias | ROI SD | s/slice |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Evaluation of {context['model']}",
+        "",
+        f"- Held-out images: {', '.join(context['images'])} ({context['slices']} slices)",
+        f"- Degradation: {context['degradation']}",
+        f"- PSNR/SSIM window: {context['window']}",
+        "",
+        "| method | PSNR dB | SSIM | RMSE | max ROI mean bias | ROI SD | s/slice |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in summary.items():
-        lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['rmse']:.2f} | {_fmt(m.get('roi_bias'))} "
-                     f"| {_fmt(m.get('roi_sd'))} | {m['seconds']:.3f} |")
+        lines.append(
+            f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['rmse']:.2f} | {_fmt(m.get('roi_bias'))} "
+            f"| {_fmt(m.get('roi_sd'))} | {m['seconds']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -209,8 +234,13 @@ def _panel(path: Path, case: Case, preds: dict[str, Array], manifest: ModelManif
     lo, hi = metrics.CT_WINDOW if ct_denoise else metrics.percentile_window(case.target)
     baseline = "nlm" if manifest.task == "denoise" else "lanczos"
     centre = case.degraded[len(case.degraded) // 2]
-    images = [("input", centre), (baseline, preds[baseline]), ("model", preds["model"]), ("target", case.target),
-              ("model - target", preds["model"] - case.target)]
+    images = [
+        ("input", centre),
+        (baseline, preds[baseline]),
+        ("model", preds["model"]),
+        ("target", case.target),
+        ("model - target", preds["model"] - case.target),
+    ]
     fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
     for ax, (title, img) in zip(axes, images, strict=True):
         if title == "model - target":
@@ -227,8 +257,15 @@ def _panel(path: Path, case: Case, preds: dict[str, Array], manifest: ModelManif
 
 def evaluate_cli(args: argparse.Namespace) -> int:
     try:
-        result = evaluate(args.model, args.data, args.out or args.model / "evaluation", args.dose,
-                          args.sigma_percent, args.max_slices, args.seed)
+        result = evaluate(
+            args.model,
+            args.data,
+            args.out or args.model / "evaluation",
+            args.dose,
+            args.sigma_percent,
+            args.max_slices,
+            args.seed,
+        )
     except (ManifestError, ValueError, FileNotFoundError) as exc:
         print(f"enhance-node evaluate: {exc}", file=sys.stderr)
         return 2

@@ -37,9 +37,17 @@ def onnx_bytes(model: torch.nn.Module, context: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model, (example,), buf, input_names=["input"], output_names=["output"], opset_version=OPSET,
-            dynamo=False, dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
-                                        "output": {0: "batch", 2: "height", 3: "width"}},
+            model,
+            (example,),
+            buf,  # type: ignore[arg-type]  # a file-like object is accepted at run time
+            input_names=["input"],
+            output_names=["output"],
+            opset_version=OPSET,
+            dynamo=False,
+            dynamic_axes={
+                "input": {0: "batch", 2: "height", 3: "width"},
+                "output": {0: "batch", 2: "height", 3: "width"},
+            },
         )
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)

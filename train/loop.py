@@ -45,10 +45,19 @@ class RunConfig:
     def describe(self) -> dict[str, Any]:
         p = self.preset
         return {
-            "preset": p.name, "net": p.net.as_dict(), "degradation": asdict(p.degradation),
-            "normalization": p.normalization.as_dict(), "epochs": p.epochs, "steps_per_epoch": p.steps_per_epoch,
-            "batch": p.batch, "patch": p.patch, "lr": p.lr, "loss": p.loss, "ssim_weight": self.ssim_weight,
-            "seed": self.seed, "self_supervised": self.self_supervised,
+            "preset": p.name,
+            "net": p.net.as_dict(),
+            "degradation": asdict(p.degradation),
+            "normalization": p.normalization.as_dict(),
+            "epochs": p.epochs,
+            "steps_per_epoch": p.steps_per_epoch,
+            "batch": p.batch,
+            "patch": p.patch,
+            "lr": p.lr,
+            "loss": p.loss,
+            "ssim_weight": self.ssim_weight,
+            "seed": self.seed,
+            "self_supervised": self.self_supervised,
             "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
             "command": self.command,
         }
@@ -90,7 +99,8 @@ def neighbour_pair(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor,
     n, c, h, w = x.shape
     cells = F.pixel_unshuffle(x[..., : h // 2 * 2, : w // 2 * 2], 2).view(n, c, 4, h // 2, w // 2)
     first = torch.randint(0, 4, (n, 1, 1, h // 2, w // 2), generator=gen)
-    second = (first + torch.randint(1, 4, first.shape, generator=gen)) % 4
+    second = ((first + torch.randint(1, 4, first.shape, generator=gen)) % 4).to(x.device)
+    first = first.to(x.device)  # drawn on the CPU generator so runs are reproducible on any device
     pick = lambda idx: cells.gather(2, idx.expand(n, c, 1, h // 2, w // 2)).squeeze(2)  # noqa: E731
     return pick(first), pick(second)
 
@@ -113,7 +123,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    start_epoch, history = 0, []
+    start_epoch, history, gen_state = 0, [], None
     ckpt_path = cfg.out / CHECKPOINT
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -124,44 +134,69 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history = state["epoch"], state["history"]
+        gen_state = state.get("pair_rng")
         log.info("resuming %s at epoch %d", preset.name, start_epoch + 1)
-    bank, val = _banks(cfg)
-    log.info("%s: %d training slices, %d validation slices, %d parameters", preset.name, len(bank), len(val),
-             parameter_count(model))
+    bank, val = _banks(cfg, reuse=resume)
+    log.info(
+        "%s: %d training slices, %d validation slices, %d parameters",
+        preset.name,
+        len(bank),
+        len(val),
+        parameter_count(model),
+    )
     criterion = loss_fn(preset.loss, cfg.ssim_weight)
-    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if start_epoch and gen_state is not None:
+        gen.set_state(gen_state)
     scale = preset.net.scale
     for epoch in range(start_epoch, preset.epochs):
         model.train()
         started, losses = time.monotonic(), []
-        bar = tqdm(range(preset.steps_per_epoch), desc=f"{preset.name} epoch {epoch + 1}/{preset.epochs}",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            range(preset.steps_per_epoch),
+            desc=f"{preset.name} epoch {epoch + 1}/{preset.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+        )
         for _ in bar:
             x, y = sample(bank, rng, preset.batch, preset.patch, scale)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                if cfg.self_supervised:
-                    loss = _neighbour_loss(model, x, gen)
-                else:
-                    loss = criterion(model(x), y)
+                loss = _neighbour_loss(model, x, gen) if cfg.self_supervised else criterion(model(x), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         bar.close()
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **_validate(model, val, cfg, device),
-               "lr": sched.get_last_lr()[0], "seconds": round(time.monotonic() - started, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            **_validate(model, val, cfg, device),
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.monotonic() - started, 1),
+        }
         history.append(row)
         log.info("epoch %d: %s", epoch + 1, json.dumps(row))
-        torch.save({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "epoch": epoch + 1, "history": history, "net": preset.net.as_dict(), "run": cfg.describe(),
-            "preset": preset.name,
-        }, ckpt_path.with_suffix(".tmp"))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "pair_rng": gen.get_state(),
+                "epoch": epoch + 1,
+                "history": history,
+                "net": preset.net.as_dict(),
+                "run": cfg.describe(),
+                "preset": preset.name,
+            },
+            ckpt_path.with_suffix(".tmp"),
+        )
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # a kill mid-save keeps the previous epoch
         _write_log(cfg.out, history)
     return ckpt_path
@@ -177,11 +212,12 @@ def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gam
     return torch.mean(diff**2) + gamma * torch.mean((diff - (f1 - f2)) ** 2)
 
 
-def _banks(cfg: RunConfig) -> tuple[Bank, Bank]:
-    """The training bank (cached in the output folder) and a small held-out validation bank."""
+def _banks(cfg: RunConfig, reuse: bool) -> tuple[Bank, Bank]:
+    """The training bank (saved in the run folder, reused by --resume only) and a small held-out
+    validation bank."""
     preset, cache = cfg.preset, cfg.out / ".cache"
     path = cfg.out / "bank.npz"
-    if path.exists():
+    if reuse and path.exists():
         bank = Bank.load(path)
     elif cfg.self_supervised:
         bank = noisy_bank(preset, load_volumes(list(cfg.data), preset.modality))
@@ -211,8 +247,11 @@ def _validate(model: nn.Module, val: Bank, cfg: RunConfig, device: torch.device)
         mse.append(float(F.mse_loss(pred, y)))
         base.append(float(F.mse_loss(ref, y)))
     psnr = lambda m: 10 * math.log10(1.0 / max(m, 1e-12))  # noqa: E731
-    return {"val_mse": float(np.mean(mse)), "val_psnr": psnr(float(np.mean(mse))),
-            "val_psnr_input": psnr(float(np.mean(base)))}
+    return {
+        "val_mse": float(np.mean(mse)),
+        "val_psnr": psnr(float(np.mean(mse))),
+        "val_psnr_input": psnr(float(np.mean(base))),
+    }
 
 
 def _write_log(out: Path, history: list[dict[str, Any]]) -> None:

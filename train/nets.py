@@ -27,6 +27,7 @@ class DnCNN(nn.Module):
             raise ValueError("dncnn needs depth >= 2, unshuffle >= 1 and an odd number of context slices")
         self.factor = spec.unshuffle
         self.centre = spec.context_slices // 2
+        self.offset, self.gain = spec.offset, spec.gain
         c_in = spec.context_slices * self.factor**2
         c_out = self.factor**2
         layers: list[nn.Module] = [nn.Conv2d(c_in, spec.width, 3, padding=1), nn.ReLU(inplace=True)]
@@ -41,10 +42,12 @@ class DnCNN(nn.Module):
         pad_h, pad_w = (-h) % self.factor, (-w) % self.factor
         if self.factor > 1:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-            noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(x, self.factor)), self.factor)
+        z = (x - self.offset) * self.gain
+        if self.factor > 1:
+            noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(z, self.factor)), self.factor)
         else:
-            noise = self.body(x)
-        out = x[:, self.centre : self.centre + 1] - noise
+            noise = self.body(z)
+        out = x[:, self.centre : self.centre + 1] - noise / self.gain
         return out[..., :h, :w]
 
 
@@ -55,7 +58,8 @@ def _init(module: nn.Module) -> None:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     for conv in convs:
         nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-        nn.init.zeros_(conv.bias)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
     with torch.no_grad():
         convs[-1].weight.mul_(0.01)
 

@@ -73,7 +73,9 @@ class _Canvas:
         self.labels = np.zeros((slices, size, size), dtype=np.uint8)
         self.spacing = spacing_mm
 
-    def ellipsoid(self, cx: float, cy: float, a: float, b: float, angle: float = 0.0, c: float = 400.0) -> NDArray[np.bool_]:
+    def ellipsoid(
+        self, cx: float, cy: float, a: float, b: float, angle: float = 0.0, c: float = 400.0
+    ) -> NDArray[np.bool_]:
         cos, sin = np.cos(angle), np.sin(angle)
         dx, dy = self.x - cx, self.y - cy
         u, v = dx * cos + dy * sin, -dx * sin + dy * cos
@@ -101,12 +103,22 @@ def _head(cv: _Canvas, rng: np.random.Generator) -> None:
     deep = cv.ellipsoid(0, 0, a - scalp - skull - 10, b - scalp - skull - 10, angle)
     cv.paint(deep & (folds > -0.2), Tissue.WHITE_MATTER)
     for side in (-1, 1):  # lateral ventricles
-        cv.paint(cv.ellipsoid(side * rng.uniform(5, 10), rng.uniform(-10, 5), rng.uniform(3, 7), rng.uniform(15, 25),
-                              side * rng.uniform(0.1, 0.4)), Tissue.CSF)
+        cv.paint(
+            cv.ellipsoid(
+                side * rng.uniform(5, 10),
+                rng.uniform(-10, 5),
+                rng.uniform(3, 7),
+                rng.uniform(15, 25),
+                side * rng.uniform(0.1, 0.4),
+            ),
+            Tissue.CSF,
+        )
     for _ in range(rng.integers(0, 4)):  # lesions, haemorrhage-like or hypodense
         r = rng.uniform(2, 9)
-        cv.paint(cv.ellipsoid(rng.uniform(-35, 35), rng.uniform(-45, 45), r, r * rng.uniform(0.6, 1.4)) & inner,
-                 Tissue.LESION)
+        cv.paint(
+            cv.ellipsoid(rng.uniform(-35, 35), rng.uniform(-45, 45), r, r * rng.uniform(0.6, 1.4)) & inner,
+            Tissue.LESION,
+        )
 
 
 def _trunk(cv: _Canvas, rng: np.random.Generator, chest: bool) -> None:
@@ -123,31 +135,55 @@ def _trunk(cv: _Canvas, rng: np.random.Generator, chest: bool) -> None:
             cv.paint(lung & body, Tissue.LUNG)
         vessels = _smooth_field(rng, cv.labels.shape, 1.2 / cv.spacing)
         cv.paint((cv.labels == Tissue.LUNG) & (vessels > 2.3), Tissue.VESSEL)
-        cv.paint(cv.ellipsoid(rng.uniform(-15, 15), rng.uniform(-30, -10), rng.uniform(35, 50), rng.uniform(30, 45)),
-                 Tissue.MUSCLE)  # heart
+        cv.paint(
+            cv.ellipsoid(rng.uniform(-15, 15), rng.uniform(-30, -10), rng.uniform(35, 50), rng.uniform(30, 45)),
+            Tissue.MUSCLE,
+        )  # heart
     else:
-        cv.paint(cv.ellipsoid(-a * 0.3, -b * 0.15, a * rng.uniform(0.3, 0.45), b * rng.uniform(0.4, 0.6),
-                              rng.uniform(-0.5, 0.5)) & body, Tissue.LIVER)
+        cv.paint(
+            cv.ellipsoid(
+                -a * 0.3, -b * 0.15, a * rng.uniform(0.3, 0.45), b * rng.uniform(0.4, 0.6), rng.uniform(-0.5, 0.5)
+            )
+            & body,
+            Tissue.LIVER,
+        )
         for side in (-1, 1):
-            cv.paint(cv.ellipsoid(side * a * 0.32, b * 0.35, rng.uniform(18, 28), rng.uniform(25, 35),
-                                  side * 0.4), Tissue.KIDNEY)
+            cv.paint(
+                cv.ellipsoid(side * a * 0.32, b * 0.35, rng.uniform(18, 28), rng.uniform(25, 35), side * 0.4),
+                Tissue.KIDNEY,
+            )
         for _ in range(rng.integers(2, 6)):
-            cv.paint(cv.ellipsoid(rng.uniform(-a / 2, a / 2), rng.uniform(-b / 2, b / 4), rng.uniform(4, 15),
-                                  rng.uniform(4, 15)) & body, Tissue.GAS)
+            cv.paint(
+                cv.ellipsoid(
+                    rng.uniform(-a / 2, a / 2), rng.uniform(-b / 2, b / 4), rng.uniform(4, 15), rng.uniform(4, 15)
+                )
+                & body,
+                Tissue.GAS,
+            )
     for _ in range(rng.integers(1, 4)):  # aorta, vena cava and other contrast-filled vessels
         r = rng.uniform(5, 13)
         cv.paint(cv.ellipsoid(rng.uniform(-30, 30), rng.uniform(10, 45), r, r), Tissue.VESSEL)
     for _ in range(rng.integers(0, 4)):
         r = rng.uniform(3, 12)
-        cv.paint(cv.ellipsoid(rng.uniform(-a / 2, a / 2), rng.uniform(-b / 2, b / 2), r, r) & body
-                 & (cv.labels != Tissue.LUNG), Tissue.LESION)
+        cv.paint(
+            cv.ellipsoid(rng.uniform(-a / 2, a / 2), rng.uniform(-b / 2, b / 2), r, r)
+            & body
+            & (cv.labels != Tissue.LUNG),
+            Tissue.LESION,
+        )
     spine_y = b - fat - rng.uniform(25, 40)
     cv.paint(cv.ellipsoid(0, spine_y, rng.uniform(16, 22), rng.uniform(14, 19)), Tissue.CORTICAL_BONE)
     cv.paint(cv.ellipsoid(0, spine_y, rng.uniform(13, 15), rng.uniform(11, 13)), Tissue.MARROW)
 
 
-def anatomy(rng: np.random.Generator, size: int = 512, spacing_mm: float = 0.7, slices: int = 1,
-            slice_mm: float = 2.0, region: str | None = None) -> NDArray[np.uint8]:
+def anatomy(
+    rng: np.random.Generator,
+    size: int = 512,
+    spacing_mm: float = 0.7,
+    slices: int = 1,
+    slice_mm: float = 2.0,
+    region: str | None = None,
+) -> NDArray[np.uint8]:
     """Label map (slices, size, size) of a head, chest or abdomen, drawn at random."""
     region = region or str(rng.choice(["head", "chest", "abdomen"]))
     cv = _Canvas(size, spacing_mm, slices, slice_mm)
@@ -160,8 +196,14 @@ def anatomy(rng: np.random.Generator, size: int = 512, spacing_mm: float = 0.7, 
     return cv.labels
 
 
-def _render(labels: NDArray[np.uint8], rng: np.random.Generator, means: dict[Tissue, float],
-            texture: dict[Tissue, float], spacing_mm: float, blur_px: float) -> Array:
+def _render(
+    labels: NDArray[np.uint8],
+    rng: np.random.Generator,
+    means: dict[Tissue, float],
+    texture: dict[Tissue, float],
+    spacing_mm: float,
+    blur_px: float,
+) -> Array:
     out = np.zeros(labels.shape, dtype=np.float32)
     fine = _smooth_field(rng, labels.shape, 0.6 / spacing_mm)
     coarse = _smooth_field(rng, labels.shape, 4.0 / spacing_mm)
@@ -182,8 +224,13 @@ def _fov_spacing(rng: np.random.Generator, region: str, size: int) -> float:
     return float(fov / size)
 
 
-def ct_phantom(rng: np.random.Generator, size: int = 512, spacing_mm: float | None = None, slices: int = 1,
-               region: str | None = None) -> tuple[Array, float]:
+def ct_phantom(
+    rng: np.random.Generator,
+    size: int = 512,
+    spacing_mm: float | None = None,
+    slices: int = 1,
+    region: str | None = None,
+) -> tuple[Array, float]:
     """A CT slab in Hounsfield units, shape (slices, size, size), and its pixel spacing in mm."""
     region = region or str(rng.choice(["head", "chest", "abdomen"]))
     spacing_mm = spacing_mm or _fov_spacing(rng, region, size)
@@ -196,8 +243,13 @@ def ct_phantom(rng: np.random.Generator, size: int = 512, spacing_mm: float | No
     return np.clip(image, -1000.0, None), spacing_mm  # nothing attenuates less than air
 
 
-def mr_phantom(rng: np.random.Generator, size: int = 256, spacing_mm: float | None = None, slices: int = 1,
-               region: str | None = None) -> tuple[Array, float]:
+def mr_phantom(
+    rng: np.random.Generator,
+    size: int = 256,
+    spacing_mm: float | None = None,
+    slices: int = 1,
+    region: str | None = None,
+) -> tuple[Array, float]:
     """An MR slab in arbitrary stored units (0..~1000), random contrast, with a bias field."""
     region = region or str(rng.choice(["head", "head", "abdomen"]))
     spacing_mm = spacing_mm or _fov_spacing(rng, region, size)

@@ -13,6 +13,7 @@ from engines.normalization import Normalization
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class NetSpec:
     """Architecture of a model; stored in checkpoints and model.toml so a net can be rebuilt."""
@@ -23,11 +24,11 @@ class NetSpec:
     context_slices: int = 1
     unshuffle: int = 2  # dncnn: pixel-unshuffle factor (FFDNet-style), 1 = full resolution
     scale: int = 1  # srnet: upscaling factor
+    offset: float = 0.0  # dncnn: the net sees (x - offset) * gain: CT noise is ~0.005 of the HU window,
+    gain: float = 1.0  # so centring on water and amplifying gives the convolutions signals of order one
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,49 @@ PERCENTILE = Normalization("percentile", 0.5, 99.5)
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("ct-denoise", "denoise", "CT", NetSpec("dncnn", depth=12, width=32, unshuffle=2), HU,
-               Degradation("lowdose-ct", dose=(0.15, 0.5)), phantom_size=512, phantoms=48, epochs=24),
-        Preset("mr-denoise", "denoise", "MR", NetSpec("dncnn", depth=12, width=32, unshuffle=2), PERCENTILE,
-               Degradation("rician", sigma_percent=(1.0, 8.0)), phantom_size=256, phantoms=96),
-        Preset("ct-sr2", "sr", "CT", NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2), HU,
-               Degradation("ct-sr", scale=2), phantom_size=512, phantoms=48, tile=(256, 16)),
-        Preset("mr-sr2", "sr", "MR", NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2), PERCENTILE,
-               Degradation("mr-kspace", scale=2), phantom_size=256, phantoms=96, tile=(256, 16)),
+        Preset(
+            "ct-denoise",
+            "denoise",
+            "CT",
+            NetSpec("dncnn", depth=12, width=32, unshuffle=2),
+            HU,
+            Degradation("lowdose-ct", dose=(0.15, 0.5)),
+            phantom_size=512,
+            phantoms=48,
+            epochs=24,
+        ),
+        Preset(
+            "mr-denoise",
+            "denoise",
+            "MR",
+            NetSpec("dncnn", depth=12, width=32, unshuffle=2),
+            PERCENTILE,
+            Degradation("rician", sigma_percent=(1.0, 8.0)),
+            phantom_size=256,
+            phantoms=96,
+        ),
+        Preset(
+            "ct-sr2",
+            "sr",
+            "CT",
+            NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
+            HU,
+            Degradation("ct-sr", scale=2),
+            phantom_size=512,
+            phantoms=48,
+            tile=(256, 16),
+        ),
+        Preset(
+            "mr-sr2",
+            "sr",
+            "MR",
+            NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
+            PERCENTILE,
+            Degradation("mr-kspace", scale=2),
+            phantom_size=256,
+            phantoms=96,
+            tile=(256, 16),
+        ),
     )
 }
 

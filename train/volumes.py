@@ -87,14 +87,16 @@ def _read(paths: Iterable[Path]) -> list[Volume]:
             log.warning("series %s mixes image sizes %s; skipped", uid, sorted(shapes))
             continue
         items = _ordered(items)
-        volumes.append(Volume(
-            series_uid=uid,
-            modality=modality,
-            pixels=np.stack([f.pixels for f in items]),
-            spacing=items[0].spacing,
-            positions=tuple(f.position for f in items if f.position is not None),
-            description=description,
-        ))
+        volumes.append(
+            Volume(
+                series_uid=uid,
+                modality=modality,
+                pixels=np.stack([f.pixels for f in items]),
+                spacing=items[0].spacing,
+                positions=tuple(f.position for f in items if f.position is not None),
+                description=description,
+            )
+        )
     return volumes
 
 
@@ -124,13 +126,15 @@ def _frames(ds: Dataset) -> list[_Frame]:
         if orientation is not None:
             row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
             normal = np.cross(row, col)
-        out.append(_Frame(
-            pixels=pixels[i] * slope + intercept,
-            position=tuple(float(v) for v in position) if position is not None else None,  # type: ignore[arg-type]
-            normal=normal,
-            instance=int(ds.get("InstanceNumber", 0) or 0) * 10000 + i,
-            spacing=(float(spacing[0]), float(spacing[1])),
-        ))
+        out.append(
+            _Frame(
+                pixels=pixels[i] * slope + intercept,
+                position=tuple(float(v) for v in position) if position is not None else None,  # type: ignore[arg-type]
+                normal=normal,
+                instance=int(ds.get("InstanceNumber", 0) or 0) * 10000 + i,
+                spacing=(float(spacing[0]), float(spacing[1])),
+            )
+        )
     return out
 
 

@@ -1,0 +1,176 @@
+"""train.evaluate: a model package against classical filters on degraded synthetic series."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from engines.manifest import load, sha256_file
+from tests.dicom_factory import UID_ROOT, ct_slice
+from train.evaluate import evaluate, record_metrics
+from train.export import export
+from train.loop import RunConfig, train
+from train.presets import PRESETS, NetSpec, with_overrides
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METRICS = {"psnr", "ssim", "rmse", "seconds"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_ct(folder: Path, hu: np.ndarray) -> Path:
+    """A CT series (slices, rows, cols) in HU, through the test factory's header."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    for i, image in enumerate(hu):
+        ds = ct_slice(study, series, i, rows=image.shape[0], cols=image.shape[1])
+        ds.PixelData = np.clip(np.round(image + 1024), 0, 4095).astype(np.int16).tobytes()
+        ds.save_as(folder / f"ct{i:04d}.dcm", enforce_file_format=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two 128x128 slices of a noise-free water cylinder (0 HU) with a 60 HU insert, in air."""
+    yy, xx = np.mgrid[:128, :128]
+    r = np.hypot(yy - 64, xx - 64)
+    image = np.where(r < 52, 0.0, -1000.0) + np.where(np.hypot(yy - 50, xx - 70) < 10, 60.0, 0.0)
+    return write_ct(tmp_path_factory.mktemp("ct"), np.stack([image, image]))
+
+
+def _package(root: Path, name: str, net: NetSpec) -> Path:
+    preset = with_overrides(PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=2,
+                            batch=2, patch=32)
+    export(train(RunConfig(preset, root / "run", workers=1)), root / "pkg")
+    return root / "pkg"
+
+
+@pytest.fixture(scope="module")
+def ct_denoiser(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _package(tmp_path_factory.mktemp("ct-denoise"), "ct-denoise", NetSpec("dncnn", depth=3, width=8))
+
+
+@pytest.fixture(scope="module")
+def ct_upscaler(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    net = NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2)
+    return _package(tmp_path_factory.mktemp("ct-sr2"), "ct-sr2", net)
+
+
+@pytest.fixture(scope="module")
+def denoise_result(ct_denoiser: Path, ct_series: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return evaluate(ct_denoiser, [ct_series], tmp_path_factory.mktemp("report"), dose=0.1, max_slices=2)
+
+
+def _table_rows(report: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("method", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_ct_denoise_evaluation(denoise_result: dict[str, Any]) -> None:
+    result = denoise_result
+    assert result["task"] == "denoise"
+    assert result["slices"] == 2
+    assert result["images"] == ["Synthetic phantom"]
+    assert result["model"] == "ct-denoise 1.0.0"
+    assert "10% dose" in result["degradation"]
+    assert set(result["results"]) == {"input", "nlm", "tv", "model"}
+    for name, m in result["results"].items():
+        assert METRICS | {"roi_bias", "roi_sd"} <= m.keys(), name
+        assert all(np.isfinite(v) for v in m.values()), (name, m)
+        assert 0 < m["ssim"] <= 1 and m["rmse"] > 0 and m["seconds"] >= 0
+
+
+def test_report_and_panel_are_written(ct_denoiser: Path, ct_series: Path, tmp_path: Path) -> None:
+    result = evaluate(ct_denoiser, [ct_series], tmp_path, dose=0.1, max_slices=1)
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Evaluation of ct-denoise 1.0.0")
+    rows = _table_rows(report)
+    assert list(rows) == ["input", "nlm", "tv", "model"]
+    for name, cells in rows.items():
+        assert len(cells) == 6
+        assert float(cells[0]) == pytest.approx(result["results"][name]["psnr"], abs=0.006)
+        assert float(cells[2]) == pytest.approx(result["results"][name]["rmse"], abs=0.006)
+    assert (tmp_path / "panel.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_nlm_baseline_lowers_the_noise(denoise_result: dict[str, Any]) -> None:
+    r = denoise_result["results"]
+    assert r["nlm"]["rmse"] < r["input"]["rmse"]
+    assert r["nlm"]["psnr"] > r["input"]["psnr"]
+    assert r["nlm"]["roi_sd"] < r["input"]["roi_sd"]
+    assert r["tv"]["roi_sd"] < r["input"]["roi_sd"]
+
+
+def test_lower_dose_means_a_noisier_input(ct_denoiser: Path, ct_series: Path, tmp_path: Path,
+                                          denoise_result: dict[str, Any]) -> None:
+    full = evaluate(ct_denoiser, [ct_series], tmp_path, dose=1.0, max_slices=1)
+    assert full["results"]["input"]["rmse"] < denoise_result["results"]["input"]["rmse"]
+
+
+def test_sr_evaluation(ct_upscaler: Path, ct_series: Path, tmp_path: Path) -> None:
+    result = evaluate(ct_upscaler, [ct_series], tmp_path, max_slices=2)
+    assert result["task"] == "sr"
+    assert result["degradation"].startswith("x2")
+    assert set(result["results"]) == {"bicubic", "lanczos", "model"}
+    for m in result["results"].values():
+        assert m.keys() == METRICS  # no ROI columns for SR
+    assert list(_table_rows((tmp_path / "report.md").read_text())) == ["bicubic", "lanczos", "model"]
+    assert (tmp_path / "panel.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_record_metrics_keeps_the_package_loadable(ct_denoiser: Path, denoise_result: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    shutil.copytree(ct_denoiser, package)
+    before = load(package)
+    record_metrics(package, denoise_result)
+    after = load(package)  # the sha256 still matches model.onnx
+    assert after.onnx_sha256 == before.onnx_sha256 == sha256_file(package / "model.onnx")
+    assert after.training == before.training
+    assert after.metrics["slices"] == 2
+    assert after.metrics["task"] == "denoise"
+    for name, m in denoise_result["results"].items():
+        for key, value in m.items():
+            assert after.metrics["results"][name][key] == pytest.approx(value, abs=1e-4)
+    record_metrics(package, denoise_result)  # recording twice replaces, does not nest
+    assert load(package).metrics == after.metrics
+
+
+def test_no_image_of_the_models_modality(ct_series: Path, tmp_path: Path) -> None:
+    mr = _package(tmp_path, "mr-denoise", NetSpec("dncnn", depth=3, width=8))
+    with pytest.raises(ValueError, match="no MR images"):
+        evaluate(mr, [ct_series], tmp_path / "report")
+    assert not (tmp_path / "report" / "report.md").exists()
+
+
+def test_evaluate_command_prints_the_report_and_updates_the_manifest(
+        ct_upscaler: Path, ct_series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    package = tmp_path / "pkg"
+    shutil.copytree(ct_upscaler, package)
+    argv = ["evaluate", str(package), "--data", str(ct_series), "--max-slices", "1", "--update-manifest"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Evaluation of ct-sr2 1.0.0")
+    assert (package / "evaluation" / "report.md").read_text().strip() == out.strip()
+    metrics = load(package).metrics
+    assert metrics["slices"] == 1
+    assert set(metrics["results"]) == {"bicubic", "lanczos", "model"}

@@ -1,0 +1,148 @@
+"""`enhance-node train | evaluate | export`: help, usage errors (exit 2, one line), the lazy
+torch import, and an end-to-end train -> export through the command line."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.cli import main
+from tests.helpers import REPO
+
+TINY_SR = ["--preset", "mr-sr2", "--epochs", "1", "--steps-per-epoch", "3", "--batch", "2", "--patch", "32",
+           "--phantoms", "2", "--depth", "1", "--width", "8", "--workers", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize(("command", "text"), [
+    ("train", "Train a model from a preset"),
+    ("evaluate", "Measure a model package against classical filters"),
+    ("export", "Export a training run's checkpoint to a model package"),
+])
+def test_help(command: str, text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: enhance-node {command}" in out
+    assert text in out
+
+
+def test_train_help_lists_the_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in ("ct-denoise", "mr-denoise", "ct-sr2", "mr-sr2"):
+        assert name in out
+
+
+def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Runs argv, expects exit status 2 (returned or raised) and one line on stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code  # type: ignore[assignment]
+    assert code == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_preset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", "--preset", "pet-denoise", "--out", str(tmp_path)])
+    assert "pet-denoise" in err and "--preset" in err
+
+
+def test_self_supervised_needs_data(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", "--preset", "ct-denoise", "--self-supervised", "--out", str(tmp_path)])
+    assert "--data" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_self_supervised_denoisers_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", "--preset", "mr-sr2", "--self-supervised", "--data", str(tmp_path),
+                                "--out", str(tmp_path / "run")])
+    assert "denois" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("preset", "patch"), [("mr-sr2", "33"), ("ct-denoise", "31")])
+def test_patch_must_be_a_multiple_of_the_scale(preset: str, patch: str, capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", "--preset", preset, "--patch", patch, "--out", str(tmp_path / "run")])
+    assert "--patch" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_without_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "pkg")])
+    assert "checkpoint" in err
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_evaluate_of_a_folder_that_is_no_model_package(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["evaluate", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert "model.toml" in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_missing_required_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "--preset" in _usage_error(capsys, ["train"])
+    assert "--out" in _usage_error(capsys, ["export", "somewhere"])
+
+
+def test_importing_the_cli_does_not_import_torch() -> None:
+    code = "import node.cli, sys; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+
+
+def test_train_then_export_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, pkg = tmp_path / "run", tmp_path / "pkg"
+    train_argv = ["train", *TINY_SR, "--out", str(run)]
+    proc = subprocess.run([sys.executable, "-m", "node.cli", *train_argv], capture_output=True, text=True,
+                          env=_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("checkpoint.pt")
+    assert {"checkpoint.pt", "train_log.csv", "curves.png"} <= {p.name for p in run.iterdir()}
+
+    assert main(["export", str(run), "--out", str(pkg), "--name", "site-sr", "--version", "0.2.0"]) == 0
+    assert "site-sr 0.2.0" in capsys.readouterr().out
+    manifest = tomllib.loads((pkg / "model.toml").read_text())
+    assert manifest["name"] == "site-sr" and manifest["version"] == "0.2.0"
+    assert manifest["task"] == "sr" and manifest["scale"] == 2
+    assert manifest["net"]["depth"] == 1 and manifest["net"]["width"] == 8
+    assert manifest["training"]["command"] == shlex.join(["enhance-node", *train_argv])
+    assert manifest["training"]["epochs_done"] == 1
+    assert (pkg / "model.onnx").is_file()
+
+
+def test_in_process_train_records_the_command_it_was_given(tmp_path: Path) -> None:
+    """`main(argv)` is the entry point's API: the provenance must be argv, not the host
+    process's sys.argv (here pytest's)."""
+    import torch
+
+    argv = ["train", *TINY_SR, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert state["run"]["command"] == shlex.join(["enhance-node", *argv])
