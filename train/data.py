@@ -52,6 +52,15 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
     raise ValueError(f"unknown degradation {deg.kind!r}")
 
 
+def with_acquired_noise(slab: Slab, deg: Degradation, rng: np.random.Generator) -> Slab:
+    """The slab as the scanner would have acquired it at full resolution (noise included)."""
+    lo, hi = deg.acquired_noise_percent
+    if hi <= 0:
+        return slab
+    sigma, ref = float(rng.uniform(lo, hi)), float(np.percentile(slab.pixels, 99.5))
+    return Slab(np.stack([rician(s, sigma, rng, reference=ref) for s in slab.pixels]), slab.spacing)
+
+
 def phantom_slabs(preset: Preset, count: int, seed: int) -> Iterator[Slab]:
     context = preset.net.context_slices
     for i in range(count):
@@ -93,6 +102,7 @@ class Bank:
 def _pair(args: tuple[Slab, Preset, int, Path | None]) -> tuple[Array, Array]:
     slab, preset, seed, cache = args
     rng = np.random.default_rng(seed)
+    slab = with_acquired_noise(slab, preset.degradation, rng)
     low = degrade(slab, preset.degradation, rng, LowDoseCT(cache_dir=cache))
     # the window comes from what the node will see at inference: the degraded series
     window = preset.normalization.window(low)

@@ -37,6 +37,9 @@ class Degradation:
     dose: tuple[float, float] = (0.25, 0.25)  # lowdose-ct: dose fraction, drawn uniformly
     sigma_percent: tuple[float, float] = (2.0, 8.0)  # rician: noise SD, % of the 99.5th percentile
     scale: int = 2  # ct-sr / mr-kspace
+    # mr-kspace: Rician noise (% of signal) already in the acquired image, so input and target
+    # both carry it and the net learns that noise is not detail to sharpen
+    acquired_noise_percent: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ PRESETS: dict[str, Preset] = {
             "ct-denoise",
             "denoise",
             "CT",
-            NetSpec("dncnn", depth=12, width=32, unshuffle=2),
+            NetSpec("dncnn", depth=12, width=32, unshuffle=2, offset=0.25, gain=20.0),
             HU,
             Degradation("lowdose-ct", dose=(0.15, 0.5)),
             phantom_size=512,
@@ -103,7 +106,7 @@ PRESETS: dict[str, Preset] = {
             "MR",
             NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
             PERCENTILE,
-            Degradation("mr-kspace", scale=2),
+            Degradation("mr-kspace", scale=2, acquired_noise_percent=(0.5, 3.0)),
             phantom_size=256,
             phantoms=96,
             tile=(256, 16),

@@ -241,3 +241,17 @@ def test_low_dose_noise_of_a_non_square_slice_has_its_shape() -> None:
     noise = ct.noise(hu, 1.0, 0.5, np.random.default_rng(0))
     assert noise.shape == hu.shape
     assert ct.simulate(hu, 1.0, 0.5, np.random.default_rng(0)).shape == hu.shape
+
+
+def test_acquired_noise_is_in_both_input_and_target_of_mr_sr_pairs() -> None:
+    from train.data import Slab, with_acquired_noise
+    from train.presets import Degradation
+
+    rng = np.random.default_rng(0)
+    clean = np.full((1, 64, 64), 500.0, np.float32)
+    deg = Degradation("mr-kspace", acquired_noise_percent=(2.0, 2.0))
+    noisy = with_acquired_noise(Slab(clean, 1.0), deg, rng)
+    assert noisy.pixels.shape == clean.shape
+    assert abs(float(noisy.pixels.std()) - 10.0) < 1.5  # 2% of the 99.5th percentile (500)
+    untouched = with_acquired_noise(Slab(clean, 1.0), Degradation("mr-kspace"), rng)
+    assert untouched.pixels is clean

@@ -294,3 +294,19 @@ def test_manifest_missing_key_is_named(key: str) -> None:
     del data[key]
     with pytest.raises(ManifestError, match=f"lacks '{key}'"):
         ModelManifest.from_dict(data)
+
+
+def test_dncnn_offset_and_gain_only_change_the_nets_working_range() -> None:
+    """(x - offset) * gain inside, noise / gain outside: with zero biases a ReLU net is
+    positively homogeneous, so gain alone gives the same output; the offset changes it."""
+    torch.manual_seed(0)
+    plain = DnCNN(NetSpec("dncnn", depth=3, width=8, unshuffle=2))
+    scaled = DnCNN(NetSpec("dncnn", depth=3, width=8, unshuffle=2, gain=20.0))
+    shifted = DnCNN(NetSpec("dncnn", depth=3, width=8, unshuffle=2, offset=0.25, gain=20.0))
+    scaled.load_state_dict(plain.state_dict())
+    shifted.load_state_dict(plain.state_dict())
+    x = 0.25 + 0.01 * torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), scaled(x), atol=1e-6)
+        assert not torch.allclose(plain(x), shifted(x), atol=1e-6)
+        assert shifted(x).shape == x.shape
