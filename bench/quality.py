@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.evaluate import evaluate
+from train.evaluate import evaluate, record_metrics
 
 BARS = {
     "ct-denoise": "PSNR >= NLM + 1 dB, max ROI mean-HU bias <= 2 HU, >= 4x faster than NLM",
@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--max-slices", type=int, default=8)
     ap.add_argument("--dose", type=float, default=0.25)
     ap.add_argument("--out", type=Path, default=Path("var/bench/quality"))
+    ap.add_argument("--update-manifest", action="store_true", help="record the results in each model.toml")
     args = ap.parse_args()
     summary = {}
     for name in args.only:
@@ -53,6 +54,8 @@ def main() -> int:
             continue
         result = evaluate(package, [], args.out / name, dose=args.dose, max_slices=args.max_slices)
         summary[name] = result
+        if args.update_manifest:
+            record_metrics(package, result)
         print(
             f"\n## {name}: {result['degradation']} on {', '.join(result['images'])} "
             f"({result['slices']} slices), PSNR window {result['window']}"
