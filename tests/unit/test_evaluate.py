@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
 from engines.manifest import load, sha256_file
@@ -23,12 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS = {"psnr", "ssim", "rmse", "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def write_ct(folder: Path, hu: np.ndarray) -> Path:

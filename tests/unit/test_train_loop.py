@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = NetSpec("dncnn", depth=3, width=8, unshuffle=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(name: str = "mr-denoise", **overrides: Any) -> Preset:
