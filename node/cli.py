@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from node import __version__
 from node.config import default_config_path, load_config
-from node.errors import ConfigError, EnhanceNodeError
+from node.errors import ConfigError, EnhanceNodeError, UsageError
 from train.cli import COMMANDS as TRAIN_COMMANDS
 from train.cli import add_parsers as add_training_parsers
 from train.cli import run as run_training_command
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return _ae(args)
     except ConfigError as exc:
         print(f"enhance-node: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"enhance-node {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except EnhanceNodeError as exc:
         print(f"enhance-node: {exc}", file=sys.stderr)

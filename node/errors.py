@@ -30,3 +30,7 @@ class InvalidDataset(EnhanceNodeError):
 
 class ManifestError(EnhanceNodeError):
     """A model package whose model.toml is missing, malformed or contradicts its ONNX graph (permanent)."""
+
+
+class UsageError(EnhanceNodeError):
+    """A command was asked for something it cannot do with these arguments; the CLI exits 2."""

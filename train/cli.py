@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
+from node.errors import UsageError
 from train.presets import PRESETS
 
 COMMANDS = ("train", "evaluate", "export")
@@ -111,10 +111,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        print(
-            f"enhance-node {args.command}: needs the training extra: pip install 'enhance-node[train]'", file=sys.stderr
-        )
-        return 2
+        raise UsageError("needs the training extra: pip install 'enhance-node[train]'") from None
     if args.command == "train":
         return _train(args)
     if args.command == "evaluate":
@@ -134,11 +131,9 @@ def _train(args: argparse.Namespace) -> int:
 
     preset = PRESETS[args.preset]
     if args.self_supervised and not args.data:
-        print("enhance-node train: --self-supervised needs --data (your noisy series)", file=sys.stderr)
-        return 2
+        raise UsageError("--self-supervised needs --data (your noisy series)")
     if args.self_supervised and preset.task != "denoise":
-        print("enhance-node train: --self-supervised trains denoisers only", file=sys.stderr)
-        return 2
+        raise UsageError("--self-supervised trains denoisers only")
     net = with_overrides(preset.net, depth=args.depth, width=args.width, context_slices=args.context_slices)
     deg: Degradation = with_overrides(
         preset.degradation,
@@ -158,8 +153,7 @@ def _train(args: argparse.Namespace) -> int:
         phantoms=args.phantoms,
     )
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
-        print("enhance-node train: --patch must be a multiple of the scale and unshuffle factor", file=sys.stderr)
-        return 2
+        raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,7 +171,6 @@ def _train(args: argparse.Namespace) -> int:
     try:
         path = train(cfg, resume=args.resume)
     except ValueError as exc:
-        print(f"enhance-node train: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     print(path)
     return 0

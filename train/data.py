@@ -156,10 +156,10 @@ def sample(
     lo = patch // scale
     xs, ys = [], []
     supervised = bank.targets.shape[0] > 0
+    h, w = bank.inputs.shape[-2:]
     for _ in range(batch):
         for _attempt in range(8):
             n = int(rng.integers(len(bank)))
-            h, w = bank.inputs.shape[-2:]
             top, left = int(rng.integers(0, h - lo + 1)), int(rng.integers(0, w - lo + 1))
             x = bank.inputs[n, :, top : top + lo, left : left + lo]
             if float(x.mean()) > 0.05:

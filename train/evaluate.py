@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,9 +24,11 @@ from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from engines.manifest import ModelManifest, dump, load
 from engines.normalization import Normalization
-from node.errors import ManifestError
+from node.errors import ManifestError, UsageError
 from train import metrics
-from train.degrade import LowDoseCT, ct_downsample, mr_kspace_truncate, rician
+from train.data import Slab, degrade
+from train.degrade import LowDoseCT
+from train.presets import Degradation
 from train.volumes import Volume, read_series
 
 log = logging.getLogger(__name__)
@@ -78,33 +79,44 @@ class Case:
     sigma: float  # noise SD in image units (denoise), 0 for SR
 
 
+def degradation_for(manifest: ModelManifest, dose: float, sigma_percent: float) -> Degradation:
+    """The training physics for what the model undoes, at one fixed dose or noise level."""
+    ct = "CT" in manifest.modalities
+    if manifest.task == "denoise":
+        return Degradation("lowdose-ct" if ct else "rician", dose=(dose, dose), sigma_percent=(sigma_percent,) * 2)
+    return Degradation("ct-sr" if ct else "mr-kspace", scale=manifest.scale)
+
+
 def make_cases(
-    volumes: list[Volume], manifest: ModelManifest, dose: float, sigma_percent: float, max_slices: int, seed: int
+    volumes: list[Volume], manifest: ModelManifest, deg: Degradation, max_slices: int, seed: int
 ) -> list[Case]:
     rng = np.random.default_rng(seed)
     sim = LowDoseCT()
     half, scale = manifest.context_slices // 2, manifest.scale
     cases: list[Case] = []
     for vol in volumes:
+        # degrade only the slices evaluated (and their context): CT simulation costs seconds a slice
+        count = min(vol.slices, max_slices - len(cases) + half)
         h, w = vol.pixels.shape[1] // scale * scale, vol.pixels.shape[2] // scale * scale
-        clean = vol.pixels[:, :h, :w]
-        if manifest.task == "denoise" and "CT" in manifest.modalities:
-            degraded = np.stack([sim.simulate(s, vol.spacing[0], dose, rng) for s in clean])
-        elif manifest.task == "denoise":
-            ref = float(np.percentile(clean, 99.5))
-            degraded = np.stack([rician(s, sigma_percent, rng, reference=ref) for s in clean])
-        elif "CT" in manifest.modalities:
-            degraded = ct_downsample(clean, scale)
-        else:
-            degraded = mr_kspace_truncate(clean, scale)
+        clean = vol.pixels[:count, :h, :w]
+        degraded = degrade(Slab(clean, vol.spacing[0]), deg, rng, sim)
         window = manifest.normalization.window(degraded)
-        for z in range(vol.slices):
-            idx = np.clip(np.arange(z - half, z + half + 1), 0, vol.slices - 1)
+        for z in range(min(count, max_slices - len(cases))):
+            idx = np.clip(np.arange(z - half, z + half + 1), 0, count - 1)
             sigma = float(np.std(degraded[z] - clean[z])) if manifest.task == "denoise" else 0.0
             cases.append(Case(f"{vol.description or vol.series_uid[-12:]}#{z}", clean[z], degraded[idx], window, sigma))
-            if len(cases) == max_slices:
-                return cases
+        if len(cases) == max_slices:
+            break
     return cases
+
+
+def _ct_denoise(manifest: ModelManifest) -> bool:
+    return "CT" in manifest.modalities and manifest.task == "denoise"
+
+
+def _display_window(manifest: ModelManifest, target: Array) -> tuple[float, float]:
+    """Where PSNR/SSIM are measured: CT noise in the soft-tissue window, the rest by percentiles."""
+    return metrics.CT_WINDOW if _ct_denoise(manifest) else metrics.percentile_window(target)
 
 
 def _resize(image: Array, scale: int, method: Image.Resampling) -> Array:
@@ -148,17 +160,17 @@ def evaluate(
     volumes = [v for v in read_series(data or held_out_paths(modality)) if v.modality in manifest.modalities]
     if not volumes:
         raise ValueError(f"no {'/'.join(manifest.modalities)} images to evaluate on")
-    cases = make_cases(volumes, manifest, dose, sigma_percent, max_slices, seed)
+    deg = degradation_for(manifest, dose, sigma_percent)
+    cases = make_cases(volumes, manifest, deg, max_slices, seed)
     methods: dict[str, Callable[[Case], Array]] = {
         **baselines(manifest),
         "model": lambda c: model(c.degraded, c.window),
     }
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     panel: dict[str, Array] = {}
-    ct = "CT" in manifest.modalities
     for i, case in enumerate(cases):
-        window = metrics.CT_WINDOW if ct and manifest.task == "denoise" else metrics.percentile_window(case.target)
-        rois = metrics.uniform_rois(case.target, SOFT_TISSUE) if ct and manifest.task == "denoise" else []
+        window = _display_window(manifest, case.target)
+        rois = metrics.uniform_rois(case.target, SOFT_TISSUE) if _ct_denoise(manifest) else []
         for name, fn in methods.items():
             started = time.perf_counter()
             pred = fn(case)
@@ -184,21 +196,21 @@ def evaluate(
         "task": manifest.task,
         "slices": len(cases),
         "images": sorted({c.name.rsplit("#", 1)[0] for c in cases}),
-        "degradation": _degradation_text(manifest, dose, sigma_percent),
-        "window": "soft tissue -160..240 HU"
-        if ct and manifest.task == "denoise"
-        else "0.5-99.5 percentile of the target",
+        "degradation": _degradation_text(deg),
+        "window": "soft tissue -160..240 HU" if _ct_denoise(manifest) else "0.5-99.5 percentile of the target",
     }
     (out / "report.md").write_text(_report(context, summary))
     _panel(out / "panel.png", cases[0], panel, manifest)
     return {**context, "results": summary}
 
 
-def _degradation_text(manifest: ModelManifest, dose: float, sigma_percent: float) -> str:
-    if manifest.task == "sr":
-        how = "PSF blur + block decimation" if "CT" in manifest.modalities else "k-space truncation"
-        return f"x{manifest.scale} {how}"
-    return f"simulated {dose:.0%} dose" if "CT" in manifest.modalities else f"Rician noise {sigma_percent}% of signal"
+def _degradation_text(deg: Degradation) -> str:
+    return {
+        "lowdose-ct": f"simulated {deg.dose[0]:.0%} dose",
+        "rician": f"Rician noise {deg.sigma_percent[0]}% of signal",
+        "ct-sr": f"x{deg.scale} PSF blur + block decimation",
+        "mr-kspace": f"x{deg.scale} k-space truncation",
+    }[deg.kind]
 
 
 def _report(context: dict[str, Any], summary: dict[str, dict[str, float]]) -> str:
@@ -230,8 +242,7 @@ def _panel(path: Path, case: Case, preds: dict[str, Array], manifest: ModelManif
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ct_denoise = "CT" in manifest.modalities and manifest.task == "denoise"
-    lo, hi = metrics.CT_WINDOW if ct_denoise else metrics.percentile_window(case.target)
+    lo, hi = _display_window(manifest, case.target)
     baseline = "nlm" if manifest.task == "denoise" else "lanczos"
     centre = case.degraded[len(case.degraded) // 2]
     images = [
@@ -267,8 +278,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             args.seed,
         )
     except (ManifestError, ValueError, FileNotFoundError) as exc:
-        print(f"enhance-node evaluate: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     print((args.out or args.model / "evaluation").joinpath("report.md").read_text())
     if args.update_manifest:
         record_metrics(args.model, result)

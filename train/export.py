@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import io
 import logging
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from engines.manifest import ModelManifest, Tile, dump, sha256_file
 from engines.normalization import Normalization
+from node.errors import EnhanceNodeError, UsageError
 from train.loop import CHECKPOINT, net_from_checkpoint
 from train.presets import PRESETS
 
@@ -27,7 +27,7 @@ OPSET = 17
 TOLERANCE = 1e-4  # normalised units: 0.4 HU in the HU window
 
 
-class ExportMismatch(RuntimeError):
+class ExportMismatch(EnhanceNodeError):
     """ONNX Runtime's output differs from torch's beyond the tolerance."""
 
 
@@ -100,7 +100,6 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
             "final_train_loss": history[-1]["train_loss"],
             "validation": {k: v for k, v in history[-1].items() if k.startswith("val")},
             "train_seconds": round(sum(r["seconds"] for r in history), 1),
-            "machine": _machine(),
             "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "onnx_vs_torch_max_abs": error,
         },
@@ -109,22 +108,10 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
     return manifest
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def export_cli(args: argparse.Namespace) -> int:
     checkpoint = args.run / CHECKPOINT if args.run.is_dir() else args.run
     if not checkpoint.is_file():
-        print(f"enhance-node export: no checkpoint at {checkpoint}", file=sys.stderr)
-        return 2
-    try:
-        manifest = export(checkpoint, args.out, args.name, args.version)
-    except ExportMismatch as exc:
-        print(f"enhance-node export: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError(f"no checkpoint at {checkpoint}")
+    manifest = export(checkpoint, args.out, args.name, args.version)  # ExportMismatch: exit 1
     print(f"{args.out}: {manifest.name} {manifest.version} ({manifest.task}, onnx sha256 {manifest.onnx_sha256[:12]})")
     return 0

@@ -7,8 +7,10 @@ import csv
 import json
 import logging
 import math
+import os
+import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,6 @@ class RunConfig:
     ssim_weight: float = 0.0
     workers: int = 2
     command: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         p = self.preset
@@ -60,6 +61,8 @@ class RunConfig:
             "self_supervised": self.self_supervised,
             "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
             "command": self.command,
+            # where the run trained (export may happen elsewhere)
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {self.device}",
         }
 
 

@@ -44,7 +44,10 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 
 def interrupted(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Train until the first epoch's checkpoint and log are written, then 'kill' the run."""
+    """Train until the first epoch's checkpoint and log are written, then 'kill' the run.
+
+    Injected rather than a real SIGKILL: the equality tests need the stop exactly at an epoch
+    boundary, which a signal from outside can only hit by chance."""
     write_log = loop._write_log
 
     def stop(out: Path, history: list[dict[str, Any]]) -> None:
