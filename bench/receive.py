@@ -184,7 +184,7 @@ def ledger_instances(ledger: Path) -> int:
 
 def run_node(files: list[Path], assoc: int, work: Path) -> Run:
     port = free_port()
-    cfg = toml_config(work, port, allowed=[("STORESCU", "127.0.0.1")])
+    cfg = toml_config(work, port, allowed=[("STORESCU", "127.0.0.1")], receive_processes=0)  # 0: one per core
     node = NodeProcess(cfg, port, work)
     try:
         node.start()  # waits for "enhance-node ready" in its log

@@ -30,20 +30,23 @@ log = logging.getLogger(__name__)
 
 class OpenAssociations:
     """The associations this SCP process holds: each takes one of the node-wide
-    `node.max_associations` slots (a counter shared by every SCP process) when requested,
-    and gets its ledger row id once established."""
+    `node.max_associations` slots when requested, and gets its ledger row id once established.
 
-    def __init__(self, limit: int, counter: Any) -> None:
+    Slots are counted per process in an array shared by every SCP process, so the supervisor
+    can give back the slots of a process that died (its count is zeroed when it is replaced)."""
+
+    def __init__(self, limit: int, counts: Any, index: int) -> None:
         self.limit = limit
-        self._counter = counter  # multiprocessing.Value("i"), shared with the other processes
+        self._counts = counts  # multiprocessing.Array("i", processes), shared with the others
+        self._index = index  # this process's entry
         self._rows: dict[Association, int | None] = {}
         self._lock = threading.Lock()
 
     def acquire(self, assoc: Association) -> bool:
-        with self._counter.get_lock():
-            if self._counter.value >= self.limit:
+        with self._counts.get_lock():
+            if sum(self._counts[:]) >= self.limit:
                 return False
-            self._counter.value += 1
+            self._counts[self._index] += 1
         with self._lock:
             self._rows[assoc] = None
         return True
@@ -62,8 +65,8 @@ class OpenAssociations:
             if assoc not in self._rows:
                 return None
             row = self._rows.pop(assoc)
-        with self._counter.get_lock():
-            self._counter.value -= 1
+        with self._counts.get_lock():
+            self._counts[self._index] -= 1
         return row
 
 

@@ -101,15 +101,20 @@ class Receivers:
         self.count = count
         self.ident = ident
         self._ctx: SpawnContext = multiprocessing.get_context("spawn")
-        self._slots = self._ctx.Value("i", 0)  # open associations across all processes
-        self._stop = self._ctx.Event()
+        self._slots = self._ctx.Array("i", count)  # open associations of each process
+        # one stop event per process: a process killed while waiting on a shared event would
+        # leave a sleeper that never wakes, and Event.set() (notify_all) would wait for it forever
+        self._stops: list[MpEvent] = [self._ctx.Event() for _ in range(count)]
         self._procs: list[SpawnProcess] = []
 
     def _spawn(self, index: int) -> SpawnProcess:
-        ready = self._ctx.Event()
+        with self._slots.get_lock():
+            self._slots[index] = 0  # a process that died gives its associations' slots back
+        ready, stop = self._ctx.Event(), self._ctx.Event()
+        self._stops[index] = stop
         proc = self._ctx.Process(
             target=run_receiver,
-            args=(self.cfg, self.ident, self._slots, self._stop, ready, logging.getLogger().level, os.getpid()),
+            args=(self.cfg, self.ident, self._slots, index, stop, ready, logging.getLogger().level, os.getpid()),
             name=f"scp-{index}",
             daemon=True,
         )
@@ -132,7 +137,9 @@ class Receivers:
                 self._procs[i] = self._spawn(i)
 
     def stop(self) -> None:
-        self._stop.set()
+        for proc, stop in zip(self._procs, self._stops, strict=True):
+            if proc.is_alive():
+                stop.set()
         for proc in self._procs:
             proc.join(timeout=30)
             if proc.is_alive():
@@ -140,7 +147,7 @@ class Receivers:
 
 
 def run_receiver(
-    cfg: Config, ident: str, counter: Any, stop: MpEvent, ready: MpEvent, log_level: int, parent: int
+    cfg: Config, ident: str, slots: Any, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int
 ) -> None:
     """Entry point of one SCP process."""
     _die_with_parent(parent)
@@ -150,7 +157,7 @@ def run_receiver(
 
     configure_logging(log_level)
     store, ledger = open_storage(cfg, upgrade=False)
-    scp = StorageSCP(cfg.node, store, ledger, ident, OpenAssociations(cfg.node.max_associations, counter))
+    scp = StorageSCP(cfg.node, store, ledger, ident, OpenAssociations(cfg.node.max_associations, slots, index))
     scp.start()
     ready.set()
     stop.wait()

@@ -57,6 +57,7 @@ def toml_config(
     allowed: Sequence[tuple[str, str | None]] = (("STORESCU", "127.0.0.1"),),
     idle_seconds: float = 30,
     min_free_disk_mb: int = 0,
+    receive_processes: int = 2,
     extra_node: str = "",
     extra: str = "",
 ) -> Path:
@@ -68,6 +69,7 @@ def toml_config(
         f'storage_dir = "{tmp / "storage"}"',
         f'ledger_url = "sqlite:///{tmp / "ledger.db"}"',
         f"min_free_disk_mb = {min_free_disk_mb}",
+        f"receive_processes = {receive_processes}",  # fixed, so tests cover several processes anywhere
         extra_node,
     ]
     for ae, host in allowed:
@@ -114,26 +116,28 @@ class NodeProcess:
             raise AssertionError(f"node exited {self.proc.returncode}:\n{log.read_text()}")
         return "enhance-node ready" in log.read_text()
 
-    def children(self) -> list[int]:
-        """PIDs of the node's child processes (its receiving SCPs), from /proc."""
+    def receivers(self) -> list[int]:
+        """PIDs of the node's receiving SCP processes, from /proc (multiprocessing's resource
+        tracker is a child too, but not a receiver)."""
         assert self.proc is not None
         pids = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == self.proc.pid:
+            if int(fields[1]) == self.proc.pid and b"spawn_main" in cmdline:
                 pids.append(int(stat.parent.name))
         return pids
 
     def kill(self) -> None:
         """SIGKILL the node; its receiving processes must die with it (PR_SET_PDEATHSIG)."""
         assert self.proc is not None
-        children = self.children()
+        receivers = self.receivers()
         self.proc.kill()
         self.proc.wait(timeout=30)
-        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), what="children to die")
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in receivers), what="receivers to die")
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -9,6 +9,8 @@ the installed pydicom package (never downloaded).
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -360,6 +362,30 @@ def test_max_associations_refuses_the_next_one(node_factory) -> None:
 
     wait_for(next_accepted, timeout=10, interval=0.2, what="a new association once the held one is released")
     assert node.query("SELECT count(*) FROM associations") == [(2,)]
+
+
+def test_slots_of_a_receiving_process_that_died_are_given_back(node_factory) -> None:
+    """A receiving process killed while it holds an association (OOM killer, crash) is
+    replaced, and its node-wide slot with it: the node does not refuse everyone forever, and
+    it still stops cleanly on SIGTERM."""
+    node = node_factory(receive_processes=1, extra_node="max_associations = 1").start()
+    ae = scu("STORESCU", (Verification, ExplicitVRLittleEndian))
+    held = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
+    assert held.is_established
+    (receiver,) = node.receivers()
+    os.kill(receiver, signal.SIGKILL)
+    wait_for(lambda: node.receivers() not in ([], [receiver]), timeout=30, what="the receiver to be replaced")
+
+    def next_accepted() -> bool:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
+        if assoc.is_established:
+            assoc.release()
+            return True
+        return False
+
+    wait_for(next_accepted, timeout=30, interval=0.5, what="an association after the receiver was replaced")
+    held.abort()
+    assert node.stop() == 0
 
 
 def test_rejected_peer_is_told_why(node_factory) -> None:

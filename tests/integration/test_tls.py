@@ -222,7 +222,7 @@ def test_a_stalled_tls_handshake_does_not_block_other_peers(node_factory, pki: P
     """A peer that opens a TCP connection and never starts the TLS handshake (a port scanner,
     a hung client) must not stop the node from accepting others."""
     tls = ["[node.tls]", f'cert_file = "{pki.server.cert}"', f'key_file = "{pki.server.key}"']
-    node = node_factory(extra_node="\n".join(["receive_processes = 1", *tls])).start()
+    node = node_factory(receive_processes=1, extra_node="\n".join(tls)).start()
     _study, _series, paths = write_ct_series(tmp_path / "ct", 1, rows=64, cols=64)
     with socket.create_connection(("127.0.0.1", node.port)):  # the silent peer, connected first
         try:
