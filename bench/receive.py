@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.dicom_factory import write_ct_series  # noqa: E402
-from tests.helpers import NodeProcess, dcmtk_env, free_port, toml_config  # noqa: E402
+from tests.helpers import NodeProcess, dcmtk_env, free_port, toml_config, wait_for  # noqa: E402
 
 STORESCP = "dcmtk storescp"
 NODE = "enhance-node"
@@ -74,14 +73,6 @@ def which(cmd: str) -> str:
     if path is None:
         sys.exit(f"{cmd} not found: install DCMTK (Debian package `dcmtk`)")
     return path
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def split(files: list[Path], groups: int) -> list[list[Path]]:
@@ -165,7 +156,7 @@ def run_storescp(files: list[Path], assoc: int, work: Path) -> Run:
                 raise RuntimeError(f"storescp exited {proc.returncode}: {log.read_text(errors='replace')}")
             return echo_ok(port, "STORESCP")
 
-        wait_until(ready, 30, "storescp to listen")
+        wait_for(ready, 30, what="storescp to listen")
         seconds, error = send(port, "STORESCP", split(files, assoc))
         # storescp writes each file before it answers the C-STORE, so the count is final here
         stored = sum(1 for p in out.iterdir() if p.is_file())
@@ -175,13 +166,6 @@ def run_storescp(files: list[Path], assoc: int, work: Path) -> Run:
     return Run(STORESCP, assoc, stored, len(files), seconds, ok, error)
 
 
-def ledger_instances(ledger: Path) -> int:
-    if not ledger.exists():
-        return 0
-    with sqlite3.connect(ledger, timeout=30) as conn:
-        return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
-
-
 def run_node(files: list[Path], assoc: int, work: Path) -> Run:
     port = free_port()
     cfg = toml_config(work, port, allowed=[("STORESCU", "127.0.0.1")], receive_processes=0)  # 0: one per core
@@ -189,13 +173,8 @@ def run_node(files: list[Path], assoc: int, work: Path) -> Run:
     try:
         node.start()  # waits for "enhance-node ready" in its log
         seconds, error = send(port, "ENHANCE", split(files, assoc))
-        stored = ledger_instances(node.ledger)
-        if stored != len(files) and not error:
-            # the ledger row is written before the C-STORE response; allow a moment anyway
-            deadline = time.monotonic() + 10
-            while stored != len(files) and time.monotonic() < deadline:
-                time.sleep(0.1)
-                stored = ledger_instances(node.ledger)
+        # the ledger row is committed before the C-STORE response, so the count is final here
+        stored = int(node.query("SELECT count(*) FROM instances")[0][0])
     finally:
         if node.proc is not None:
             try:

@@ -12,6 +12,7 @@ from typing import NoReturn
 from node import __version__
 from node.config import default_config_path, load_config
 from node.errors import ConfigError, EnhanceNodeError, UsageError
+from node.logs import configure_logging
 from train.cli import COMMANDS as TRAIN_COMMANDS
 from train.cli import add_parsers as add_training_parsers
 from train.cli import run as run_training_command
@@ -82,13 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     except EnhanceNodeError as exc:
         print(f"enhance-node: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-
-
-def configure_logging(level: int) -> None:
-    """Human-readable lines on stderr; pynetdicom's own chatter only from WARNING (its
-    debug output would dump datasets, which may hold patient names)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
 
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:@]+):(?P<port>\d{1,5})$")

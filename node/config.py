@@ -180,10 +180,11 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
             ca_file=_existing_file(tt, "ca_file", base_dir) if ca is not None else None,
         )
         tt.done()
-    storage = os.environ.get(ENV_STORAGE_DIR) or t.string("storage_dir", NodeConfig.storage_dir.as_posix())
-    ledger_url = os.environ.get(ENV_LEDGER_URL) or t.string("ledger_url", NodeConfig.ledger_url)
-    for key in ("storage_dir", "ledger_url"):  # still type-checked when the env overrides them
-        t.string(key, "")
+    # read from the file (so type-checked) even when the environment overrides them
+    storage = t.string("storage_dir", NodeConfig.storage_dir.as_posix())
+    storage = os.environ.get(ENV_STORAGE_DIR) or storage
+    ledger_url = t.string("ledger_url", NodeConfig.ledger_url)
+    ledger_url = os.environ.get(ENV_LEDGER_URL) or ledger_url
     cfg = NodeConfig(
         ae_title=_ae_title(t, "ae_title", default="ENHANCE"),
         host=t.string("host", "0.0.0.0"),

@@ -125,7 +125,6 @@ class StorageSCP:
             (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, associations]),
         ]
         self._server: NodeServer | None = None
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         quiet_pydicom()
@@ -139,8 +138,7 @@ class StorageSCP:
         assert isinstance(server, NodeServer)
         self.ae._servers.append(server)  # as AE.start_server does, so shutdown() finds it
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
-        self._thread.start()
+        threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
         log.info(
             "SCP %s listening on %s:%d%s", self.cfg.ae_title, self.cfg.host, self.port, " (TLS)" if self.cfg.tls else ""
         )

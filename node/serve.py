@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from node.completion import CompletionLoop
 from node.config import Config
 from node.handlers import OpenAssociations
+from node.logs import configure_logging
 from node.scp import StorageSCP
 from storage.db import make_engine, migrate
 from storage.filestore import FileStore
@@ -153,8 +154,6 @@ def run_receiver(
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from node.cli import configure_logging
-
     configure_logging(log_level)
     store, ledger = open_storage(cfg, upgrade=False)
     scp = StorageSCP(cfg.node, store, ledger, ident, OpenAssociations(cfg.node.max_associations, slots, index))

@@ -88,7 +88,7 @@ class Ledger:
                     instances_stored=0,
                 )
             )
-            return int(_pk(result))
+            return _pk(result)
 
     def close_association(self, association_id: int, outcome: str) -> None:
         with self.engine.begin() as conn:
@@ -126,7 +126,8 @@ class Ledger:
                 outcome = StoreOutcome.DUPLICATE  # identical re-send: the series is not reopened
             else:
                 outcome = StoreOutcome.NEW if old is None else StoreOutcome.REPLACED
-                series_id = self._touch_series(conn, header, received, now)
+                # a new instance is counted in the same statement that touches its series
+                series_id = self._touch_series(conn, header, received, now, 1 if old is None else 0)
                 fields = {
                     "sop_class_uid": header.sop_class_uid,
                     "transfer_syntax_uid": header.transfer_syntax_uid,
@@ -141,7 +142,6 @@ class Ledger:
                 }
                 if old is None:
                     conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, **fields})
-                    conn.execute(_COUNT_SERIES, {"sid": series_id, "delta": 1})
                 else:
                     conn.execute(
                         insert(t.superseded_instances).values(
@@ -172,7 +172,10 @@ class Ledger:
                 conn.execute(_TOUCH_ASSOCIATION, {"aid": received.association_id, "now": now})
         return outcome
 
-    def _touch_series(self, conn: Connection, h: InstanceHeader, received: Received, now: dt.datetime) -> int:
+    def _touch_series(
+        self, conn: Connection, h: InstanceHeader, received: Received, now: dt.datetime, delta: int
+    ) -> int:
+        """The series row of `h`, created, touched or reopened, its instance count moved by delta."""
         row = conn.execute(_SELECT_SERIES, {"uid": h.series_instance_uid}).first()
         if row is None:
             study_id = conn.execute(_SELECT_STUDY, {"uid": h.study_instance_uid}).scalar()
@@ -191,7 +194,7 @@ class Ledger:
                         series_description=h.series_description,
                         calling_ae=received.calling_ae,
                         state=SERIES_RECEIVING,
-                        instance_count=0,
+                        instance_count=delta,
                         first_received_at=now,
                         last_received_at=now,
                         reopened_count=0,
@@ -199,7 +202,7 @@ class Ledger:
                 )
             )
         if row.state == SERIES_RECEIVING:
-            conn.execute(_TOUCH_SERIES, {"sid": row.id, "now": now, "ae": received.calling_ae})
+            conn.execute(_TOUCH_SERIES, {"sid": row.id, "now": now, "ae": received.calling_ae, "delta": delta})
             return int(row.id)
         # A late instance: the series is received again and will complete (and be
         # reprocessed with the same deterministic output UIDs) after a new quiet period.
@@ -212,6 +215,7 @@ class Ledger:
                 state=SERIES_RECEIVING,
                 completed_at=None,
                 reopened_count=t.series.c.reopened_count + 1,
+                instance_count=t.series.c.instance_count + delta,
             )
         )
         _event(
@@ -281,7 +285,11 @@ _SELECT_STUDY = select(t.studies.c.id).where(t.studies.c.study_instance_uid == b
 _TOUCH_SERIES = (
     update(t.series)
     .where(t.series.c.id == bindparam("sid"))
-    .values(last_received_at=bindparam("now"), calling_ae=bindparam("ae"))
+    .values(
+        last_received_at=bindparam("now"),
+        calling_ae=bindparam("ae"),
+        instance_count=t.series.c.instance_count + bindparam("delta"),
+    )
 )
 _COUNT_SERIES = (
     update(t.series)

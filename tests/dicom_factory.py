@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1533."
@@ -74,6 +76,14 @@ def ct_slice(
     ds.WindowCenter, ds.WindowWidth = 40, 400
     ds.PixelData = stored.tobytes()
     return ds
+
+
+def encode_explicit_le(ds: Dataset) -> bytes:
+    """The dataset's bytes as a peer sends them in Explicit VR Little Endian (no File Meta)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
 
 
 def write_ct_series(

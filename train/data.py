@@ -123,9 +123,9 @@ def build_bank(preset: Preset, slabs: list[Slab], seed: int, workers: int = 2, c
 def noisy_bank(preset: Preset, volumes: list[Volume]) -> Bank:
     """Self-supervised mode: the site's own (noisy) series, no clean targets."""
     inputs = []
-    for slab in volume_slabs(volumes, preset.net.context_slices):
-        window = preset.normalization.window(slab.pixels)
-        inputs.append(Normalization.forward(slab.pixels, window))
+    for vol in volumes:
+        window = preset.normalization.window(vol.pixels)  # per series, as at inference (DESIGN 3.4)
+        inputs += [Normalization.forward(s.pixels, window) for s in volume_slabs([vol], preset.net.context_slices)]
     _check_sizes(inputs)
     return Bank(np.stack(inputs), np.zeros((0, 1, 1, 1), np.float32))
 

@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
@@ -21,7 +19,7 @@ from storage.db import make_engine, migrate
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile, StoreOutcome
 from storage.recovery import reconcile
-from tests.dicom_factory import ct_slice
+from tests.dicom_factory import ct_slice, encode_explicit_le
 
 
 class Clock:
@@ -166,10 +164,7 @@ def test_unsafe_uids_never_escape_the_store() -> None:
 
 def part10(sop: str, series: str = "1.2.3.4") -> bytes:
     ds = ct_slice("1.2.3", series, 0, rows=8, cols=8, sop_uid=sop)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return file_meta(CTImageStorage, sop, ExplicitVRLittleEndian, "CT01") + fp.getvalue()
+    return file_meta(CTImageStorage, sop, ExplicitVRLittleEndian, "CT01") + encode_explicit_le(ds)
 
 
 def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
@@ -197,3 +192,21 @@ def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
     assert events(ledger, EventKind.INSTANCE_MISSING) == [gone]
     again = reconcile(store, ledger)
     assert (again.adopted, again.quarantined) == (0, 0)
+
+
+def instance_counts(ledger: Ledger) -> dict[str, int]:
+    with ledger.engine.connect() as conn:
+        return dict(conn.execute(select(t.series.c.series_instance_uid, t.series.c.instance_count)).all())
+
+
+def test_series_instance_counts_through_new_reopened_and_moved_instances(ledger: Ledger, clock: Clock) -> None:
+    ledger.record_instance(header("1.1"), received("a", b"one"))
+    ledger.record_instance(header("1.2"), received("b", b"two"))
+    assert instance_counts(ledger) == {"1.2.3.4": 2}
+    clock.advance(60)
+    assert ledger.complete_idle_series(30, 120) == ["1.2.3.4"]
+    ledger.record_instance(header("1.3"), received("c", b"three"))  # a late instance reopens and counts
+    assert series_state(ledger, "1.2.3.4") == "receiving"
+    assert instance_counts(ledger) == {"1.2.3.4": 3}
+    ledger.record_instance(header("1.3", series="1.2.3.5"), received("d", b"moved"))  # re-sent into another series
+    assert instance_counts(ledger) == {"1.2.3.4": 2, "1.2.3.5": 1}
