@@ -51,6 +51,12 @@ def add_parsers(sub: Any) -> None:
     )
     t.add_argument("--self-supervised", action="store_true", help="train on noisy --data without clean targets")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="fine-tune: start from the weights of an earlier run's checkpoint.pt (same net)",
+    )
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
     t.add_argument("--batch", type=int)
@@ -152,6 +158,8 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         phantoms=args.phantoms,
     )
+    if args.init_from is not None and not args.init_from.is_file():
+        raise UsageError(f"--init-from {args.init_from}: no such checkpoint")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     device = args.device
@@ -167,6 +175,7 @@ def _train(args: argparse.Namespace) -> int:
         ssim_weight=args.ssim_weight,
         workers=args.workers,
         command=shlex.join(["enhance-node", *args.argv]),
+        init_from=args.init_from,
     )
     try:
         path = train(cfg, resume=args.resume)

@@ -42,6 +42,7 @@ class RunConfig:
     ssim_weight: float = 0.0
     workers: int = 2
     command: str = ""
+    init_from: Path | None = None  # fine-tune: start from this checkpoint's weights (same net)
 
     def describe(self) -> dict[str, Any]:
         p = self.preset
@@ -61,6 +62,7 @@ class RunConfig:
             "self_supervised": self.self_supervised,
             "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
             "command": self.command,
+            "init_from": str(self.init_from) if self.init_from else None,
             # where the run trained (export may happen elsewhere)
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {self.device}",
         }
@@ -139,6 +141,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         start_epoch, history = state["epoch"], state["history"]
         gen_state = state.get("pair_rng")
         log.info("resuming %s at epoch %d", preset.name, start_epoch + 1)
+    elif cfg.init_from is not None:
+        _load_weights(model, cfg.init_from, preset.net, device)
     bank, val = _banks(cfg, reuse=resume)
     log.info(
         "%s: %d training slices, %d validation slices, %d parameters",
@@ -203,6 +207,15 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # a kill mid-save keeps the previous epoch
         _write_log(cfg.out, history)
     return ckpt_path
+
+
+def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.device) -> None:
+    """Weights of an earlier run (a shipped model's, or a site's) as the starting point."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    if NetSpec(**state["net"]) != net:
+        raise ValueError(f"{path}: its net {state['net']} differs from this run's {net.as_dict()}")
+    model.load_state_dict(state["model"])
+    log.info("starting from the weights in %s", path)
 
 
 def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:

@@ -102,6 +102,9 @@ def _head(cv: _Canvas, rng: np.random.Generator) -> None:
     cv.paint(inner & (folds > -1.2), Tissue.GREY_MATTER)
     deep = cv.ellipsoid(0, 0, a - scalp - skull - 10, b - scalp - skull - 10, angle)
     cv.paint(deep & (folds > -0.2), Tissue.WHITE_MATTER)
+    # sulci: thin CSF bands along the zero crossings of a band-limited field
+    sulci = np.abs(_smooth_field(rng, cv.labels.shape, 3.0 / cv.spacing)) < rng.uniform(0.04, 0.12)
+    cv.paint(inner & sulci & (cv.labels == Tissue.GREY_MATTER), Tissue.CSF)
     for side in (-1, 1):  # lateral ventricles
         cv.paint(
             cv.ellipsoid(
@@ -119,6 +122,16 @@ def _head(cv: _Canvas, rng: np.random.Generator) -> None:
             cv.ellipsoid(rng.uniform(-35, 35), rng.uniform(-45, 45), r, r * rng.uniform(0.6, 1.4)) & inner,
             Tissue.LESION,
         )
+    _small_structures(cv, rng, inner, min(a, b) - scalp - skull)
+
+
+def _small_structures(cv: _Canvas, rng: np.random.Generator, inside: NDArray[np.bool_], extent: float) -> None:
+    """Millimetre air pockets and calcifications: high-contrast detail a denoiser must keep sharp."""
+    for _ in range(rng.integers(0, 25)):
+        r = rng.uniform(0.5, 4.0)
+        cx, cy = rng.uniform(-extent, extent, 2)
+        blob = cv.ellipsoid(float(cx), float(cy), r, r * rng.uniform(0.4, 1.6), rng.uniform(0, 3))
+        cv.paint(blob & inside, Tissue.GAS if rng.random() < 0.6 else Tissue.CORTICAL_BONE)
 
 
 def _trunk(cv: _Canvas, rng: np.random.Generator, chest: bool) -> None:
@@ -171,6 +184,7 @@ def _trunk(cv: _Canvas, rng: np.random.Generator, chest: bool) -> None:
             & (cv.labels != Tissue.LUNG),
             Tissue.LESION,
         )
+    _small_structures(cv, rng, body, min(a, b) - fat)
     spine_y = b - fat - rng.uniform(25, 40)
     cv.paint(cv.ellipsoid(0, spine_y, rng.uniform(16, 22), rng.uniform(14, 19)), Tissue.CORTICAL_BONE)
     cv.paint(cv.ellipsoid(0, spine_y, rng.uniform(13, 15), rng.uniform(11, 13)), Tissue.MARROW)
@@ -213,7 +227,8 @@ def _render(
             continue
         mix = 0.6 * coarse[mask] + 0.4 * fine[mask]
         out[mask] = means[tissue] + texture[tissue] * mix
-    # the scanner's point-spread function: real images never have one-pixel-sharp edges
+    # the scanner's point-spread function; blur_px 0 gives one-pixel-sharp edges, as in
+    # segmented or sharp-kernel images
     sigma = (0, blur_px, blur_px) if labels.ndim == 3 else blur_px
     return ndimage.gaussian_filter(out, sigma)
 
@@ -239,7 +254,7 @@ def ct_phantom(
     means[Tissue.AIR] = -1000.0
     means[Tissue.LESION] = rng.uniform(-30, 90)
     texture = {t: s * rng.uniform(0.6, 1.5) for t, (_, s) in CT_HU.items()}
-    image = _render(labels, rng, means, texture, spacing_mm, rng.uniform(0.5, 1.0))
+    image = _render(labels, rng, means, texture, spacing_mm, rng.choice([0.0, rng.uniform(0.3, 1.0)]))
     return np.clip(image, -1000.0, None), spacing_mm  # nothing attenuates less than air
 
 
@@ -261,4 +276,19 @@ def mr_phantom(
     texture = {t: 0.04 * m for t, m in means.items()}
     image = _render(labels, rng, means, texture, spacing_mm, rng.uniform(0.4, 0.8))
     bias = 1.0 + 0.15 * _smooth_field(rng, labels.shape, size / 4)
-    return np.clip(image * bias, 0, None).astype(np.float32), spacing_mm
+    image = image * bias
+    if rng.random() < 0.5:
+        # many MR series are reconstructed on a finer matrix than they were acquired on
+        # (zero-filled k-space, reformats): their detail stops below the pixel Nyquist
+        image = band_limit(image, float(rng.uniform(0.45, 0.9)))
+    return np.clip(image, 0, None).astype(np.float32), spacing_mm
+
+
+def band_limit(image: Array, fraction: float) -> Array:
+    """Keeps the central `fraction` of k-space in each in-plane direction (a smaller acquired
+    matrix reconstructed on this one), zeroing the rest."""
+    h, w = image.shape[-2:]
+    fy = np.abs(np.fft.fftfreq(h))[:, None] <= fraction / 2
+    fx = np.abs(np.fft.fftfreq(w))[None, :] <= fraction / 2
+    k = np.fft.fft2(image, axes=(-2, -1)) * (fy & fx)
+    return np.real(np.fft.ifft2(k, axes=(-2, -1))).astype(np.float32)

@@ -212,6 +212,25 @@ def test_fresh_run_does_not_reuse_another_runs_training_data(tmp_path: Path) -> 
     assert len(Bank.load(tmp_path / "bank.npz")) == 3
 
 
+def test_init_from_starts_at_the_earlier_runs_weights(short_run: RunConfig, tmp_path: Path) -> None:
+    """Fine-tuning: with a zero learning rate the new run keeps exactly the weights it started from."""
+    source = short_run.out / CHECKPOINT
+    frozen = with_overrides(short_run.preset, lr=0.0, epochs=1)
+    cfg = RunConfig(frozen, tmp_path / "tuned", workers=1, seed=5, init_from=source)
+    train(cfg)
+    assert same_weights(state(cfg.out)["model"], state(short_run.out)["model"])
+    assert state(cfg.out)["run"]["init_from"] == str(source)
+    fresh = RunConfig(frozen, tmp_path / "fresh", workers=1, seed=5)
+    train(fresh)
+    assert not same_weights(state(fresh.out)["model"], state(short_run.out)["model"])
+
+
+def test_init_from_refuses_a_checkpoint_of_another_net(short_run: RunConfig, tmp_path: Path) -> None:
+    wider = with_overrides(short_run.preset, net=with_overrides(TINY, width=16))
+    with pytest.raises(ValueError, match="differs"):
+        train(RunConfig(wider, tmp_path, workers=1, init_from=short_run.out / CHECKPOINT))
+
+
 # --- self-supervised (Neighbor2Neighbor) ------------------------------------------------------
 
 
