@@ -32,5 +32,9 @@ class ManifestError(EnhanceNodeError):
     """A model package whose model.toml is missing, malformed or contradicts its ONNX graph (permanent)."""
 
 
+class EngineUnavailable(EnhanceNodeError):
+    """The backend asked for cannot run here (library not installed, no such device)."""
+
+
 class UsageError(EnhanceNodeError):
     """A command was asked for something it cannot do with these arguments; the CLI exits 2."""

@@ -1,0 +1,239 @@
+"""engines/: the backend protocol, registry, graph checks, tiling and the series pipeline, with
+hand-built ONNX models whose output is known and with the shipped models."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomlkit
+
+from engines.base import check_signature
+from engines.manifest import Tile, load
+from engines.pipeline import context_indices, enhance_volume
+from engines.registry import EngineOptions, open_engine
+from engines.tiling import ramp, run_tiled, starts
+from node.errors import ConfigError, EngineUnavailable, ManifestError
+from tests.onnx_models import identity, nearest_upscale, pick_channel
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def ct_volume(seed: int = 0, shape: tuple[int, int, int] = (3, 40, 50)) -> np.ndarray:
+    """Integer HU with pixel padding (-3024) in one corner, as scanners write outside the FOV."""
+    v = np.random.default_rng(seed).integers(-1024, 3000, shape).astype(np.float32)
+    v[:, :5, :5] = -3024.0
+    return v
+
+
+def edit_manifest(package: Path, dest: Path, **changes: object) -> Path:
+    shutil.copytree(package, dest)
+    doc = tomlkit.parse((dest / "model.toml").read_text())
+    for key, value in changes.items():
+        doc[key] = value
+    (dest / "model.toml").write_text(tomlkit.dumps(doc))
+    return dest
+
+
+# --- registry and backends --------------------------------------------------------------------
+
+
+def test_auto_on_a_cpu_picks_onnxruntime(tmp_path: Path) -> None:
+    engine = open_engine(identity(tmp_path / "id"), EngineOptions(device="cpu"))
+    assert (engine.backend, engine.device) == ("onnxruntime", "cpu")
+    engine.close()
+
+
+def test_unknown_backend_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"worker\.backend"):
+        open_engine(identity(tmp_path / "id"), EngineOptions(backend="openvino"))
+
+
+def test_tensorrt_without_a_gpu_says_why(tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable, match=r"CUDA device|tensorrt extra"):
+        open_engine(identity(tmp_path / "id"), EngineOptions(backend="tensorrt", device="cpu"))
+
+
+def test_onnxruntime_refuses_a_cuda_device(tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable, match="CPU"):
+        open_engine(identity(tmp_path / "id"), EngineOptions(backend="onnxruntime", device="cuda:0"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_is_optional() -> None:
+    """TensorRT cannot be installed on the build machines (its wheel fetches from NVIDIA's
+    index); its backend must import lazily and answer with the reason."""
+    from engines.tensorrt_backend import Profile, plan_key
+
+    key = plan_key("ab" * 32, "10.0", "H100", "9.0", "fp16", Profile(1, 8, 512))
+    assert key != plan_key("ab" * 32, "10.0", "H100", "9.0", "fp32", Profile(1, 8, 512))
+    assert key != plan_key("ab" * 32, "10.1", "H100", "9.0", "fp16", Profile(1, 8, 512))
+    assert key != plan_key("ab" * 32, "10.0", "H100", "9.0", "fp16", Profile(1, 8, 256))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not importable (optional extra)")
+def test_tensorrt_matches_onnxruntime() -> None:  # pragma: no cover - needs TensorRT and a GPU
+    x = np.random.default_rng(0).uniform(0.2, 0.3, (2, 1, 64, 64)).astype(np.float32)
+    trt = open_engine(MODELS / "ct-denoise", EngineOptions(backend="tensorrt", device="cuda:0"))
+    cpu = open_engine(MODELS / "ct-denoise", EngineOptions(backend="onnxruntime", device="cpu"))
+    np.testing.assert_allclose(trt.infer(x), cpu.infer(x), atol=2e-3)  # FP16
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch/onnx not installed (gpu extra)")
+@pytest.mark.parametrize("name", ["ct-denoise", "mr-sr2"])
+def test_torch_backend_runs_the_onnx_weights(name: str) -> None:
+    x = np.random.default_rng(1).uniform(0.0, 0.6, (2, 1, 48, 40)).astype(np.float32)
+    torch_engine = open_engine(MODELS / name, EngineOptions(backend="torch", device="cpu"))
+    ort_engine = open_engine(MODELS / name, EngineOptions(backend="onnxruntime", device="cpu"))
+    np.testing.assert_allclose(torch_engine.infer(x), ort_engine.infer(x), atol=1e-4)
+    assert torch_engine.infer(x).shape == (2, 1, 48 * ort_engine.manifest.scale, 40 * ort_engine.manifest.scale)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch/onnx not installed (gpu extra)")
+def test_torch_backend_needs_the_net_table(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"\[net\]"):
+        open_engine(identity(tmp_path / "id"), EngineOptions(backend="torch", device="cpu"))
+
+
+# --- the manifest checked against the graph ---------------------------------------------------
+
+
+def test_context_slices_must_match_the_graph(tmp_path: Path) -> None:
+    package = edit_manifest(MODELS / "ct-denoise", tmp_path / "pkg", context_slices=3)
+    with pytest.raises(ManifestError, match=r"context_slices = 3.*1 channels"):
+        open_engine(package)
+
+
+def test_scale_must_match_the_graph(tmp_path: Path) -> None:
+    package = edit_manifest(MODELS / "ct-denoise", tmp_path / "pkg", task="sr", scale=2)
+    with pytest.raises(ManifestError, match="sr x2"):
+        open_engine(package)
+
+
+def test_a_fixed_size_graph_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="fixed at 1; it must be dynamic"):
+        open_engine(identity(tmp_path / "static", static=64))
+
+
+def test_tensor_names_are_checked() -> None:
+    manifest = load(MODELS / "ct-denoise")
+    with pytest.raises(ManifestError, match="'input'"):
+        check_signature(manifest, [("x", ["n", 1, "h", "w"])], [("output", ["n", 1, "h", "w"])])
+    with pytest.raises(ManifestError, match="1 channel"):
+        check_signature(manifest, [("input", ["n", 1, "h", "w"])], [("output", ["n", 3, "h", "w"])])
+    check_signature(manifest, [("input", ["n", 1, "h", "w"])], [("output", ["n", 1, "h", "w"])])
+
+
+# --- tiling ------------------------------------------------------------------------------------
+
+
+def test_tile_starts_cover_the_axis_and_end_flush() -> None:
+    assert starts(100, 128, 16) == [0]
+    assert starts(300, 128, 32) == [0, 96, 172]
+    for length, size, overlap in [(513, 128, 32), (1024, 512, 32), (130, 64, 8)]:
+        s = starts(length, size, overlap)
+        assert s[-1] + size == length
+        assert all(b - a <= size - overlap for a, b in itertools.pairwise(s))
+
+
+def test_ramp_rises_only_on_shared_sides() -> None:
+    assert np.all(ramp(100, 0, 100, 16) == 1)
+    inner = ramp(300, 96, 128, 32)
+    assert inner[0] < 0.01 and inner[-1] < 0.01 and np.all(inner[32:-32] == 1)
+    assert np.all(np.diff(inner[:32]) > 0)
+    assert ramp(300, 0, 128, 32)[0] == 1 and ramp(300, 172, 128, 32)[-1] == 1
+
+
+def test_tiling_an_identity_gives_the_input_back() -> None:
+    x = np.random.default_rng(0).random((3, 1, 300, 200)).astype(np.float32)
+    calls: list[tuple[int, ...]] = []
+
+    def infer(b: np.ndarray) -> np.ndarray:
+        calls.append(b.shape)
+        return b
+
+    out = run_tiled(infer, x, Tile(128, 16), 1, max_batch=4)
+    np.testing.assert_allclose(out, x, atol=1e-6)
+    assert all(shape[0] <= 4 and shape[2:] == (128, 128) for shape in calls)
+    assert len(calls) > 1
+
+
+def test_an_image_that_fits_is_not_tiled() -> None:
+    x = np.zeros((5, 1, 64, 48), np.float32)
+    shapes: list[tuple[int, ...]] = []
+    run_tiled(lambda b: shapes.append(b.shape) or b, x, Tile(64, 8), 1, max_batch=2)
+    assert shapes == [(2, 1, 64, 48), (2, 1, 64, 48), (1, 1, 64, 48)]
+
+
+def test_tiled_super_resolution_equals_the_whole_image(tmp_path: Path) -> None:
+    engine = open_engine(nearest_upscale(tmp_path / "up", tile=Tile(32, 8)))
+    x = np.random.default_rng(2).random((2, 1, 70, 45)).astype(np.float32)
+    np.testing.assert_allclose(run_tiled(engine.infer, x, Tile(32, 8), 2, 3), engine.infer(x), atol=1e-6)
+
+
+def test_tiled_denoiser_matches_the_whole_slice() -> None:
+    """The shipped CT denoiser, tiled 128/32 against whole: the blended seams stay well below
+    the noise it removes (HU = normalised * 4095)."""
+    engine = open_engine(MODELS / "ct-denoise")
+    rng = np.random.default_rng(3)
+    x = (0.25 + 0.005 * rng.standard_normal((1, 1, 256, 256))).astype(np.float32)
+    whole = engine.infer(x)
+    tiled = run_tiled(engine.infer, x, Tile(128, 32), 1, 4)
+    assert float(np.abs(tiled - whole).max()) * 4095 < 2.0
+    assert float(np.std(whole - x)) * 4095 > 10.0
+
+
+# --- the series pipeline ----------------------------------------------------------------------
+
+
+def test_identity_round_trip_keeps_hounsfield_units_and_padding(tmp_path: Path) -> None:
+    engine = open_engine(identity(tmp_path / "id"))
+    v = ct_volume()
+    out = enhance_volume(engine, v)
+    assert out.dtype == np.float32 and out.shape == v.shape
+    np.testing.assert_array_equal(np.round(out), v)
+    assert np.all(out[:, :5, :5] == -3024.0)
+
+
+def test_padding_is_hidden_from_the_model(tmp_path: Path) -> None:
+    """The net sees lo (-1024) where the series has padding; the padding comes back unchanged."""
+    engine = open_engine(identity(tmp_path / "id"))
+    seen: list[np.ndarray] = []
+    infer = engine.infer
+    engine.infer = lambda b: seen.append(b.copy()) or infer(b)  # type: ignore[method-assign]
+    enhance_volume(engine, ct_volume())
+    assert float(min(b.min() for b in seen)) == pytest.approx(0.0)
+
+
+def test_context_slices_are_neighbours_with_edges_repeated(tmp_path: Path) -> None:
+    assert context_indices(0, 4, 3).tolist() == [0, 0, 1]
+    assert context_indices(3, 4, 5).tolist() == [1, 2, 3, 3, 3]
+    previous = open_engine(pick_channel(tmp_path / "prev", context=3, channel=0))
+    v = ct_volume(shape=(4, 16, 16))
+    v[:, :5, :5] = 0.0
+    out = enhance_volume(previous, v, max_batch=3)
+    np.testing.assert_array_equal(np.round(out), v[[0, 0, 1, 2]])
+
+
+def test_super_resolution_pipeline_scales_and_restores_padding(tmp_path: Path) -> None:
+    engine = open_engine(nearest_upscale(tmp_path / "up"))
+    v = ct_volume(shape=(2, 20, 30))
+    out = enhance_volume(engine, v)
+    assert out.shape == (2, 40, 60)
+    np.testing.assert_array_equal(np.round(out), np.repeat(np.repeat(v, 2, axis=1), 2, axis=2))
+
+
+def test_percentile_window_is_per_series(tmp_path: Path) -> None:
+    """MR: the same image in a series twice as bright comes out twice as bright (the window
+    follows the series), so the model sees the same normalised input."""
+    from engines.normalization import Normalization
+
+    engine = open_engine(identity(tmp_path / "id", normalization=Normalization("percentile", 0.5, 99.5)))
+    v = np.random.default_rng(4).uniform(0, 1000, (2, 24, 24)).astype(np.float32)
+    np.testing.assert_allclose(enhance_volume(engine, v), v, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(enhance_volume(engine, 2 * v), 2 * v, rtol=1e-5, atol=2e-3)
