@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -27,10 +28,14 @@ def sweep(ledger: Ledger, idle_seconds: float, network_timeout: float) -> list[s
 
 
 class CompletionLoop:
-    """Runs `sweep` every `interval` seconds in a thread until stopped."""
+    """Runs `sweep` every `interval` seconds in a thread until stopped, then `after` (routing
+    the completed series to jobs)."""
 
-    def __init__(self, ledger: Ledger, idle_seconds: float, network_timeout: float) -> None:
+    def __init__(
+        self, ledger: Ledger, idle_seconds: float, network_timeout: float, after: Callable[[], object] | None = None
+    ) -> None:
         self.ledger = ledger
+        self.after = after
         self.idle_seconds = idle_seconds
         self.network_timeout = network_timeout
         self.interval = min(1.0, max(0.05, idle_seconds / 4))
@@ -48,5 +53,7 @@ class CompletionLoop:
         while not self._stop.wait(self.interval):
             try:
                 sweep(self.ledger, self.idle_seconds, self.network_timeout)
+                if self.after is not None:
+                    self.after()
             except SQLAlchemyError as exc:  # the ledger may be briefly unavailable: try again
                 log.error("completion sweep failed: %s", type(exc).__name__)

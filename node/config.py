@@ -91,6 +91,16 @@ class RouteConfig:
 class WorkerConfig:
     backend: str = "auto"
     device: str = "auto"
+    processes: int = 1  # worker processes (one engine each); 0 = no worker in this node
+    threads: int = 0  # onnxruntime intra-op threads per process; 0 = one per core
+    max_batch: int = 8  # slices or tiles per inference call
+    models_dir: Path = Path("models")  # route.model names a folder here
+    plan_cache: Path = Path("var/plans")  # TensorRT plans
+    heartbeat_seconds: float = 5.0
+    stale_after_seconds: float = 60.0  # a running job silent this long is re-queued
+    max_attempts: int = 3
+    series_number_offset: int = 1000  # derived SeriesNumber = source + offset
+    series_description_suffix: str = " enhanced"  # derived SeriesDescription = source + suffix
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,19 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     worker = WorkerConfig(
         backend=worker_t.choice("backend", "auto", BACKENDS),
         device=worker_t.string("device", "auto", pattern=r"auto|cpu|cuda(:\d+)?"),
+        processes=worker_t.integer("processes", 1, minimum=0, maximum=16),
+        threads=worker_t.integer("threads", 0, minimum=0, maximum=256),
+        max_batch=worker_t.integer("max_batch", 8, minimum=1, maximum=1024),
+        models_dir=_resolve(Path(worker_t.string("models_dir", "models")), base_dir),
+        plan_cache=_resolve(Path(worker_t.string("plan_cache", "var/plans")), base_dir),
+        heartbeat_seconds=worker_t.number("heartbeat_seconds", 5.0, minimum=0.05),
+        stale_after_seconds=worker_t.number("stale_after_seconds", 60.0, minimum=0.2),
+        max_attempts=worker_t.integer("max_attempts", 3, minimum=1, maximum=100),
+        series_number_offset=worker_t.integer("series_number_offset", 1000, minimum=0, maximum=2**31 - 1),
+        series_description_suffix=worker_t.string("series_description_suffix", " enhanced", pattern=r"[^\\]{0,32}"),
     )
+    if worker.stale_after_seconds <= 2 * worker.heartbeat_seconds:
+        raise ConfigError(worker_t.key("stale_after_seconds"), "must be more than twice heartbeat_seconds")
     worker_t.done()
     dash_t = reader.table("dashboard")
     dashboard = DashboardConfig(

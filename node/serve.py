@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.synchronize import Event as MpEvent
 from types import FrameType
@@ -29,14 +30,16 @@ from node.config import Config
 from node.handlers import OpenAssociations
 from node.logs import configure_logging
 from node.scp import StorageSCP
+from node.worker import Worker
 from storage.db import make_engine, migrate
 from storage.filestore import FileStore
+from storage.jobs import JobQueue
 from storage.ledger import Ledger
 from storage.recovery import reconcile
 
 log = logging.getLogger(__name__)
 
-ROLES = ("all", "scp")  # worker and sender roles arrive with the engines and delivery work
+ROLES = ("all", "scp", "worker")  # the sender role arrives with the delivery work
 MAX_AUTO_PROCESSES = 8
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 1.0
@@ -74,49 +77,62 @@ def serve(cfg: Config, role: str = "all") -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    receivers = Receivers(cfg, receive_process_count(cfg), ident)
-    receivers.start()
-    completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout)
+    groups: list[ProcessGroup] = []
+    if role in ("all", "scp"):
+        groups.append(Receivers(cfg, receive_process_count(cfg), ident))
+    if role in ("all", "worker") and cfg.worker.processes > 0:
+        groups.append(ProcessGroup("worker", cfg.worker.processes, run_worker, lambda index: (cfg, ident, index)))
+    for group in groups:
+        group.start()
+    queue = JobQueue(ledger.engine)
+    route = lambda: queue.route_complete_series(cfg.routes, cfg.worker.max_attempts)  # noqa: E731
+    completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
     completion.start()
     log.info(
-        "enhance-node ready (role %s, %d receiving processes, ledger %s, storage %s)",
+        "enhance-node ready (role %s, %s, ledger %s, storage %s)",
         role,
-        receivers.count,
+        ", ".join(f"{g.count} {g.kind} processes" for g in groups) or "no processes",
         make_url(cfg.node.ledger_url).render_as_string(hide_password=True),
         cfg.node.storage_dir,
     )
     while not stop.wait(0.5):
-        receivers.restart_dead()
-    receivers.stop()
+        for group in groups:
+            group.restart_dead()
+    for group in groups:
+        group.stop()
     completion.stop()
     ledger.engine.dispose()
     log.info("stopped")
     return 0
 
 
-class Receivers:
-    """The SCP processes: started, watched, restarted, stopped."""
+class ProcessGroup:
+    """Child processes of one kind: started (each signals ready), watched, restarted, stopped.
 
-    def __init__(self, cfg: Config, count: int, ident: str) -> None:
-        self.cfg = cfg
+    Each child gets its own stop event: a process killed while waiting on a shared event would
+    leave a sleeper that never wakes, and Event.set() (notify_all) would wait for it forever.
+    """
+
+    def __init__(
+        self, kind: str, count: int, target: Callable[..., None], args: Callable[[int], tuple[Any, ...]]
+    ) -> None:
+        self.kind = kind
         self.count = count
-        self.ident = ident
+        self._target = target
+        self._args = args  # index -> the target's leading arguments
         self._ctx: SpawnContext = multiprocessing.get_context("spawn")
-        self._slots = self._ctx.Array("i", count)  # open associations of each process
-        # one stop event per process: a process killed while waiting on a shared event would
-        # leave a sleeper that never wakes, and Event.set() (notify_all) would wait for it forever
         self._stops: list[MpEvent] = [self._ctx.Event() for _ in range(count)]
         self._procs: list[SpawnProcess] = []
+        self.on_spawn: Callable[[int], None] = lambda _index: None
 
     def _spawn(self, index: int) -> SpawnProcess:
-        with self._slots.get_lock():
-            self._slots[index] = 0  # a process that died gives its associations' slots back
+        self.on_spawn(index)
         ready, stop = self._ctx.Event(), self._ctx.Event()
         self._stops[index] = stop
         proc = self._ctx.Process(
-            target=run_receiver,
-            args=(self.cfg, self.ident, self._slots, index, stop, ready, logging.getLogger().level, os.getpid()),
-            name=f"scp-{index}",
+            target=self._target,
+            args=(*self._args(index), stop, ready, logging.getLogger().level, os.getpid()),
+            name=f"{self.kind}-{index}",
             daemon=True,
         )
         proc.start()
@@ -124,7 +140,7 @@ class Receivers:
         while not ready.wait(0.1):
             if not proc.is_alive() or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"receiving process {index} failed to start (exit {proc.exitcode})")
+                raise RuntimeError(f"{self.kind} process {index} failed to start (exit {proc.exitcode})")
         return proc
 
     def start(self) -> None:
@@ -133,7 +149,7 @@ class Receivers:
     def restart_dead(self) -> None:
         for i, proc in enumerate(self._procs):
             if not proc.is_alive():
-                log.error("receiving process %d exited with %s; restarting it", i, proc.exitcode)
+                log.error("%s process %d exited with %s; restarting it", self.kind, i, proc.exitcode)
                 time.sleep(RESTART_DELAY_S)
                 self._procs[i] = self._spawn(i)
 
@@ -145,6 +161,23 @@ class Receivers:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None and p.is_alive()]
+
+
+class Receivers(ProcessGroup):
+    """The SCP processes, sharing the association slots (one counter per process)."""
+
+    def __init__(self, cfg: Config, count: int, ident: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._slots = ctx.Array("i", count)  # open associations of each process
+        super().__init__("scp", count, run_receiver, lambda index: (cfg, ident, self._slots, index))
+        self.on_spawn = self._free_slots
+
+    def _free_slots(self, index: int) -> None:
+        with self._slots.get_lock():
+            self._slots[index] = 0  # a process that died gives its associations' slots back
 
 
 def run_receiver(
@@ -161,6 +194,24 @@ def run_receiver(
     ready.set()
     stop.wait()
     scp.stop()
+    ledger.engine.dispose()
+
+
+def run_worker(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int) -> None:
+    """Entry point of one worker process: its own engine, claiming jobs from the ledger."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(log_level)
+    store, ledger = open_storage(cfg, upgrade=False)
+    worker = Worker(cfg.worker, JobQueue(ledger.engine), store, f"{ident}/worker-{index}/{os.getpid()}")
+    done = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(done,), name="worker", daemon=True)
+    thread.start()
+    ready.set()
+    stop.wait()
+    done.set()
+    thread.join()
     ledger.engine.dispose()
 
 

@@ -34,6 +34,13 @@ class EventKind(enum.StrEnum):
     ASSOCIATION_LOST = "association.lost"
     SERIES_REOPENED = "series.reopened"
     SERIES_COMPLETE = "series.complete"
+    SERIES_UNROUTED = "series.unrouted"
+    JOB_QUEUED = "job.queued"
+    JOB_STARTED = "job.started"
+    JOB_DONE = "job.done"
+    JOB_RETRY = "job.retry"
+    JOB_FAILED = "job.failed"
+    JOB_REQUEUED = "job.requeued"
 
 
 class StoreOutcome(enum.Enum):

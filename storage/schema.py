@@ -142,3 +142,36 @@ events = Table(
     Column("status", Integer),  # DIMSE status answered, when there was one
     Column("detail", Text, nullable=False, default=""),
 )
+
+# Job states (DESIGN 3.3).
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_id", ForeignKey("series.id"), nullable=False, index=True),
+    Column("generation", Integer, nullable=False),  # the series' reopened_count when routed
+    Column("route", String(64), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("model_version", String(32)),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("queued_at", UTCDateTime, nullable=False),
+    Column("not_before", UTCDateTime),  # retry backoff
+    Column("started_at", UTCDateTime),
+    Column("heartbeat_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("worker", String(128)),
+    Column("backend", String(32)),
+    Column("error", Text, nullable=False, default=""),
+    Column("output_series_uid", UID),
+    Column("output_count", Integer, nullable=False, default=0),
+    Column("timings", Text, nullable=False, default=""),  # JSON: seconds per stage
+    Index("ix_jobs_state", "state", "id"),
+    Index("ux_jobs_series_route_generation", "series_id", "route", "generation", unique=True),
+)

@@ -66,6 +66,9 @@ def ct_slice(
     ds.PixelSpacing = [0.7, 0.7]
     ds.SliceThickness = 1.0
     ds.KVP = 120
+    ds.AcquisitionNumber = 1
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "HEAD"
     ds.PositionReferenceIndicator = ""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -58,6 +58,8 @@ def toml_config(
     idle_seconds: float = 30,
     min_free_disk_mb: int = 0,
     receive_processes: int = 2,
+    worker_processes: int = 0,
+    worker: str = "",
     extra_node: str = "",
     extra: str = "",
 ) -> Path:
@@ -74,7 +76,9 @@ def toml_config(
     ]
     for ae, host in allowed:
         lines += ["[[node.allowed]]", f'ae_title = "{ae}"'] + ([f'host = "{host}"'] if host else [])
-    lines += ["[series]", f"idle_seconds = {idle_seconds}", extra]
+    lines += ["[series]", f"idle_seconds = {idle_seconds}"]
+    # no worker unless asked: the receive tests count the node's child processes as receivers
+    lines += ["[worker]", f"processes = {worker_processes}", worker, extra]
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

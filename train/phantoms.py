@@ -233,6 +233,35 @@ def _render(
     return ndimage.gaussian_filter(out, sigma)
 
 
+# Photographs bundled in scikit-image's wheel (public domain or no known copyright
+# restrictions, per its documentation): a source of natural texture and edges that procedural
+# tissue lacks. Used only as texture, modulating the phantom's soft tissue or signal.
+TEXTURE_IMAGES = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "moon", "retina", "rocket",
+)  # fmt: skip
+
+
+def natural_texture(rng: np.random.Generator, shape: tuple[int, int]) -> Array:
+    """A random crop of a bundled photograph, grey, rescaled, rotated and flipped at random,
+    zero mean and unit SD, of `shape`."""
+    from skimage import data
+    from skimage.color import rgb2gray
+    from skimage.transform import resize
+
+    image = getattr(data, str(rng.choice(TEXTURE_IMAGES)))()
+    grey = rgb2gray(image[..., :3]) if image.ndim == 3 else image.astype(np.float64)
+    zoom = rng.uniform(0.7, 2.0)
+    side = (min(grey.shape[0], int(shape[0] / zoom)), min(grey.shape[1], int(shape[1] / zoom)))
+    top, left = (int(rng.integers(0, grey.shape[i] - side[i] + 1)) for i in (0, 1))
+    crop = np.rot90(grey[top : top + side[0], left : left + side[1]], int(rng.integers(4)))
+    crop = resize(crop, shape, order=1, anti_aliasing=True)
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    sd = float(crop.std())
+    return ((crop - crop.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32)
+
+
 def _fov_spacing(rng: np.random.Generator, region: str, size: int) -> float:
     """Pixel spacing that frames the region as a scanner's reconstruction field of view would."""
     fov = rng.uniform(220, 260) if region == "head" else rng.uniform(340, 420)
@@ -245,8 +274,10 @@ def ct_phantom(
     spacing_mm: float | None = None,
     slices: int = 1,
     region: str | None = None,
+    natural: float = 0.5,
 ) -> tuple[Array, float]:
-    """A CT slab in Hounsfield units, shape (slices, size, size), and its pixel spacing in mm."""
+    """A CT slab in Hounsfield units, shape (slices, size, size), and its pixel spacing in mm.
+    With probability `natural` its soft tissue carries the texture of a bundled photograph."""
     region = region or str(rng.choice(["head", "chest", "abdomen"]))
     spacing_mm = spacing_mm or _fov_spacing(rng, region, size)
     labels = anatomy(rng, size, spacing_mm, slices, region=region)
@@ -255,7 +286,10 @@ def ct_phantom(
     means[Tissue.LESION] = rng.uniform(-30, 90)
     texture = {t: s * rng.uniform(0.6, 1.5) for t, (_, s) in CT_HU.items()}
     image = _render(labels, rng, means, texture, spacing_mm, rng.choice([0.0, rng.uniform(0.3, 1.0)]))
-    return np.clip(image, -1000.0, None), spacing_mm  # nothing attenuates less than air
+    if rng.random() < natural:
+        soft = (labels > Tissue.AIR) & (labels != Tissue.CORTICAL_BONE) & (labels != Tissue.LUNG)
+        image = image + soft * float(rng.uniform(5.0, 40.0)) * natural_texture(rng, (size, size))
+    return np.clip(image, -1000.0, None).astype(np.float32), spacing_mm  # nothing attenuates less than air
 
 
 def mr_phantom(
@@ -264,8 +298,10 @@ def mr_phantom(
     spacing_mm: float | None = None,
     slices: int = 1,
     region: str | None = None,
+    natural: float = 0.5,
 ) -> tuple[Array, float]:
-    """An MR slab in arbitrary stored units (0..~1000), random contrast, with a bias field."""
+    """An MR slab in arbitrary stored units (0..~1000), random contrast, with a bias field;
+    with probability `natural` its signal is modulated by the texture of a bundled photograph."""
     region = region or str(rng.choice(["head", "head", "abdomen"]))
     spacing_mm = spacing_mm or _fov_spacing(rng, region, size)
     labels = anatomy(rng, size, spacing_mm, slices, region=region)
@@ -277,6 +313,8 @@ def mr_phantom(
     image = _render(labels, rng, means, texture, spacing_mm, rng.uniform(0.4, 0.8))
     bias = 1.0 + 0.15 * _smooth_field(rng, labels.shape, size / 4)
     image = image * bias
+    if rng.random() < natural:
+        image = image * np.clip(1.0 + float(rng.uniform(0.05, 0.3)) * natural_texture(rng, (size, size)), 0.2, None)
     if rng.random() < 0.5:
         # many MR series are reconstructed on a finer matrix than they were acquired on
         # (zero-filled k-space, reformats): their detail stops below the pixel Nyquist

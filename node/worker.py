@@ -1,0 +1,233 @@
+"""The worker: claims a queued job, loads its series, runs it through the route's model and
+writes the derived series to the outbox, then marks the job done. One engine per model,
+loaded once per process and reused for every job.
+
+Failure handling: a dataset or model that cannot be processed fails the job at once with the
+reason (permanent); anything else (out of disk, a crash in the engine) is retried with backoff
+up to `worker.max_attempts`. A worker killed mid-job stops heartbeating; after
+`stale_after_seconds` any worker re-queues the job, and because output UIDs and paths are
+deterministic the re-run overwrites the same files: the job completes once, with the same UIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+
+from engines.base import Engine
+from engines.pipeline import enhance_volume
+from engines.registry import EngineOptions, open_engine
+from node.config import WorkerConfig
+from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
+from node.errors import EngineUnavailable, InvalidDataset, ManifestError
+from node.series import Frame, frames, ordered
+from storage.filestore import FileStore
+from storage.jobs import Job, JobQueue
+from storage.ledger import Clock, utcnow
+
+log = logging.getLogger(__name__)
+
+OUTBOX_DIR = "outbox"
+IDLE_POLL_S = 0.5
+
+
+@dataclass
+class Result:
+    output_series_uid: str
+    count: int
+    model_version: str
+    backend: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
+    return f"{OUTBOX_DIR}/{output_series_uid}/{sop_instance_uid}.dcm"
+
+
+class Engines:
+    """Loaded engines by model name: load once, infer many."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self._loaded: dict[str, Engine] = {}
+
+    def get(self, model: str) -> Engine:
+        if model not in self._loaded:
+            options = EngineOptions(
+                backend=self.cfg.backend,
+                device=self.cfg.device,
+                threads=self.cfg.threads,
+                max_batch=self.cfg.max_batch,
+                plan_cache=self.cfg.plan_cache,
+            )
+            engine = open_engine(self.cfg.models_dir / model, options)
+            log.info("loaded %s %s on %s (%s)", model, engine.manifest.version, engine.backend, engine.device)
+            self._loaded[model] = engine
+        return self._loaded[model]
+
+    def close(self) -> None:
+        for engine in self._loaded.values():
+            engine.close()
+        self._loaded.clear()
+
+
+def read_frames(store: FileStore, paths: list[str]) -> list[Frame]:
+    items: list[Frame] = []
+    for rel in paths:
+        try:
+            ds = pydicom.dcmread(store.abspath(rel))
+        except (InvalidDicomError, OSError) as exc:
+            raise InvalidDataset(0xC000, f"{rel}: cannot read: {exc}") from None
+        if "PixelData" not in ds:
+            raise InvalidDataset(0xC000, f"{rel}: no pixel data")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise InvalidDataset(0xC000, f"{ds.SOPInstanceUID}: multi-frame objects are not processed yet")
+        try:
+            items.extend(frames(ds))
+        except (ValueError, NotImplementedError, RuntimeError) as exc:  # pixel decoding
+            raise InvalidDataset(0xC000, f"{ds.SOPInstanceUID}: cannot decode pixel data: {exc}") from None
+    return items
+
+
+def process(
+    job: Job,
+    queue: JobQueue,
+    store: FileStore,
+    engines: Engines,
+    settings: DeriveSettings,
+    backend_clock: Clock = utcnow,
+) -> Result:
+    """The job's series through its model, written to the outbox; raises on failure."""
+    timings: dict[str, float] = defaultdict(float)
+    with _timed(timings, "load"):
+        engine = engines.get(job.model)
+    manifest = engine.manifest
+    with _timed(timings, "decode"):
+        items = read_frames(store, queue.instance_paths(job.series_id))
+    if not items:
+        raise InvalidDataset(0xC000, f"series {job.series_instance_uid} has no images")
+    modality = str(items[0].dataset.get("Modality", ""))
+    if modality not in manifest.modalities:
+        raise InvalidDataset(0xC000, f"model {manifest.name} takes {'/'.join(manifest.modalities)}, not {modality}")
+    proc = Processing(
+        manifest.name, manifest.version, manifest.task, manifest.scale, engine.backend, backend_clock(), device_uid()
+    )
+    output_uid = derived_uid(job.series_instance_uid, manifest.name, manifest.version)
+    groups: dict[tuple[int, ...], list[Frame]] = defaultdict(list)
+    for item in items:  # a series may mix matrix sizes (e.g. a localizer): each size is a volume
+        groups[item.pixels.shape].append(item)
+    count = 0
+    for group in groups.values():
+        group = ordered(group)
+        with _timed(timings, "infer"):
+            enhanced = enhance_volume(engine, np.stack([f.pixels for f in group]), engines.cfg.max_batch)
+        for item, values in zip(group, enhanced, strict=True):
+            with _timed(timings, "encode"):
+                ds = derive_image(item.dataset, values, proc, settings)
+                buffer = DicomBytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+            with _timed(timings, "write"):
+                store.write(outbox_path(output_uid, ds.SOPInstanceUID), buffer.getvalue())
+            count += 1
+    return Result(output_uid, count, manifest.version, engine.backend, dict(timings))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] += time.perf_counter() - started
+
+
+PERMANENT = (InvalidDataset, ManifestError, EngineUnavailable)
+
+
+class Worker:
+    """Claims and runs jobs until stopped; the ledger is the only coordination between workers."""
+
+    def __init__(self, cfg: WorkerConfig, queue: JobQueue, store: FileStore, ident: str) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.store = store
+        self.ident = ident
+        self.engines = Engines(cfg)
+        self.settings = DeriveSettings(cfg.series_number_offset, cfg.series_description_suffix)
+
+    def run_once(self) -> bool:
+        """Runs one job if there is one; False when the queue had nothing runnable."""
+        for job_id in self.queue.requeue_stale(self.cfg.stale_after_seconds):
+            log.warning("job %d had no heartbeat for %.0f s; re-queued", job_id, self.cfg.stale_after_seconds)
+        job = self.queue.claim(self.ident)
+        if job is None:
+            return False
+        log.info("job %d: series %s through %s (attempt %d)", job.id, job.series_instance_uid, job.model, job.attempts)
+        stop_beat = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop_beat), daemon=True)
+        beat.start()
+        try:
+            result = process(job, self.queue, self.store, self.engines, self.settings)
+        except PERMANENT as exc:
+            self.queue.fail(job.id, self.ident, str(exc), permanent=True)
+            log.error("job %d failed: %s", job.id, exc)
+            return True
+        except Exception as exc:  # anything else may pass on a retry (disk, memory, engine)
+            state = self.queue.fail(job.id, self.ident, f"{type(exc).__name__}: {exc}", permanent=False)
+            log.exception("job %d error (now %s)", job.id, state)
+            return True
+        finally:
+            stop_beat.set()
+            beat.join()
+        if self.queue.finish(
+            job.id,
+            self.ident,
+            result.output_series_uid,
+            result.count,
+            result.model_version,
+            result.backend,
+            result.timings,
+        ):
+            log.info(
+                "job %d done: %d instances of series %s (%s)",
+                job.id,
+                result.count,
+                result.output_series_uid,
+                ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
+            )
+        else:
+            log.warning("job %d finished after it was re-queued; the other run will rewrite the same files", job.id)
+        return True
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(self.cfg.heartbeat_seconds):
+            try:
+                if not self.queue.heartbeat(job_id, self.ident):
+                    log.warning("job %d is no longer ours", job_id)
+                    return
+            except Exception:  # the ledger may be briefly unavailable; the next beat retries
+                log.exception("heartbeat for job %d failed", job_id)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                if not self.run_once():
+                    stop.wait(IDLE_POLL_S)
+        finally:
+            self.engines.close()
+
+
+def outbox_files(store: FileStore, output_series_uid: str) -> list[Path]:
+    folder = store.root / OUTBOX_DIR / output_series_uid
+    return sorted(folder.glob("*.dcm")) if folder.exists() else []

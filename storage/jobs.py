@@ -1,0 +1,292 @@
+"""The job queue in the ledger (DESIGN 3.3): routing complete series to jobs, claiming a job
+atomically, heartbeats, completion, retries with backoff, and re-queueing jobs whose worker
+died. Each operation is one short transaction.
+
+Claiming is one transaction that takes the write lock first (SQLite: BEGIN IMMEDIATE, see
+storage/db.py; PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED), so two workers never run the
+same job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+
+from node.config import RouteConfig
+from storage import schema as t
+from storage.ledger import Clock, EventKind, _event, utcnow
+from storage.schema import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, SERIES_COMPLETE, SERIES_ROUTED
+
+RETRY_BASE_S = 5.0
+RETRY_MAX_S = 600.0
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    modality: str
+    calling_ae: str
+    description: str
+
+
+def route_for(routes: Sequence[RouteConfig], facts: SeriesFacts) -> RouteConfig | None:
+    """The first route whose match accepts the series (keys left out match anything):
+    modality exact (case-insensitive, * = any), calling AE a glob, series description a
+    regular expression searched anywhere in the description."""
+    for route in routes:
+        m = route.match
+        if m.modality != "*" and m.modality.upper() != facts.modality.upper():
+            continue
+        if not fnmatch.fnmatchcase(facts.calling_ae, m.calling_ae):
+            continue
+        if not re.search(m.series_description, facts.description):
+            continue
+        return route
+    return None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    series_id: int
+    series_instance_uid: str
+    route: str
+    model: str
+    attempts: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Routed:
+    series_instance_uid: str
+    job_id: int | None  # None: no route matched
+
+
+class JobQueue:
+    def __init__(self, engine: Engine, now: Clock = utcnow) -> None:
+        self.engine = engine
+        self.now = now
+        self._skip_locked = engine.dialect.name == "postgresql"
+
+    # -- routing -------------------------------------------------------------------------
+    def route_complete_series(self, routes: Sequence[RouteConfig], max_attempts: int) -> list[Routed]:
+        """Every complete series gets a job on its first matching route (or an event saying
+        none matched) and becomes `routed`. A reopened series is routed again as a new
+        generation; its output UIDs are the same (node/derive.py), so PACS sees one copy."""
+        now = self.now()
+        s = t.series
+        out: list[Routed] = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(
+                    s.c.id,
+                    s.c.series_instance_uid,
+                    s.c.modality,
+                    s.c.calling_ae,
+                    s.c.series_description,
+                    s.c.reopened_count,
+                ).where(s.c.state == SERIES_COMPLETE)
+            ).all()
+            for row in rows:
+                route = route_for(routes, SeriesFacts(row.modality, row.calling_ae, row.series_description))
+                job_id = None
+                if route is None:
+                    _event(
+                        conn,
+                        now,
+                        EventKind.SERIES_UNROUTED,
+                        calling_ae=row.calling_ae,
+                        series_instance_uid=row.series_instance_uid,
+                        detail="no route matches",
+                    )
+                else:
+                    exists = conn.execute(
+                        select(t.jobs.c.id).where(
+                            t.jobs.c.series_id == row.id,
+                            t.jobs.c.route == route.name,
+                            t.jobs.c.generation == row.reopened_count,
+                        )
+                    ).scalar()
+                    job_id = exists or _insert_job(conn, row.id, row.reopened_count, route, max_attempts, now)
+                    _event(
+                        conn,
+                        now,
+                        EventKind.JOB_QUEUED,
+                        calling_ae=row.calling_ae,
+                        series_instance_uid=row.series_instance_uid,
+                        detail=f"job {job_id} route {route.name} model {route.model}",
+                    )
+                conn.execute(
+                    update(s).where(s.c.id == row.id, s.c.state == SERIES_COMPLETE).values(state=SERIES_ROUTED)
+                )
+                out.append(Routed(row.series_instance_uid, job_id))
+        return out
+
+    # -- claiming and running ------------------------------------------------------------
+    def claim(self, worker: str) -> Job | None:
+        """The oldest runnable queued job, now `running` for `worker`, or None."""
+        now = self.now()
+        j, s = t.jobs, t.series
+        with self.engine.begin() as conn:
+            query = (
+                select(j.c.id)
+                .where(j.c.state == JOB_QUEUED, or_(j.c.not_before.is_(None), j.c.not_before <= now))
+                .order_by(j.c.id)
+                .limit(1)
+            )
+            if self._skip_locked:
+                query = query.with_for_update(skip_locked=True)
+            job_id = conn.execute(query).scalar()
+            if job_id is None:
+                return None
+            conn.execute(
+                update(j)
+                .where(j.c.id == job_id)
+                .values(
+                    state=JOB_RUNNING,
+                    worker=worker,
+                    attempts=j.c.attempts + 1,
+                    started_at=now,
+                    heartbeat_at=now,
+                    error="",
+                )
+            )
+            row = conn.execute(
+                select(j, s.c.series_instance_uid).join(s, s.c.id == j.c.series_id).where(j.c.id == job_id)
+            ).one()
+            _event(
+                conn,
+                now,
+                EventKind.JOB_STARTED,
+                series_instance_uid=row.series_instance_uid,
+                detail=f"job {job_id} attempt {row.attempts} on {worker}",
+            )
+        return Job(row.id, row.series_id, row.series_instance_uid, row.route, row.model, row.attempts, row.max_attempts)
+
+    def heartbeat(self, job_id: int, worker: str) -> bool:
+        """False when the job is no longer this worker's (re-queued as stale, or cancelled)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.worker == worker, t.jobs.c.state == JOB_RUNNING)
+                .values(heartbeat_at=self.now())
+            )
+            return bool(done.rowcount)
+
+    def finish(
+        self,
+        job_id: int,
+        worker: str,
+        output_series_uid: str,
+        count: int,
+        model_version: str,
+        backend: str,
+        timings: dict[str, float],
+    ) -> bool:
+        now = self.now()
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.worker == worker, t.jobs.c.state == JOB_RUNNING)
+                .values(
+                    state=JOB_DONE,
+                    finished_at=now,
+                    output_series_uid=output_series_uid,
+                    output_count=count,
+                    model_version=model_version,
+                    backend=backend,
+                    timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
+                )
+            )
+            if done.rowcount:
+                _event(
+                    conn,
+                    now,
+                    EventKind.JOB_DONE,
+                    series_instance_uid=output_series_uid,
+                    detail=f"job {job_id}: {count} instances",
+                )
+            return bool(done.rowcount)
+
+    def fail(self, job_id: int, worker: str, error: str, permanent: bool) -> str:
+        """Records the error; the job is re-queued with backoff until max_attempts, or when the
+        error is permanent (bad data, bad model) fails at once. Returns the new state."""
+        now = self.now()
+        j = t.jobs
+        with self.engine.begin() as conn:
+            row = conn.execute(select(j.c.attempts, j.c.max_attempts).where(j.c.id == job_id)).one()
+            retry = not permanent and row.attempts < row.max_attempts
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (row.attempts - 1))
+            state = JOB_QUEUED if retry else JOB_FAILED
+            conn.execute(
+                update(j)
+                .where(j.c.id == job_id, j.c.worker == worker, j.c.state == JOB_RUNNING)
+                .values(
+                    state=state,
+                    error=error[:2000],
+                    worker=None,
+                    finished_at=None if retry else now,
+                    not_before=now + dt.timedelta(seconds=delay) if retry else None,
+                )
+            )
+            kind = EventKind.JOB_RETRY if retry else EventKind.JOB_FAILED
+            _event(conn, now, kind, detail=f"job {job_id} attempt {row.attempts}: {error[:500]}")
+        return state
+
+    def requeue_stale(self, stale_after_s: float) -> list[int]:
+        """Jobs `running` whose worker stopped heartbeating (killed) go back to the queue."""
+        now = self.now()
+        j = t.jobs
+        cutoff = now - dt.timedelta(seconds=stale_after_s)
+        with self.engine.begin() as conn:
+            ids = list(
+                conn.execute(select(j.c.id).where(j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff)).scalars()
+            )
+            if ids:
+                conn.execute(
+                    update(j)
+                    .where(and_(j.c.id.in_(ids), j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff))
+                    .values(state=JOB_QUEUED, worker=None, not_before=None)
+                )
+                for job_id in ids:
+                    _event(
+                        conn, now, EventKind.JOB_REQUEUED, detail=f"job {job_id}: no heartbeat for {stale_after_s:g} s"
+                    )
+        return ids
+
+    def instance_paths(self, series_id: int) -> list[str]:
+        with self.engine.connect() as conn:
+            i = t.instances
+            return list(conn.execute(select(i.c.path).where(i.c.series_id == series_id).order_by(i.c.id)).scalars())
+
+    def state(self, job_id: int) -> str:
+        with self.engine.connect() as conn:
+            return str(conn.execute(select(t.jobs.c.state).where(t.jobs.c.id == job_id)).scalar_one())
+
+
+def _insert_job(
+    conn: Connection, series_id: int, generation: int, route: RouteConfig, max_attempts: int, now: dt.datetime
+) -> int:
+    result = conn.execute(
+        insert(t.jobs).values(
+            series_id=series_id,
+            generation=generation,
+            route=route.name,
+            model=route.model,
+            state=JOB_QUEUED,
+            attempts=0,
+            max_attempts=max_attempts,
+            queued_at=now,
+            error="",
+            output_count=0,
+            timings="",
+        )
+    )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
