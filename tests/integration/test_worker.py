@@ -1,0 +1,169 @@
+"""The worker in a running node (issue: engines and worker): a series pushed with DCMTK storescu
+completes, is routed, goes through a model in a worker process and lands in the outbox as a
+derived series; identity round trip, the shipped denoiser, super-resolution geometry, and a
+worker killed mid-series."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.pixels import apply_rescale
+
+from engines.manifest import load
+from node.derive import derived_uid
+from tests.dicom_factory import write_ct_series
+from tests.helpers import REPO, NodeProcess, storescu, wait_for
+from tests.onnx_models import identity, nearest_upscale
+
+DCIODVFY = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dciodvfy"
+WORKER = "heartbeat_seconds = 0.2\nstale_after_seconds = 1.5\nthreads = 1\nmax_batch = 4"
+
+
+def route(name: str, model: str, modality: str = "CT") -> str:
+    return f'[[routes]]\nname = "{name}"\nmodel = "{model}"\ndestinations = []\nmatch = {{ modality = "{modality}" }}\n'
+
+
+def start_node(node_factory, models: Path, routes: str) -> NodeProcess:  # type: ignore[no-untyped-def]
+    node: NodeProcess = node_factory(
+        idle_seconds=0.5, worker_processes=1, worker=f'models_dir = "{models}"\n{WORKER}', extra=routes
+    )
+    return node.start()
+
+
+def wait_job_done(node: NodeProcess, timeout: float = 120) -> tuple[str, int, int]:
+    """(output series UID, output count, attempts) of the only job, once it is done."""
+
+    def done() -> tuple[str, int, int] | None:
+        rows = node.query("SELECT state, output_series_uid, output_count, attempts, error FROM jobs")
+        if rows and rows[0][0] == "failed":
+            raise AssertionError(f"job failed: {rows[0][4]}\n{node.log_text()}")
+        return (rows[0][1], rows[0][2], rows[0][3]) if len(rows) == 1 and rows[0][0] == "done" else None
+
+    return wait_for(done, timeout=timeout, interval=0.1, what="the job to be done")
+
+
+def outputs(node: NodeProcess, series_uid: str) -> list[Path]:
+    return sorted((node.storage / "outbox" / series_uid).glob("*.dcm"))
+
+
+def sources_by_uid(files: list[Path]) -> dict[str, Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in (dcmread(f) for f in files)}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    proc = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def round_trips(path: Path) -> bool:
+    ds = dcmread(path)
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    again = dcmread(DicomBytesIO(buffer.getvalue()))
+    return again == ds and np.array_equal(again.pixel_array, ds.pixel_array)
+
+
+def test_identity_model_round_trips_hounsfield_units_bit_for_bit(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    identity(tmp_path / "models" / "identity")
+    _, series_uid, files = write_ct_series(tmp_path / "series", 6, rows=64, cols=64)
+    node = start_node(node_factory, tmp_path / "models", route("ct", "identity"))
+    assert storescu(node.port, files).returncode == 0
+    output_uid, count, attempts = wait_job_done(node)
+    assert (count, attempts) == (6, 1)
+    assert output_uid == derived_uid(series_uid, "identity", "1.0.0")
+    sources = sources_by_uid(files)
+    derived = outputs(node, output_uid)
+    assert len(derived) == 6
+    for path in derived:
+        out = dcmread(path)
+        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert out.SOPInstanceUID == derived_uid(src.SOPInstanceUID, "identity", "1.0.0")
+        assert np.array_equal(out.pixel_array, src.pixel_array)  # bit-identical stored values
+        assert np.array_equal(apply_rescale(out.pixel_array, out), apply_rescale(src.pixel_array, src))
+        assert list(out.ImageType)[:3] == ["DERIVED", "SECONDARY", "AXIAL"]
+        assert out.StudyInstanceUID == src.StudyInstanceUID and out.SeriesInstanceUID == output_uid
+        assert dciodvfy_errors(path) == []
+        assert round_trips(path)
+    states = node.query("SELECT state FROM series")
+    assert states == [("routed",)]
+
+
+def test_shipped_denoiser_lowers_noise_and_keeps_hounsfield_units(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Water cylinder with 20 HU noise: the noise SD in a central uniform region falls by >= 30%
+    and the mean HU moves by <= 2 HU (DESIGN: images better without moving Hounsfield units)."""
+    _, _, files = write_ct_series(tmp_path / "series", 4, rows=256, cols=256)
+    node = start_node(node_factory, REPO / "models", route("ct", "ct-denoise"))
+    assert storescu(node.port, files).returncode == 0
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 4
+    sources = sources_by_uid(files)
+    roi = (slice(98, 158), slice(98, 158))
+    for path in outputs(node, output_uid):
+        out = dcmread(path)
+        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        before, after = apply_rescale(src.pixel_array, src)[roi], apply_rescale(out.pixel_array, out)[roi]
+        assert after.std() <= 0.7 * before.std(), (before.std(), after.std())
+        assert abs(after.mean() - before.mean()) <= 2.0
+        assert out.DerivationCodeSequence[0].CodeValue == "113087"
+        assert "ct-denoise" in out.DerivationDescription and "onnxruntime" in out.DerivationDescription
+        assert dciodvfy_errors(path) == []
+
+
+def test_super_resolution_has_the_golden_geometry(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """64x64 at 0.7 mm, first pixel at (-22.4, -22.4, z) -> 128x128 at 0.35 mm, first pixel
+    at (-22.575, -22.575, z): same field of view, pixel centres of the finer grid."""
+    nearest_upscale(tmp_path / "models" / "upscale", scale=2)
+    _, _, files = write_ct_series(tmp_path / "series", 3, rows=64, cols=64)
+    node = start_node(node_factory, tmp_path / "models", route("sr", "upscale"))
+    assert storescu(node.port, files).returncode == 0
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 3
+    sources = sources_by_uid(files)
+    for path in outputs(node, output_uid):
+        out = dcmread(path)
+        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert (out.Rows, out.Columns) == (128, 128)
+        assert [float(v) for v in out.PixelSpacing] == pytest.approx([0.35, 0.35])
+        z = float(src.ImagePositionPatient[2])
+        assert [float(v) for v in out.ImagePositionPatient] == pytest.approx([-22.575, -22.575, z])
+        assert np.array_equal(out.pixel_array, np.kron(src.pixel_array, np.ones((2, 2), src.pixel_array.dtype)))
+        assert out.DerivationCodeSequence[0].CodeValue == "113085"
+        assert dciodvfy_errors(path) == []
+
+
+def test_worker_killed_mid_series_completes_once_with_the_same_uids(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of the worker process while it writes the derived series: the supervisor starts a
+    new one, the job is re-queued when its heartbeat stops, and it completes exactly once, every
+    output at its deterministic UID, one file per source instance."""
+    _, series_uid, files = write_ct_series(tmp_path / "series", 40, rows=512, cols=512)
+    node = start_node(node_factory, REPO / "models", route("ct", "ct-denoise"))
+    assert storescu(node.port, files).returncode == 0
+    version = load(REPO / "models" / "ct-denoise").version
+    expected_series = derived_uid(series_uid, "ct-denoise", version)
+
+    def running_worker() -> int | None:
+        rows = node.query("SELECT worker FROM jobs WHERE state = 'running'")
+        return int(rows[0][0].rsplit("/", 1)[1]) if rows and outputs(node, expected_series) else None
+
+    pid = wait_for(running_worker, timeout=120, interval=0.02, what="the worker to be writing outputs")
+    written_before_kill = len(outputs(node, expected_series))
+    os.kill(pid, signal.SIGKILL)
+    output_uid, count, attempts = wait_job_done(node, timeout=180)
+    assert written_before_kill < 40, "the kill came too late to interrupt the job"
+    assert (output_uid, count, attempts) == (expected_series, 40, 2)
+    assert node.query("SELECT count(*) FROM jobs") == [(1,)]
+    assert node.query("SELECT count(*) FROM events WHERE kind = 'job.requeued'") == [(1,)]
+    sops = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    expected = {derived_uid(sop, "ct-denoise", version) for sop in sops}
+    derived = outputs(node, expected_series)
+    assert {p.stem for p in derived} == expected
+    assert all(dcmread(p).pixel_array.shape == (512, 512) for p in derived)
+    assert "restarting it" in node.log_text()
