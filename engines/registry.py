@@ -96,3 +96,33 @@ def open_engine(package: Path, opts: EngineOptions = EngineOptions()) -> Engine:
             log.info("backend auto chose %s (%s)", name, "; ".join(reasons))
         return engine
     raise EngineUnavailable("; ".join(reasons))  # unreachable while onnxruntime is installed
+
+
+def backend_status(device: str = "auto") -> dict[str, str | None]:
+    """Each backend: None when it can run on `device` here, else why not (no model loaded)."""
+    dev = _device(device)
+    found = {name: importlib.util.find_spec(name) is not None for name in ("tensorrt", "torch", "onnx")}
+    cuda = dev.startswith("cuda")
+    return {
+        "tensorrt": None
+        if found["tensorrt"] and cuda
+        else ("not installed (extra: tensorrt)" if not found["tensorrt"] else "needs a CUDA device"),
+        "torch": None if found["torch"] and found["onnx"] else "not installed (extra: gpu)",
+        "onnxruntime": None if not cuda else "runs on the CPU only (device is " + dev + ")",
+    }
+
+
+def build_plans(packages: list[Path], opts: EngineOptions) -> list[tuple[str, Path]]:
+    """TensorRT plans for these model packages, built (or found in the cache) ahead of time."""
+    from engines.tensorrt_backend import build_plan
+
+    device = _device(opts.device)
+    if not device.startswith("cuda"):
+        raise EngineUnavailable("TensorRT plans are built on a CUDA device; this node has none")
+    built = []
+    for package in packages:
+        manifest = load(package)
+        built.append(
+            (manifest.name, build_plan(manifest, package / "model.onnx", opts.plan_cache, device, opts.max_batch))
+        )
+    return built

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     rm = ae_sub.add_parser("remove", help="stop allowing a calling AE")
     rm.add_argument("ae_title")
 
+    en = sub.add_parser("engines", help="inference backends and TensorRT plans")
+    en_sub = en.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    en_sub.add_parser("list", help="which backends can run here, and the models they would load")
+    build = en_sub.add_parser("build", help="pre-build TensorRT plans (default: every model a route uses)")
+    build.add_argument("models", nargs="*", help="model names under worker.models_dir")
+
     add_training_parsers(sub)
     return p
 
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return _echo(args)
         if args.command in TRAIN_COMMANDS:
             return run_training_command(args)
+        if args.command == "engines":
+            return _engines(args)
         return _ae(args)
     except ConfigError as exc:
         print(f"enhance-node: config error: {exc}", file=sys.stderr)
@@ -112,6 +120,28 @@ def _echo(args: argparse.Namespace) -> int:
         print(f"echo {args.peer}: failed (status {code})", file=sys.stderr)
         return EXIT_FAILURE
     print(f"echo {args.peer}: success")
+    return EXIT_OK
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from engines.manifest import load
+    from engines.registry import EngineOptions, backend_status, build_plans
+
+    cfg = load_config(args.config)
+    if args.action == "list":
+        for name, reason in backend_status(cfg.worker.device).items():
+            print(f"{name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
+        for package in sorted(p.parent for p in cfg.worker.models_dir.glob("*/model.toml")):
+            m = load(package)
+            print(f"model {m.name} {m.version}: {m.task} x{m.scale} {'/'.join(m.modalities)} ({package})")
+        return EXIT_OK
+    names = args.models or sorted({r.model for r in cfg.routes})
+    if not names:
+        raise UsageError("no models named and no routes configured")
+    w = cfg.worker
+    options = EngineOptions("tensorrt", w.device, w.threads, w.max_batch, w.plan_cache)
+    for name, plan in build_plans([w.models_dir / n for n in names], options):
+        print(f"{name}: {plan}")
     return EXIT_OK
 
 

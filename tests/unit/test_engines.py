@@ -237,3 +237,44 @@ def test_percentile_window_is_per_series(tmp_path: Path) -> None:
     v = np.random.default_rng(4).uniform(0, 1000, (2, 24, 24)).astype(np.float32)
     np.testing.assert_allclose(enhance_volume(engine, v), v, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(enhance_volume(engine, 2 * v), 2 * v, rtol=1e-5, atol=2e-3)
+
+
+# --- enhance-node engines ---------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, models: Path, routes: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[worker]\nmodels_dir = "{models}"\ndevice = "cpu"\n[[destinations]]\nname = "pacs"\n'
+        f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n{routes}'
+    )
+    return path
+
+
+def test_engines_list_names_backends_and_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    identity(tmp_path / "models" / "identity")
+    assert main(["--config", str(_config(tmp_path, tmp_path / "models")), "engines", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime  available" in out
+    assert "tensorrt     unavailable" in out or "tensorrt     available" in out
+    assert "model identity 1.0.0: denoise x1 CT" in out
+
+
+def test_engines_build_needs_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    identity(tmp_path / "models" / "identity")
+    cfg = _config(tmp_path, tmp_path / "models")
+    assert main(["--config", str(cfg), "engines", "build", "identity"]) == 1
+    assert "CUDA device" in capsys.readouterr().err
+
+
+def test_engines_build_without_models_or_routes_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.cli import main
+
+    assert main(["--config", str(_config(tmp_path, tmp_path / "models")), "engines", "build"]) == 2
+    assert "no models named and no routes" in capsys.readouterr().err
