@@ -185,7 +185,7 @@ class Worker:
             return True
         except Exception as exc:  # anything else may pass on a retry (disk, memory, engine)
             state = self.queue.fail(job.id, self.ident, f"{type(exc).__name__}: {exc}", permanent=False)
-            log.exception("job %d error (now %s)", job.id, state)
+            log.exception("job %d error (now %s)", job.id, state or "no longer ours")
             return True
         finally:
             stop_beat.set()

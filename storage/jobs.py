@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from node.config import RouteConfig
 from storage import schema as t
@@ -213,9 +213,10 @@ class JobQueue:
                 )
             return bool(done.rowcount)
 
-    def fail(self, job_id: int, worker: str, error: str, permanent: bool) -> str:
+    def fail(self, job_id: int, worker: str, error: str, permanent: bool) -> str | None:
         """Records the error; the job is re-queued with backoff until max_attempts, or when the
-        error is permanent (bad data, bad model) fails at once. Returns the new state."""
+        error is permanent (bad data, bad model) fails at once. Returns the new state, or None
+        when the job was no longer this worker's (re-queued meanwhile): then nothing changes."""
         now = self.now()
         j = t.jobs
         with self.engine.begin() as conn:
@@ -223,7 +224,7 @@ class JobQueue:
             retry = not permanent and row.attempts < row.max_attempts
             delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (row.attempts - 1))
             state = JOB_QUEUED if retry else JOB_FAILED
-            conn.execute(
+            changed = conn.execute(
                 update(j)
                 .where(j.c.id == job_id, j.c.worker == worker, j.c.state == JOB_RUNNING)
                 .values(
@@ -233,31 +234,47 @@ class JobQueue:
                     finished_at=None if retry else now,
                     not_before=now + dt.timedelta(seconds=delay) if retry else None,
                 )
-            )
+            ).rowcount
+            if not changed:
+                return None
             kind = EventKind.JOB_RETRY if retry else EventKind.JOB_FAILED
             _event(conn, now, kind, detail=f"job {job_id} attempt {row.attempts}: {error[:500]}")
         return state
 
     def requeue_stale(self, stale_after_s: float) -> list[int]:
-        """Jobs `running` whose worker stopped heartbeating (killed) go back to the queue."""
+        """Jobs `running` whose worker stopped heartbeating (killed) go back to the queue, or
+        fail when that was their last attempt (a job that kills its worker every time must
+        not loop). Returns the re-queued job ids."""
         now = self.now()
         j = t.jobs
         cutoff = now - dt.timedelta(seconds=stale_after_s)
+        requeued = []
         with self.engine.begin() as conn:
-            ids = list(
-                conn.execute(select(j.c.id).where(j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff)).scalars()
-            )
-            if ids:
+            rows = conn.execute(
+                select(j.c.id, j.c.attempts, j.c.max_attempts).where(
+                    j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff
+                )
+            ).all()
+            for row in rows:
+                last = row.attempts >= row.max_attempts
+                why = f"no heartbeat for {stale_after_s:g} s (worker died) on attempt {row.attempts}"
                 conn.execute(
                     update(j)
-                    .where(and_(j.c.id.in_(ids), j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff))
-                    .values(state=JOB_QUEUED, worker=None, not_before=None)
-                )
-                for job_id in ids:
-                    _event(
-                        conn, now, EventKind.JOB_REQUEUED, detail=f"job {job_id}: no heartbeat for {stale_after_s:g} s"
+                    .where(j.c.id == row.id, j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff)
+                    .values(
+                        state=JOB_FAILED if last else JOB_QUEUED,
+                        worker=None,
+                        not_before=None,
+                        error=why if last else "",
+                        finished_at=now if last else None,
                     )
-        return ids
+                )
+                _event(
+                    conn, now, EventKind.JOB_FAILED if last else EventKind.JOB_REQUEUED, detail=f"job {row.id}: {why}"
+                )
+                if not last:
+                    requeued.append(row.id)
+        return requeued
 
     def instance_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
