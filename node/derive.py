@@ -23,7 +23,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from node import __version__
-from node.errors import InvalidDataset
+from node.errors import EngineFailure, InvalidDataset
 
 # pydicom's UID root, for UIDs generated with pydicom; the suffix is a hash of the inputs.
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -153,7 +153,8 @@ def _derivation(ds: Dataset, source: Dataset, proc: Processing) -> None:
     equipment.ContributionDescription = proc.description
     existing = list(source.get("ContributingEquipmentSequence", []) or [])
     ds.ContributingEquipmentSequence = Sequence([*copy.deepcopy(existing), equipment])
-    if source.file_meta.get("TransferSyntaxUID") in LOSSY_SYNTAXES or source.get("LossyImageCompression") == "01":
+    syntax = getattr(source, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax in LOSSY_SYNTAXES or source.get("LossyImageCompression") == "01":
         ds.LossyImageCompression = "01"  # pixels that passed through lossy compression stay marked so
 
 
@@ -206,6 +207,8 @@ def to_stored(ds: Dataset, values: NDArray[np.floating]) -> NDArray[np.integer]:
 def _encode_pixels(ds: Dataset, values: NDArray[np.floating]) -> None:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InvalidDataset(0xC000, "only single-sample (grey) images are enhanced")
+    if not np.all(np.isfinite(values)):
+        raise EngineFailure("the engine returned non-finite pixel values (NaN or infinity)")
     stored = to_stored(ds, values)
     ds.Rows, ds.Columns = stored.shape
     for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingRangeLimit"):

@@ -36,5 +36,9 @@ class EngineUnavailable(EnhanceNodeError):
     """The backend asked for cannot run here (library not installed, no such device)."""
 
 
+class EngineFailure(EnhanceNodeError):
+    """An engine returned output that cannot be written (non-finite values): a model fault."""
+
+
 class UsageError(EnhanceNodeError):
     """A command was asked for something it cannot do with these arguments; the CLI exits 2."""

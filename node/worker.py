@@ -30,7 +30,7 @@ from engines.pipeline import enhance_volume
 from engines.registry import EngineOptions, open_engine
 from node.config import WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
-from node.errors import EngineUnavailable, InvalidDataset, ManifestError
+from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError
 from node.series import Frame, frames, ordered
 from storage.filestore import FileStore
 from storage.jobs import Job, JobQueue
@@ -152,7 +152,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] += time.perf_counter() - started
 
 
-PERMANENT = (InvalidDataset, ManifestError, EngineUnavailable)
+PERMANENT = (InvalidDataset, ManifestError, EngineUnavailable, EngineFailure)
 
 
 class Worker:

@@ -13,7 +13,13 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1533."
 
@@ -61,7 +67,7 @@ def ct_slice(
     ds.SeriesDescription = "Synthetic phantom"
     ds.Manufacturer = "enhance-node tests"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImagePositionPatient = [-float(cols) / 2 * 0.7, -float(rows) / 2 * 0.7, float(index)]
+    ds.ImagePositionPatient = [round(-cols / 2 * 0.7, 4), round(-rows / 2 * 0.7, 4), float(index)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [0.7, 0.7]
     ds.SliceThickness = 1.0
@@ -77,6 +83,72 @@ def ct_slice(
     ds.PixelRepresentation = 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def mr_slice(study_uid: str, series_uid: str, index: int, rows: int = 256, cols: int = 256, seed: int = 0) -> Dataset:
+    """One axial T1 spin-echo MR slice of a water cylinder, unsigned 16-bit (12 stored), no rescale."""
+    rng = np.random.default_rng(seed + index)
+    yy, xx = np.mgrid[:rows, :cols]
+    r = np.hypot(yy - rows / 2, xx - cols / 2)
+    signal = np.where(r < min(rows, cols) * 0.4, 800.0, 10.0) + np.abs(rng.normal(0, 15, (rows, cols)))
+    stored = np.clip(np.round(signal), 0, 4095).astype(np.uint16)
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    sop_uid = generate_uid(UID_ROOT)
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid(UID_ROOT, [study_uid])
+    ds.Modality = "MR"
+    ds.PatientName = "PHANTOM^WATER"
+    ds.PatientID = "PHANTOM-1"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = dt.date(2026, 1, 1).strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.AccessionNumber = "ACC0001"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 2
+    ds.InstanceNumber = index + 1
+    ds.SeriesDescription = "Synthetic phantom T1"
+    ds.Manufacturer = "enhance-node tests"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    ds.ImagePositionPatient = [-float(cols) / 2, -float(rows) / 2, float(index) * 5]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [1.0, 1.0]
+    ds.SliceThickness = 5.0
+    ds.SpacingBetweenSlices = 5.0
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = "NONE"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.RepetitionTime = 500
+    ds.EchoTime = 15
+    ds.EchoTrainLength = 1
+    ds.NumberOfAverages = 1
+    ds.ImagingFrequency = 63.87
+    ds.ImagedNucleus = "1H"
+    ds.MagneticFieldStrength = 1.5
+    ds.FlipAngle = 90
+    ds.AcquisitionNumber = 1
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "HEAD"
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter, ds.WindowWidth = 400, 1000
     ds.PixelData = stored.tobytes()
     return ds
 
