@@ -16,10 +16,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.pixels import apply_rescale
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from engines.manifest import load
+from engines.normalization import Normalization
 from node.derive import derived_uid
-from tests.dicom_factory import write_ct_series
+from tests.dicom_factory import UID_ROOT, ct_slice, mr_slice, write_ct_series
 from tests.helpers import REPO, NodeProcess, storescu, wait_for
 from tests.onnx_models import identity, nearest_upscale
 
@@ -167,3 +169,56 @@ def test_worker_killed_mid_series_completes_once_with_the_same_uids(node_factory
     assert {p.stem for p in derived} == expected
     assert all(dcmread(p).pixel_array.shape == (512, 512) for p in derived)
     assert "restarting it" in node.log_text()
+
+
+def test_mr_series_through_a_percentile_model(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """MR in stored values with per-series percentile normalisation: an identity model gives
+    the stored values back, and the derived MR images pass dciodvfy."""
+    identity(
+        tmp_path / "models" / "mr-identity", modalities=("MR",), normalization=Normalization("percentile", 0.5, 99.5)
+    )
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"mr{i}.dcm")
+        mr_slice(study, series, i, rows=64, cols=64).save_as(files[-1], enforce_file_format=True)
+    node = start_node(node_factory, tmp_path / "models", route("ct", "identity") + route("mr", "mr-identity", "MR"))
+    assert storescu(node.port, files).returncode == 0
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 4
+    assert node.query("SELECT route, model FROM jobs") == [("mr", "mr-identity")]
+    sources = sources_by_uid(files)
+    for path in outputs(node, output_uid):
+        out = dcmread(path)
+        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert out.SOPClassUID == src.SOPClassUID and out.Modality == "MR"
+        assert np.array_equal(out.pixel_array, src.pixel_array)
+        assert dciodvfy_errors(path) == []
+        assert round_trips(path)
+
+
+def test_jpeg2000_input_is_decoded_and_written_uncompressed(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A JPEG 2000 (lossless) series, stored as received, is decoded by the worker; the derived
+    images are native Explicit VR Little Endian with the same Hounsfield units, and pass dciodvfy."""
+    identity(tmp_path / "models" / "identity")
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    files = []
+    for i in range(3):
+        ds = ct_slice(study, series, i, rows=64, cols=64)
+        ds.compress(JPEG2000Lossless)
+        files.append(tmp_path / f"j2k{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    node = start_node(node_factory, tmp_path / "models", route("ct", "identity"))
+    assert storescu(node.port, files, "-xv").returncode == 0  # propose JPEG 2000 lossless
+    stored = node.query("SELECT DISTINCT transfer_syntax_uid FROM instances")
+    assert stored == [(JPEG2000Lossless,)]  # kept as the scanner sent it
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 3
+    sources = sources_by_uid(files)
+    for path in outputs(node, output_uid):
+        out = dcmread(path)
+        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert np.array_equal(apply_rescale(out.pixel_array, out), apply_rescale(src.pixel_array, src))
+        assert "LossyImageCompression" not in out or out.LossyImageCompression == "00"
+        assert dciodvfy_errors(path) == []
