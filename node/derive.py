@@ -15,6 +15,7 @@ import copy
 import datetime as dt
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,6 +25,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 
 from node import __version__
 from node.errors import EngineFailure, InvalidDataset
+from node.series import functional_groups, lookup, rescale
 
 # pydicom's UID root, for UIDs generated with pydicom; the suffix is a hash of the inputs.
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -89,17 +91,23 @@ def device_uid() -> UID:
 def derive_image(
     source: Dataset, values: NDArray[np.floating], proc: Processing, settings: DeriveSettings = DeriveSettings()
 ) -> Dataset:
-    """The derived image for one single-frame source image; `values` are in image units (HU for
-    CT through the source's rescale, stored values otherwise), shape (rows, cols) x scale."""
+    """The derived image for one source image object; `values` are in image units (HU for CT
+    through the source's rescale, stored values otherwise), shape (rows, cols) x scale, or
+    (frames, rows, cols) x scale for a multi-frame object (frames in the object's order)."""
     rows, cols = int(source.Rows), int(source.Columns)
-    if values.shape != (rows * proc.scale, cols * proc.scale):
-        raise InvalidDataset(0xC000, f"enhanced pixels {values.shape} do not fit {rows}x{cols} x{proc.scale}")
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    plane = (rows * proc.scale, cols * proc.scale)
+    expected = plane if frames == 1 else (frames, *plane)
+    if values.shape != expected:
+        raise InvalidDataset(
+            0xC000, f"enhanced pixels {values.shape} do not fit {expected} ({rows}x{cols} x{proc.scale})"
+        )
     ds = copy.deepcopy(source)
     _identity(ds, source, proc, settings)
     _derivation(ds, source, proc)
     if proc.scale > 1:
         _resample_geometry(ds, proc.scale)
-    _encode_pixels(ds, values)
+    _encode_pixels(ds, values.reshape(frames, *plane))
     return ds
 
 
@@ -127,8 +135,16 @@ def _identity(ds: Dataset, source: Dataset, proc: Processing, settings: DeriveSe
 
 
 def _derivation(ds: Dataset, source: Dataset, proc: Processing) -> None:
+    # Enhanced (multi-frame) IODs allow only PRIMARY as value 2 of Image Type and Frame Type
+    # (PS3.3 C.8.16.1 / C.8.13.1.1.1); single-frame images say SECONDARY, as DESIGN 3.6 asks
+    second = "PRIMARY" if "SharedFunctionalGroupsSequence" in source else "SECONDARY"
     image_type = list(source.get("ImageType", []) or [])
-    ds.ImageType = ["DERIVED", "SECONDARY", *[str(v) for v in image_type[2:]]]
+    ds.ImageType = ["DERIVED", second, *[str(v) for v in image_type[2:]]]
+    for group in _all_groups(ds):  # enhanced objects repeat it per frame as Frame Type
+        for element in group:
+            if element.keyword.endswith("FrameTypeSequence"):
+                for item in element.value:
+                    item.FrameType = ["DERIVED", second, *[str(v) for v in list(item.FrameType)[2:]]]
     ds.DerivationDescription = proc.description
     ds.DerivationCodeSequence = Sequence([code(*DERIVATION[proc.task])])
     ref = Dataset()
@@ -160,20 +176,45 @@ def _derivation(ds: Dataset, source: Dataset, proc: Processing) -> None:
 
 def _resample_geometry(ds: Dataset, scale: int) -> None:
     """Same field of view on a scale-times finer matrix; the first pixel's centre moves by
-    (new - old spacing) / 2 along the row and column directions."""
-    old_row, old_col = (float(v) for v in ds.PixelSpacing)  # row spacing (between rows), column spacing
-    new_row, new_col = old_row / scale, old_col / scale
-    ds.PixelSpacing = [_ds_str(new_row), _ds_str(new_col)]
-    if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
-        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-        along_row, along_col = iop[:3], iop[3:]  # direction of increasing column, of increasing row
-        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
-        ipp = ipp + along_row * (new_col - old_col) / 2 + along_col * (new_row - old_row) / 2
-        ds.ImagePositionPatient = [_ds_str(v) for v in ipp]
+    (new - old spacing) / 2 along the row and column directions. Enhanced objects carry the
+    spacing in Pixel Measures and the position per frame in Plane Position."""
+    for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
+        groups = functional_groups(ds, frame)
+        if not groups:
+            continue
+        spacing = lookup(ds, groups, "PixelMeasuresSequence", "PixelSpacing")
+        orientation = lookup(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        for item in groups[0].get("PlanePositionSequence", []) if spacing and orientation else []:
+            item.ImagePositionPatient = _shifted(item.ImagePositionPatient, orientation, spacing, scale)
+    for group in _all_groups(ds):
+        for item in group.get("PixelMeasuresSequence", []):
+            if "PixelSpacing" in item:
+                item.PixelSpacing = [_ds_str(float(v) / scale) for v in item.PixelSpacing]
+    if "PixelSpacing" in ds:
+        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+            ds.ImagePositionPatient = _shifted(
+                ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, scale
+            )
+        ds.PixelSpacing = [_ds_str(float(v) / scale) for v in ds.PixelSpacing]
     for tag in [e.tag for e in ds if 0x6000 <= e.tag.group <= 0x601E]:  # overlays are drawn on the old matrix
         del ds[tag]
     if "IconImageSequence" in ds:
         del ds.IconImageSequence
+
+
+def _shifted(position: Any, orientation: Any, spacing: Any, scale: int) -> list[str]:
+    """Image Position (Patient) of the first pixel of the finer grid (row spacing first in
+    PixelSpacing; the row direction cosine is the first half of the orientation)."""
+    old_row, old_col = (float(v) for v in spacing)
+    iop = np.asarray([float(v) for v in orientation])
+    along_row, along_col = iop[:3], iop[3:]  # direction of increasing column, of increasing row
+    ipp = np.asarray([float(v) for v in position])
+    ipp = ipp + along_row * (old_col / scale - old_col) / 2 + along_col * (old_row / scale - old_row) / 2
+    return [_ds_str(v) for v in ipp]
+
+
+def _all_groups(ds: Dataset) -> list[Dataset]:
+    return [*(ds.get("SharedFunctionalGroupsSequence") or []), *(ds.get("PerFrameFunctionalGroupsSequence") or [])]
 
 
 def _ds_str(value: float) -> str:
@@ -189,11 +230,11 @@ def stored_range(ds: Dataset) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def to_stored(ds: Dataset, values: NDArray[np.floating]) -> NDArray[np.integer]:
-    """Image units -> stored values through the source's rescale, rounded and clipped to the
-    stored range (DESIGN 3.6: HU fidelity)."""
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+def to_stored(
+    ds: Dataset, values: NDArray[np.floating], slope: float = 1.0, intercept: float = 0.0
+) -> NDArray[np.integer]:
+    """Image units -> stored values through the rescale, rounded and clipped to the stored
+    range (DESIGN 3.6: HU fidelity)."""
     stored = np.rint((np.asarray(values, np.float64) - intercept) / slope)
     lo, hi = stored_range(ds)
     dtype = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16}.get(
@@ -205,12 +246,13 @@ def to_stored(ds: Dataset, values: NDArray[np.floating]) -> NDArray[np.integer]:
 
 
 def _encode_pixels(ds: Dataset, values: NDArray[np.floating]) -> None:
+    """values: (frames, rows, cols) in image units, each frame through its own rescale."""
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InvalidDataset(0xC000, "only single-sample (grey) images are enhanced")
     if not np.all(np.isfinite(values)):
         raise EngineFailure("the engine returned non-finite pixel values (NaN or infinity)")
-    stored = to_stored(ds, values)
-    ds.Rows, ds.Columns = stored.shape
+    stored = np.stack([to_stored(ds, v, *rescale(ds, functional_groups(ds, i))) for i, v in enumerate(values)])
+    ds.Rows, ds.Columns = stored.shape[1:]
     for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingRangeLimit"):
         if keyword in ds:
             del ds[keyword]

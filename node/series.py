@@ -33,15 +33,13 @@ def frames(ds: Dataset) -> list[Frame]:
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if count == 1:
         pixels = pixels[None]
-    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
     out = []
     for i in range(count):
-        groups = [g for g in (per_frame[i] if i < len(per_frame) else None, shared) if g is not None]
-        slope, intercept = _rescale(ds, groups)
-        position = _lookup(ds, groups, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _lookup(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = _lookup(ds, groups, "PixelMeasuresSequence", "PixelSpacing") or [1.0, 1.0]
+        groups = functional_groups(ds, i)
+        slope, intercept = rescale(ds, groups)
+        position = lookup(ds, groups, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = lookup(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = lookup(ds, groups, "PixelMeasuresSequence", "PixelSpacing") or [1.0, 1.0]
         normal = None
         if orientation is not None:
             row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
@@ -64,7 +62,16 @@ def _first(seq: Any) -> Dataset | None:
     return seq[0] if seq else None
 
 
-def _lookup(ds: Dataset, groups: list[Dataset], sequence: str, keyword: str) -> Any:
+def functional_groups(ds: Dataset, frame: int) -> list[Dataset]:
+    """The functional group items that apply to `frame`: its per-frame item, then the shared
+    one (empty for single-frame images, whose attributes are at the top level)."""
+    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    return [g for g in (per_frame[frame] if frame < len(per_frame) else None, shared) if g is not None]
+
+
+def lookup(ds: Dataset, groups: list[Dataset], sequence: str, keyword: str) -> Any:
+    """`keyword` from the first functional group holding `sequence`, else from the top level."""
     for group in groups:
         item = _first(group.get(sequence))
         if item is not None and keyword in item:
@@ -72,7 +79,8 @@ def _lookup(ds: Dataset, groups: list[Dataset], sequence: str, keyword: str) -> 
     return ds.get(keyword)
 
 
-def _rescale(ds: Dataset, groups: list[Dataset]) -> tuple[float, float]:
+def rescale(ds: Dataset, groups: list[Dataset]) -> tuple[float, float]:
+    """(slope, intercept) of the modality LUT for a frame."""
     for group in groups:
         item = _first(group.get("PixelValueTransformationSequence"))
         if item is not None and "RescaleSlope" in item:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
@@ -91,8 +92,6 @@ def read_frames(store: FileStore, paths: list[str]) -> list[Frame]:
             raise InvalidDataset(0xC000, f"{rel}: cannot read: {exc}") from None
         if "PixelData" not in ds:
             raise InvalidDataset(0xC000, f"{rel}: no pixel data")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InvalidDataset(0xC000, f"{ds.SOPInstanceUID}: multi-frame objects are not processed yet")
         try:
             items.extend(frames(ds))
         except (ValueError, NotImplementedError, RuntimeError) as exc:  # pixel decoding
@@ -127,19 +126,23 @@ def process(
     groups: dict[tuple[int, ...], list[Frame]] = defaultdict(list)
     for item in items:  # a series may mix matrix sizes (e.g. a localizer): each size is a volume
         groups[item.pixels.shape].append(item)
-    count = 0
+    enhanced: dict[tuple[int, int], NDArray[np.float32]] = {}  # (object, frame) -> pixels
     for group in groups.values():
-        group = ordered(group)
+        group = ordered(group)  # slices (or frames of enhanced objects) along the slice normal
         with _timed(timings, "infer"):
-            enhanced = enhance_volume(engine, np.stack([f.pixels for f in group]), engines.cfg.max_batch)
-        for item, values in zip(group, enhanced, strict=True):
-            with _timed(timings, "encode"):
-                ds = derive_image(item.dataset, values, proc, settings)
-                buffer = DicomBytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-            with _timed(timings, "write"):
-                store.write(outbox_path(output_uid, ds.SOPInstanceUID), buffer.getvalue())
-            count += 1
+            volume = enhance_volume(engine, np.stack([f.pixels for f in group]), engines.cfg.max_batch)
+        enhanced.update({(id(f.dataset), f.index): v for f, v in zip(group, volume, strict=True)})
+    count = 0
+    for ds in {id(f.dataset): f.dataset for f in items}.values():  # one output object per source object
+        frame_count = int(ds.get("NumberOfFrames", 1) or 1)
+        values = np.stack([enhanced[(id(ds), i)] for i in range(frame_count)])
+        with _timed(timings, "encode"):
+            out = derive_image(ds, values if frame_count > 1 else values[0], proc, settings)
+            buffer = DicomBytesIO()
+            out.save_as(buffer, enforce_file_format=True)
+        with _timed(timings, "write"):
+            store.write(outbox_path(output_uid, out.SOPInstanceUID), buffer.getvalue())
+        count += 1
     return Result(output_uid, count, manifest.version, engine.backend, dict(timings))
 
 

@@ -222,3 +222,69 @@ def test_jpeg2000_input_is_decoded_and_written_uncompressed(node_factory, tmp_pa
         assert np.array_equal(apply_rescale(out.pixel_array, out), apply_rescale(src.pixel_array, src))
         assert "LossyImageCompression" not in out or out.LossyImageCompression == "00"
         assert dciodvfy_errors(path) == []
+
+
+def enhanced(kind: str, tmp_path: Path, frames: int = 4) -> Path:
+    """A Legacy Converted Enhanced MR or CT multi-frame object (highdicom) from single frames."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage, LegacyConvertedEnhancedMRImage
+
+    make, cls = (
+        (mr_slice, LegacyConvertedEnhancedMRImage) if kind == "MR" else (ct_slice, LegacyConvertedEnhancedCTImage)
+    )
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    singles = [make(study, series, i, rows=64, cols=64) for i in reversed(range(frames))]  # frames out of order
+    obj = cls(
+        singles,
+        series_instance_uid=generate_uid(UID_ROOT),
+        series_number=7,
+        sop_instance_uid=generate_uid(UID_ROOT),
+        instance_number=1,
+    )
+    path = tmp_path / f"enhanced-{kind}.dcm"
+    obj.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    return path
+
+
+def frame_positions(ds: Dataset) -> list[list[float]]:
+    return [
+        [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+
+
+def test_enhanced_multiframe_mr_gives_one_enhanced_multiframe_output(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    identity(
+        tmp_path / "models" / "mr-identity", modalities=("MR",), normalization=Normalization("percentile", 0.5, 99.5)
+    )
+    source_path = enhanced("MR", tmp_path)
+    node = start_node(node_factory, tmp_path / "models", route("mr", "mr-identity", "MR"))
+    assert storescu(node.port, [source_path], "-R").returncode == 0  # propose the file's own SOP class
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 1
+    (path,) = outputs(node, output_uid)
+    out, src = dcmread(path), dcmread(source_path)
+    assert (out.SOPClassUID, out.NumberOfFrames) == (src.SOPClassUID, src.NumberOfFrames)
+    assert np.array_equal(out.pixel_array, src.pixel_array)  # every frame back in its own place
+    assert frame_positions(out) == frame_positions(src)
+    frame_type = out.SharedFunctionalGroupsSequence[0].MRImageFrameTypeSequence[0].FrameType
+    assert list(frame_type)[:2] == list(out.ImageType)[:2] == ["DERIVED", "PRIMARY"]  # enhanced IODs: PRIMARY only
+    assert dciodvfy_errors(path) == []
+    assert round_trips(path)
+
+
+def test_enhanced_multiframe_ct_super_resolution_moves_every_frame(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    nearest_upscale(tmp_path / "models" / "upscale", scale=2)
+    source_path = enhanced("CT", tmp_path)
+    node = start_node(node_factory, tmp_path / "models", route("sr", "upscale"))
+    assert storescu(node.port, [source_path], "-R").returncode == 0  # propose the file's own SOP class
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 1
+    (path,) = outputs(node, output_uid)
+    out, src = dcmread(path), dcmread(source_path)
+    assert (out.Rows, out.Columns, out.NumberOfFrames) == (128, 128, src.NumberOfFrames)
+    measures = out.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == pytest.approx([0.35, 0.35])
+    for before, after in zip(frame_positions(src), frame_positions(out), strict=True):
+        assert after == pytest.approx([before[0] - 0.175, before[1] - 0.175, before[2]])
+    assert np.array_equal(out.pixel_array, np.kron(src.pixel_array, np.ones((1, 2, 2), src.pixel_array.dtype)))
+    assert dciodvfy_errors(path) == []
