@@ -288,3 +288,22 @@ def test_enhanced_multiframe_ct_super_resolution_moves_every_frame(node_factory,
         assert after == pytest.approx([before[0] - 0.175, before[1] - 0.175, before[2]])
     assert np.array_equal(out.pixel_array, np.kron(src.pixel_array, np.ones((1, 2, 2), src.pixel_array.dtype)))
     assert dciodvfy_errors(path) == []
+
+
+def test_a_job_that_cannot_run_fails_with_the_reason(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A route naming a model that is not installed: the job fails at once (no retries: it
+    cannot pass later) with the reason in the ledger, and the received series is untouched."""
+    (tmp_path / "models").mkdir()
+    _, _, files = write_ct_series(tmp_path / "series", 2, rows=64, cols=64)
+    node = start_node(node_factory, tmp_path / "models", route("ct", "not-installed"))
+    assert storescu(node.port, files).returncode == 0
+    rows = wait_for(lambda: node.query("SELECT state, attempts, error FROM jobs WHERE state = 'failed'"), timeout=60)
+    (_, attempts, error) = rows[0]
+    assert attempts == 1
+    assert "not-installed" in error and "model.toml" in error
+    assert node.query("SELECT kind FROM events WHERE kind LIKE 'job.%' ORDER BY id") == [
+        ("job.queued",),
+        ("job.started",),
+        ("job.failed",),
+    ]
+    assert node.query("SELECT count(*) FROM instances") == [(2,)]
