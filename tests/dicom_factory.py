@@ -24,6 +24,33 @@ from pydicom.uid import (
 UID_ROOT = "1.2.826.0.1.3680043.10.1533."
 
 
+def _image(sop_class: str, modality: str, study_uid: str, series_uid: str, index: int, sop_uid: str | None) -> Dataset:
+    """File meta, patient, study, series and equipment attributes shared by the test images."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop_uid or generate_uid(UID_ROOT)
+    ds.SOPClassUID = sop_class
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid(UID_ROOT, [study_uid])
+    ds.Modality = modality
+    ds.PatientName = "PHANTOM^WATER"
+    ds.PatientID = "PHANTOM-1"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = dt.date(2026, 1, 1).strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.AccessionNumber = "ACC0001"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.InstanceNumber = index + 1
+    ds.Manufacturer = "enhance-node tests"
+    return ds
+
+
 def ct_slice(
     study_uid: str,
     series_uid: str,
@@ -40,32 +67,9 @@ def ct_slice(
     hu = np.where(r < min(rows, cols) * 0.4, 0.0, -1000.0) + rng.normal(0, 20, (rows, cols))
     stored = np.clip(np.round(hu + 1024), 0, 4095).astype(np.int16)
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    sop_uid = sop_uid or generate_uid(UID_ROOT)
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid(UID_ROOT, [study_uid])
-    ds.Modality = "CT"
-    ds.PatientName = "PHANTOM^WATER"
-    ds.PatientID = "PHANTOM-1"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = dt.date(2026, 1, 1).strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = "120000"
-    ds.AccessionNumber = "ACC0001"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
+    ds = _image(CTImageStorage, "CT", study_uid, series_uid, index, sop_uid)
     ds.SeriesNumber = 1
-    ds.InstanceNumber = index + 1
     ds.SeriesDescription = "Synthetic phantom"
-    ds.Manufacturer = "enhance-node tests"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.ImagePositionPatient = [round(-cols / 2 * 0.7, 4), round(-rows / 2 * 0.7, 4), float(index)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -95,32 +99,9 @@ def mr_slice(study_uid: str, series_uid: str, index: int, rows: int = 256, cols:
     signal = np.where(r < min(rows, cols) * 0.4, 800.0, 10.0) + np.abs(rng.normal(0, 15, (rows, cols)))
     stored = np.clip(np.round(signal), 0, 4095).astype(np.uint16)
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    sop_uid = generate_uid(UID_ROOT)
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = generate_uid(UID_ROOT, [study_uid])
-    ds.Modality = "MR"
-    ds.PatientName = "PHANTOM^WATER"
-    ds.PatientID = "PHANTOM-1"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = dt.date(2026, 1, 1).strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = "120000"
-    ds.AccessionNumber = "ACC0001"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
+    ds = _image(MRImageStorage, "MR", study_uid, series_uid, index, None)
     ds.SeriesNumber = 2
-    ds.InstanceNumber = index + 1
     ds.SeriesDescription = "Synthetic phantom T1"
-    ds.Manufacturer = "enhance-node tests"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
     ds.ImagePositionPatient = [-float(cols) / 2, -float(rows) / 2, float(index) * 5]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import socket
@@ -18,6 +19,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+
+
+class Clock:
+    """An injectable clock (the ledger's `now`) that tests move forward instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
 
 
 def free_port() -> int:

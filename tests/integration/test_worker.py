@@ -56,8 +56,14 @@ def outputs(node: NodeProcess, series_uid: str) -> list[Path]:
     return sorted((node.storage / "outbox" / series_uid).glob("*.dcm"))
 
 
-def sources_by_uid(files: list[Path]) -> dict[str, Dataset]:
-    return {str(ds.SOPInstanceUID): ds for ds in (dcmread(f) for f in files)}
+def derived_and_sources(node: NodeProcess, output_uid: str, files: list[Path]) -> list[tuple[Path, Dataset, Dataset]]:
+    """(path, derived image, its source image) for every output of the series."""
+    sources = {str(ds.SOPInstanceUID): ds for ds in (dcmread(f) for f in files)}
+    pairs = []
+    for path in outputs(node, output_uid):
+        out = dcmread(path)
+        pairs.append((path, out, sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]))
+    return pairs
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -81,12 +87,9 @@ def test_identity_model_round_trips_hounsfield_units_bit_for_bit(node_factory, t
     output_uid, count, attempts = wait_job_done(node)
     assert (count, attempts) == (6, 1)
     assert output_uid == derived_uid(series_uid, "identity", "1.0.0")
-    sources = sources_by_uid(files)
-    derived = outputs(node, output_uid)
+    derived = derived_and_sources(node, output_uid, files)
     assert len(derived) == 6
-    for path in derived:
-        out = dcmread(path)
-        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+    for path, out, src in derived:
         assert out.SOPInstanceUID == derived_uid(src.SOPInstanceUID, "identity", "1.0.0")
         assert np.array_equal(out.pixel_array, src.pixel_array)  # bit-identical stored values
         assert np.array_equal(apply_rescale(out.pixel_array, out), apply_rescale(src.pixel_array, src))
@@ -106,11 +109,8 @@ def test_shipped_denoiser_lowers_noise_and_keeps_hounsfield_units(node_factory, 
     assert storescu(node.port, files).returncode == 0
     output_uid, count, _ = wait_job_done(node)
     assert count == 4
-    sources = sources_by_uid(files)
     roi = (slice(98, 158), slice(98, 158))
-    for path in outputs(node, output_uid):
-        out = dcmread(path)
-        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+    for path, out, src in derived_and_sources(node, output_uid, files):
         before, after = apply_rescale(src.pixel_array, src)[roi], apply_rescale(out.pixel_array, out)[roi]
         assert after.std() <= 0.7 * before.std(), (before.std(), after.std())
         assert abs(after.mean() - before.mean()) <= 2.0
@@ -128,10 +128,7 @@ def test_super_resolution_has_the_golden_geometry(node_factory, tmp_path: Path) 
     assert storescu(node.port, files).returncode == 0
     output_uid, count, _ = wait_job_done(node)
     assert count == 3
-    sources = sources_by_uid(files)
-    for path in outputs(node, output_uid):
-        out = dcmread(path)
-        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+    for path, out, src in derived_and_sources(node, output_uid, files):
         assert (out.Rows, out.Columns) == (128, 128)
         assert [float(v) for v in out.PixelSpacing] == pytest.approx([0.35, 0.35])
         z = float(src.ImagePositionPatient[2])
@@ -187,10 +184,7 @@ def test_mr_series_through_a_percentile_model(node_factory, tmp_path: Path) -> N
     output_uid, count, _ = wait_job_done(node)
     assert count == 4
     assert node.query("SELECT route, model FROM jobs") == [("mr", "mr-identity")]
-    sources = sources_by_uid(files)
-    for path in outputs(node, output_uid):
-        out = dcmread(path)
-        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+    for path, out, src in derived_and_sources(node, output_uid, files):
         assert out.SOPClassUID == src.SOPClassUID and out.Modality == "MR"
         assert np.array_equal(out.pixel_array, src.pixel_array)
         assert dciodvfy_errors(path) == []
@@ -214,10 +208,7 @@ def test_jpeg2000_input_is_decoded_and_written_uncompressed(node_factory, tmp_pa
     assert stored == [(JPEG2000Lossless,)]  # kept as the scanner sent it
     output_uid, count, _ = wait_job_done(node)
     assert count == 3
-    sources = sources_by_uid(files)
-    for path in outputs(node, output_uid):
-        out = dcmread(path)
-        src = sources[out.SourceImageSequence[0].ReferencedSOPInstanceUID]
+    for path, out, src in derived_and_sources(node, output_uid, files):
         assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert np.array_equal(apply_rescale(out.pixel_array, out), apply_rescale(src.pixel_array, src))
         assert "LossyImageCompression" not in out or out.LossyImageCompression == "00"

@@ -4,6 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import Clock
+
 
 @pytest.fixture(scope="module")
 def torch_one_thread() -> Iterator[None]:
@@ -14,3 +16,8 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

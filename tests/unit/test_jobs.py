@@ -24,26 +24,13 @@ from storage import schema as t
 from storage.db import make_engine, migrate
 from storage.jobs import RETRY_MAX_S, Job, JobQueue, Routed, SeriesFacts, route_for
 from storage.ledger import EventKind, Ledger, Received, StoredFile
+from tests.helpers import Clock
 
 MAX_ATTEMPTS = 3
 IDLE_S = 30.0
 STALE_ASSOCIATION_S = 120.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 from pathlib import Path
@@ -20,22 +19,7 @@ from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile, StoreOutcome
 from storage.recovery import reconcile
 from tests.dicom_factory import ct_slice, encode_explicit_le
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+from tests.helpers import Clock
 
 
 @pytest.fixture
