@@ -20,6 +20,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	scripts/ensure-debian-packages dcmtk
 	$(VENV)/bin/python bench/receive.py
+	$(VENV)/bin/python bench/inference.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

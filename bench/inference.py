@@ -172,28 +172,24 @@ def main() -> int:
         peak_note = f"{name}: data-sheet dense peaks {peaks or 'unknown'}"
     print(f"model {manifest.name} {manifest.version}: {flops / 1e9:.2f} GFLOP per {SIDE}x{SIDE} slice")
     print(f"device {device} ({platform.processor() or platform.machine()}); peak: {peak_note}\n")
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple[str, Engine | None, float, str]] = []
     baseline = throughput(torch_eager(args.model, device), args.batch, args.seconds)
-    rows.append(("torch eager FP32", baseline, "fp32"))
-    backends = ["onnxruntime", "torch"] if device == "cpu" else ["torch", "tensorrt"]
-    engines: dict[str, Engine] = {}
-    for name in backends:
+    rows.append(("torch eager FP32", None, baseline, "fp32"))
+    for name in ["onnxruntime", "torch"] if device == "cpu" else ["torch", "tensorrt"]:
         try:
             engine = open_engine(args.model, EngineOptions(backend=name, device=device, threads=args.threads))
         except EnhanceNodeError as exc:
             print(f"{name}: not available here ({exc})")
             continue
-        engines[name] = engine
-        precision = "fp16" if device != "cpu" else "fp32"
-        label = {"torch": "torch backend" + (" FP16 + CUDA graphs" if device != "cpu" else " FP32")}.get(name, name)
-        rows.append((label, throughput(engine.infer, args.batch, args.seconds), precision))
+        precision = "fp32" if device == "cpu" else "fp16"
+        label = name if name != "torch" else "torch backend " + ("FP32" if device == "cpu" else "FP16 + CUDA graphs")
+        rows.append((label, engine, throughput(engine.infer, args.batch, args.seconds), precision))
     print(f"| backend | slices/s | vs torch eager | % of peak ({device}) | {args.slices}-slice series s |")
     print("|---|---:|---:|---:|---:|")
-    for label, rate, precision in rows:
+    for label, engine, rate, precision in rows:
         peak = peaks.get(precision)
         share = f"{100 * rate * flops / peak:.1f}%" if peak else "-"
-        name = next((n for n in engines if label.startswith(n) or (n == "torch" and label.startswith("torch b"))), None)
-        latency = f"{series_latency(engines[name], args.slices, args.batch):.1f}" if name else "-"
+        latency = f"{series_latency(engine, args.slices, args.batch):.1f}" if engine else "-"
         print(f"| {label} | {rate:.2f} | {rate / baseline:.2f}x | {share} | {latency} |")
     if not args.skip_worker and device == "cpu":
         result = worker_end_to_end(args.model, args.slices, args.threads)
