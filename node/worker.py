@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -105,7 +104,7 @@ def process(
     store: FileStore,
     engines: Engines,
     settings: DeriveSettings,
-    backend_clock: Clock = utcnow,
+    now: Clock = utcnow,
 ) -> Result:
     """The job's series through its model, written to the outbox; raises on failure."""
     timings: dict[str, float] = defaultdict(float)
@@ -120,7 +119,7 @@ def process(
     if modality not in manifest.modalities:
         raise InvalidDataset(0xC000, f"model {manifest.name} takes {'/'.join(manifest.modalities)}, not {modality}")
     proc = Processing(
-        manifest.name, manifest.version, manifest.task, manifest.scale, engine.backend, backend_clock(), device_uid()
+        manifest.name, manifest.version, manifest.task, manifest.scale, engine.backend, now(), device_uid()
     )
     output_uid = derived_uid(job.series_instance_uid, manifest.name, manifest.version)
     groups: dict[tuple[int, ...], list[Frame]] = defaultdict(list)
@@ -230,7 +229,3 @@ class Worker:
         finally:
             self.engines.close()
 
-
-def outbox_files(store: FileStore, output_series_uid: str) -> list[Path]:
-    folder = store.root / OUTBOX_DIR / output_series_uid
-    return sorted(folder.glob("*.dcm")) if folder.exists() else []
