@@ -62,7 +62,7 @@ class RunConfig:
             "self_supervised": self.self_supervised,
             "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
             "command": self.command,
-            "init_from": str(self.init_from) if self.init_from else None,
+            **({"init_from": str(self.init_from)} if self.init_from else {}),  # TOML has no null
             # where the run trained (export may happen elsewhere)
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {self.device}",
         }

@@ -68,8 +68,8 @@ def test_sigkill_mid_transfer_then_resend_loses_nothing(node_factory, tmp_path: 
     resend = storescu(node.port, files)
     assert resend.returncode == 0, resend.stdout + resend.stderr
     wait_for(
-        lambda: node.query("SELECT state FROM series WHERE series_instance_uid = ?", series_uid) == [("complete",)],
-        what="series complete",
+        lambda: node.query("SELECT state FROM series WHERE series_instance_uid = ?", series_uid) == [("routed",)],
+        what="series complete (and routed)",
     )
 
     rows = {uid: (path, sha) for uid, path, sha in node.query("SELECT sop_instance_uid, path, sha256 FROM instances")}

@@ -18,12 +18,15 @@ def test_series_completes_after_idle_period_and_reopens(node_factory, tmp_path: 
         rows = node.query("SELECT state FROM series WHERE series_instance_uid = ?", series_uid)
         return rows[0][0] if rows else ""
 
-    wait_for(lambda: state() == "complete", what="series complete")
+    # complete, then routed at once (no route matches in this config: recorded, no job)
+    wait_for(lambda: state() == "routed", what="series complete and routed")
     assert storescu(node.port, files[4:]).returncode == 0  # a late instance reopens it
     assert node.query("SELECT reopened_count FROM series") == [(1,)]
-    wait_for(lambda: state() == "complete", what="series complete again")
+    wait_for(lambda: state() == "routed", what="series complete and routed again")
     assert node.query("SELECT instance_count FROM series") == [(5,)]
     assert node.query("SELECT count(*) FROM events WHERE kind = 'series.complete'") == [(2,)]
+    assert node.query("SELECT count(*) FROM events WHERE kind = 'series.unrouted'") == [(2,)]
+    assert node.query("SELECT count(*) FROM jobs") == [(0,)]
 
 
 def test_disk_below_floor_answers_a700_and_writes_nothing(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
