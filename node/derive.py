@@ -178,14 +178,16 @@ def _resample_geometry(ds: Dataset, scale: int) -> None:
     """Same field of view on a scale-times finer matrix; the first pixel's centre moves by
     (new - old spacing) / 2 along the row and column directions. Enhanced objects carry the
     spacing in Pixel Measures and the position per frame in Plane Position."""
-    for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
-        groups = functional_groups(ds, frame)
-        if not groups:
-            continue
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    # each Plane Position item moves once: per frame, or once when it is shared
+    owners = [(item, functional_groups(ds, i)) for i, item in enumerate(per_frame)]
+    owners += [(item, [item]) for item in shared]
+    for item, groups in owners:
         spacing = lookup(ds, groups, "PixelMeasuresSequence", "PixelSpacing")
         orientation = lookup(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-        for item in groups[0].get("PlanePositionSequence", []) if spacing and orientation else []:
-            item.ImagePositionPatient = _shifted(item.ImagePositionPatient, orientation, spacing, scale)
+        for position in item.get("PlanePositionSequence", []) if spacing and orientation else []:
+            position.ImagePositionPatient = _shifted(position.ImagePositionPatient, orientation, spacing, scale)
     for group in _all_groups(ds):
         for item in group.get("PixelMeasuresSequence", []):
             if "PixelSpacing" in item:

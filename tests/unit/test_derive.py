@@ -658,3 +658,41 @@ def test_non_finite_engine_output_is_refused() -> None:
     values[3, 4] = np.nan
     with pytest.raises(EngineFailure, match="non-finite"):
         derive_image(source(), values, proc())
+
+
+def test_multiframe_positions_move_once_per_frame_and_once_when_shared() -> None:
+    """Enhanced objects: every per-frame Plane Position moves by (new - old spacing) / 2; a
+    Plane Position in the shared group (one for all frames) moves once, not once per frame."""
+    base = source()
+    del base.ImagePositionPatient, base.ImageOrientationPatient, base.PixelSpacing
+    base.NumberOfFrames = 2
+    base.PixelData = base.PixelData * 2
+    shared = Dataset()
+    measures, orientation = Dataset(), Dataset()
+    measures.PixelSpacing = [0.7, 0.7]
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    frames = []
+    for z in (0.0, 5.0):
+        frame, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [-22.4, -22.4, z]
+        frame.PlanePositionSequence = Sequence([position])
+        frames.append(frame)
+    base.SharedFunctionalGroupsSequence = Sequence([shared])
+    base.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    out = derive_image(base, np.zeros((2, 128, 128)), proc("sr", 2))
+    moved = [floats(f.PlanePositionSequence[0].ImagePositionPatient) for f in out.PerFrameFunctionalGroupsSequence]
+    np.testing.assert_allclose(moved, [[-22.575, -22.575, 0.0], [-22.575, -22.575, 5.0]])
+    assert floats(out.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing) == pytest.approx(
+        [0.35] * 2
+    )
+
+    position = Dataset()
+    position.ImagePositionPatient = [-22.4, -22.4, 0.0]
+    shared.PlanePositionSequence = Sequence([position])
+    for frame in frames:
+        del frame.PlanePositionSequence
+    out = derive_image(base, np.zeros((2, 128, 128)), proc("sr", 2))
+    got = floats(out.SharedFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient)
+    assert got == pytest.approx([-22.575, -22.575, 0.0])
