@@ -40,8 +40,8 @@ class TorchEngine:
         self.manifest = manifest
         self.device = device
         self._torch = torch
-        if not manifest.net:
-            raise ManifestError(f"{manifest.name}: the torch backend needs model.toml's [net] table; use onnxruntime")
+        if not manifest.net:  # e.g. a third-party ONNX model: "auto" then falls through to onnxruntime
+            raise EngineUnavailable(f"{manifest.name}: the torch backend needs model.toml's [net] table")
         try:
             net = build(NetSpec(**manifest.net))
             graph = onnx.load(str(onnx_path))

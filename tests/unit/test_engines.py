@@ -96,7 +96,7 @@ def test_torch_backend_runs_the_onnx_weights(name: str) -> None:
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch/onnx not installed (gpu extra)")
 def test_torch_backend_needs_the_net_table(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match=r"\[net\]"):
+    with pytest.raises(EngineUnavailable, match=r"\[net\]"):
         open_engine(identity(tmp_path / "id"), EngineOptions(backend="torch", device="cpu"))
 
 
