@@ -2,12 +2,21 @@
 de-normalise. Pixels go in and come out in image units (HU for CT, stored values for MR);
 rounding and clipping to the stored range belong to node.derive.
 
-CT pixel padding (values below the normalisation's lo, e.g. -2000 or -3024 outside the
-reconstruction circle) is clipped to lo before inference, so the net never sees values it
-was not trained on, and restored unchanged afterwards.
+CT values below the normalisation's lo are clipped to lo before inference, so the net never
+sees values it was not trained on; pixel padding (below -1500 HU, e.g. -2000 or -3024
+outside the reconstruction circle) is restored unchanged afterwards, while noisy air that
+dipped below lo gets the model's output like any other pixel.
+
+CT inference runs only on the bounding box of what is not air (above -900 HU in any slice:
+body, table, anything the scanner saw) plus a margin wider than the shipped nets' receptive
+field, so pixels inside it come out exactly as if the whole slice had been processed. Air
+outside the box is passed through, clipped at lo (denoise), or repeated (super-resolution): a
+typical head or body FOV spends a third to half of its pixels on it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,6 +26,28 @@ from engines.normalization import Normalization
 from engines.tiling import run_tiled
 
 Array = NDArray[np.float32]
+
+AIR_HU = -900.0  # CT: below this, air (and the padding below it)
+PADDING_HU = -1500.0  # CT: below this, pixel padding (-2000, -3024, ...), never noise around air
+MARGIN = 32  # pixels kept around the content; the shipped nets see 25 pixels each way
+ALIGN = 8  # crop origins on this grid (covers pixel-unshuffle factors 2, 4 and 8)
+
+
+def content_box(values: NDArray[np.floating], norm: Normalization, margin: int = MARGIN) -> tuple[slice, slice]:
+    """Rows and columns holding everything that is not air in any slice, plus `margin`
+    (the whole slice for MR, whose background has no fixed level; empty when all is air)."""
+    _, h, w = values.shape
+    if norm.kind != "hu":
+        return slice(0, h), slice(0, w)
+    mask = np.any(values > AIR_HU, axis=0)
+    rows, cols = np.flatnonzero(np.any(mask, axis=1)), np.flatnonzero(np.any(mask, axis=0))
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    # starts on a multiple of ALIGN: nets that pixel-unshuffle see the same cells as on the whole slice
+    return (
+        slice(max(0, int(rows[0]) - margin) // ALIGN * ALIGN, min(h, int(rows[-1]) + 1 + margin)),
+        slice(max(0, int(cols[0]) - margin) // ALIGN * ALIGN, min(w, int(cols[-1]) + 1 + margin)),
+    )
 
 
 def context_indices(z: int, slices: int, context: int) -> NDArray[np.intp]:
@@ -30,23 +61,31 @@ def enhance_volume(engine: Engine, pixels: NDArray[np.floating], max_batch: int 
     m = engine.manifest
     norm, scale = m.normalization, m.scale
     values = np.asarray(pixels, np.float32)
-    padding = values < norm.lo if norm.kind == "hu" else None
-    if padding is not None and padding.any():
-        values = np.maximum(values, np.float32(norm.lo))
-    else:
-        padding = None
+    padding = None
+    if norm.kind == "hu":
+        padding = values < PADDING_HU
+        padding = padding if padding.any() else None
+        values = np.maximum(values, np.float32(norm.lo))  # noisy air may dip below lo: the net sees lo
     window = norm.window(values)  # per series for percentile normalisation
     x = Normalization.forward(values, window)
-    z_count, h, w = x.shape
-    out = np.empty((z_count, h * scale, w * scale), np.float32)
-    for first in range(0, z_count, max_batch):
-        zs = range(first, min(z_count, first + max_batch))
-        stack = np.stack([x[context_indices(z, z_count, m.context_slices)] for z in zs])
-        out[first : first + len(zs)] = run_tiled(engine.infer, stack, m.tile, scale, max_batch)[:, 0]
+    z_count = x.shape[0]
+    out = _upscale(x, scale)  # what air outside the content box becomes
+    rows, cols = content_box(values, norm)
+    if rows.stop > rows.start and cols.stop > cols.start:
+        crop = x[:, rows, cols]
+        box = (slice(rows.start * scale, rows.stop * scale), slice(cols.start * scale, cols.stop * scale))
+        for first in range(0, z_count, max_batch):
+            zs = range(first, min(z_count, first + max_batch))
+            stack = np.stack([crop[context_indices(z, z_count, m.context_slices)] for z in zs])
+            out[first : first + len(zs), box[0], box[1]] = run_tiled(engine.infer, stack, m.tile, scale, max_batch)[
+                :, 0
+            ]
     result = Normalization.inverse(out, window)
     if padding is not None:
-        big = np.repeat(np.repeat(padding, scale, axis=1), scale, axis=2) if scale > 1 else padding
-        source = np.asarray(pixels, np.float32)
-        original = np.repeat(np.repeat(source, scale, axis=1), scale, axis=2) if scale > 1 else source
-        result = np.where(big, original, result)
+        result = np.where(_upscale(padding, scale), _upscale(np.asarray(pixels, np.float32), scale), result)
     return result
+
+
+def _upscale(a: NDArray[Any], scale: int) -> NDArray[Any]:
+    """Each pixel repeated scale x scale times (a copy, also for scale 1)."""
+    return np.repeat(np.repeat(a, scale, axis=1), scale, axis=2) if scale > 1 else a.copy()

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from numpy.typing import NDArray
 from PIL import Image
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from engines.manifest import ModelManifest, dump, load
-from engines.normalization import Normalization
+from engines.pipeline import context_indices, enhance_volume
+from engines.registry import EngineOptions, open_engine
 from node.errors import ManifestError, UsageError
 from train import metrics
 from train.data import Slab, degrade
@@ -56,27 +56,34 @@ def held_out_paths(modality: str) -> list[Path]:
 
 
 class OnnxModel:
-    def __init__(self, package: Path, threads: int = 0) -> None:
-        self.manifest = load(package)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(package / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    """The model as the node runs it: the onnxruntime engine through the series pipeline
+    (normalisation per series, padding, content box, tiling), one degraded series at a time."""
 
-    def __call__(self, stack: Array, window: tuple[float, float]) -> Array:
-        """stack: (context, h, w) in image units; returns the enhanced centre slice in image units."""
-        x = Normalization.forward(stack, window)[None]
-        (y,) = self.session.run(["output"], {"input": x})
-        return Normalization.inverse(y[0, 0], window)
+    def __init__(self, package: Path, threads: int = 0) -> None:
+        self.engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu", threads=threads))
+        self.manifest = self.engine.manifest
+        self._done: dict[int, tuple[Array, float]] = {}
+
+    def __call__(self, case: Case) -> tuple[Array, float]:
+        """The enhanced slice of `case` and the seconds per slice its series took."""
+        key = id(case.series)
+        if key not in self._done:
+            started = time.perf_counter()
+            out = enhance_volume(self.engine, case.series)
+            self._done[key] = (out, (time.perf_counter() - started) / len(case.series))
+        out, seconds = self._done[key]
+        return out[case.index], seconds
 
 
 @dataclass
 class Case:
-    """One held-out slice: clean target, degraded input (with context), spacing, noise SD."""
+    """One held-out slice: clean target, degraded input (with context), noise SD."""
 
     name: str
     target: Array
-    degraded: Array  # (context, h, w)
-    window: tuple[float, float]  # normalisation window from the degraded series
+    degraded: Array  # (context, h, w): what the baselines see
+    series: Array  # the whole degraded series (slices, h, w): what the model sees, as in the node
+    index: int  # this slice in `series`
     sigma: float  # noise SD in image units (denoise), 0 for SR
 
 
@@ -101,11 +108,11 @@ def make_cases(
         h, w = vol.pixels.shape[1] // scale * scale, vol.pixels.shape[2] // scale * scale
         clean = vol.pixels[:count, :h, :w]
         degraded = degrade(Slab(clean, vol.spacing[0]), deg, rng, sim)
-        window = manifest.normalization.window(degraded)
         for z in range(min(count, max_slices - len(cases))):
-            idx = np.clip(np.arange(z - half, z + half + 1), 0, count - 1)
+            idx = context_indices(z, count, manifest.context_slices)
             sigma = float(np.std(degraded[z] - clean[z])) if manifest.task == "denoise" else 0.0
-            cases.append(Case(f"{vol.description or vol.series_uid[-12:]}#{z}", clean[z], degraded[idx], window, sigma))
+            name = f"{vol.description or vol.series_uid[-12:]}#{z}"
+            cases.append(Case(name, clean[z], degraded[idx], degraded, z, sigma))
         if len(cases) == max_slices:
             break
     return cases
@@ -199,7 +206,7 @@ def evaluate(
     cases = make_cases(volumes, manifest, deg, max_slices, seed)
     methods: dict[str, Method] = {
         **baselines(manifest),
-        "model": lambda c: _timed(lambda: model(c.degraded, c.window)),
+        "model": model,
     }
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     panel: dict[str, Array] = {}

@@ -200,6 +200,16 @@ def test_identity_round_trip_keeps_hounsfield_units_and_padding(tmp_path: Path) 
     assert np.all(out[:, :5, :5] == -3024.0)
 
 
+def test_noisy_air_below_lo_is_enhanced_not_restored(tmp_path: Path) -> None:
+    """Only pixel padding (< -1500 HU) is put back; air noise that dips below -1024 HU is
+    clipped for the net and takes its output like any other pixel."""
+    engine = open_engine(identity(tmp_path / "id"))
+    v = np.full((1, 32, 32), 100.0, np.float32)
+    v[0, 10, 10], v[0, 0, 0] = -1100.0, -3024.0
+    out = enhance_volume(engine, v)
+    assert out[0, 10, 10] == pytest.approx(-1024.0, abs=1e-3) and out[0, 0, 0] == -3024.0
+
+
 def test_padding_is_hidden_from_the_model(tmp_path: Path) -> None:
     """The net sees lo (-1024) where the series has padding; the padding comes back unchanged."""
     engine = open_engine(identity(tmp_path / "id"))
@@ -278,3 +288,62 @@ def test_engines_build_without_models_or_routes_is_a_usage_error(
 
     assert main(["--config", str(_config(tmp_path, tmp_path / "models")), "engines", "build"]) == 2
     assert "no models named and no routes" in capsys.readouterr().err
+
+
+# --- content box: CT air outside the body is not run through the net --------------------------
+
+
+def body_in_air(slices: int = 3, side: int = 256, seed: int = 5) -> np.ndarray:
+    """A noisy 40 HU disc of radius 50 in noisy air, centred off-centre, padding in a corner."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    body = np.hypot(yy - 110, xx - 140) < 50
+    v = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, (slices, side, side))
+    v[:, :6, :6] = -3024.0
+    return v.astype(np.float32)
+
+
+def test_content_box_is_the_body_plus_margin() -> None:
+    from engines.normalization import Normalization
+    from engines.pipeline import ALIGN, MARGIN, content_box
+
+    hu = Normalization("hu", -1024.0, 3071.0)
+    rows, cols = content_box(body_in_air(), hu)  # body rows 61..159, columns 91..189
+    assert (rows.start, rows.stop) == ((61 - MARGIN) // ALIGN * ALIGN, 160 + MARGIN)
+    assert (cols.start, cols.stop) == ((91 - MARGIN) // ALIGN * ALIGN, 190 + MARGIN)
+    assert content_box(np.full((2, 40, 40), -1000.0, np.float32), hu) == (slice(0, 0), slice(0, 0))
+    assert content_box(body_in_air(), Normalization("percentile", 0.5, 99.5)) == (slice(0, 256), slice(0, 256))
+
+
+def test_denoising_only_the_content_box_changes_nothing_inside_it() -> None:
+    """The shipped denoiser on the cropped box gives, inside the body, what it gives on the
+    whole slice (the margin is wider than its receptive field); air outside is passed through,
+    and the net saw the smaller box."""
+    from engines.pipeline import content_box
+    from engines.tiling import run_tiled as whole_slice
+
+    engine = open_engine(MODELS / "ct-denoise")
+    v = body_in_air()
+    seen: list[tuple[int, ...]] = []
+    infer = engine.infer
+    engine.infer = lambda b: seen.append(b.shape) or infer(b)  # type: ignore[method-assign]
+    out = enhance_volume(engine, v)
+    engine.infer = infer  # type: ignore[method-assign]
+    rows, cols = content_box(v, engine.manifest.normalization)
+    assert seen and all(shape[2:] == (rows.stop - rows.start, cols.stop - cols.start) for shape in seen)
+    x = ((np.maximum(v, -1024) + 1024) / 4095).astype(np.float32)[:, None]
+    reference = whole_slice(engine.infer, x, engine.manifest.tile, 1, 8)[:, 0] * 4095 - 1024
+    inside = (slice(None), slice(rows.start + 32, rows.stop - 32), slice(cols.start + 32, cols.stop - 32))
+    assert float(np.abs(out[inside] - reference[inside]).max()) < 0.01
+    outside = np.ones(v.shape[1:], bool)
+    outside[rows, cols] = False
+    passed = np.where(v < -1500, v, np.maximum(v, -1024))  # padding kept, air clipped at the window's lo
+    np.testing.assert_allclose(out[:, outside], passed[:, outside], atol=1e-3)
+    assert float(out[:, 85:135, 115:165].std()) < 0.5 * float(v[:, 85:135, 115:165].std())
+
+
+def test_an_all_air_series_is_passed_through(tmp_path: Path) -> None:
+    engine = open_engine(nearest_upscale(tmp_path / "up"))
+    engine.infer = lambda b: pytest.fail("nothing to enhance in air")  # type: ignore[method-assign]
+    v = np.full((2, 16, 20), -1000.0, np.float32)
+    np.testing.assert_array_equal(enhance_volume(engine, v), np.full((2, 32, 40), -1000.0, np.float32))
