@@ -230,7 +230,7 @@ def test_context_slices_are_neighbours_with_edges_repeated(tmp_path: Path) -> No
     np.testing.assert_array_equal(np.round(out), v[[0, 0, 1, 2]])
 
 
-def test_super_resolution_pipeline_scales_and_restores_padding(tmp_path: Path) -> None:
+def test_super_resolution_pipeline_scales_and_keeps_padding(tmp_path: Path) -> None:
     engine = open_engine(nearest_upscale(tmp_path / "up"))
     v = ct_volume(shape=(2, 20, 30))
     out = enhance_volume(engine, v)
@@ -343,7 +343,17 @@ def test_denoising_only_the_content_box_changes_nothing_inside_it() -> None:
 
 
 def test_an_all_air_series_is_passed_through(tmp_path: Path) -> None:
-    engine = open_engine(nearest_upscale(tmp_path / "up"))
-    engine.infer = lambda b: pytest.fail("nothing to enhance in air")  # type: ignore[method-assign]
+    engine = open_engine(identity(tmp_path / "id"))
+    engine.infer = lambda b: pytest.fail("nothing to denoise in air")  # type: ignore[method-assign]
     v = np.full((2, 16, 20), -1000.0, np.float32)
-    np.testing.assert_array_equal(enhance_volume(engine, v), np.full((2, 32, 40), -1000.0, np.float32))
+    np.testing.assert_allclose(enhance_volume(engine, v), v, atol=1e-3)
+
+
+def test_super_resolution_runs_on_air_too(tmp_path: Path) -> None:
+    """No content box for SR: the model, not pixel repetition, upsamples the air."""
+    engine = open_engine(nearest_upscale(tmp_path / "up"))
+    shapes: list[tuple[int, ...]] = []
+    infer = engine.infer
+    engine.infer = lambda b: shapes.append(b.shape) or infer(b)  # type: ignore[method-assign]
+    enhance_volume(engine, body_in_air(slices=1, side=128))
+    assert shapes == [(1, 1, 128, 128)]
