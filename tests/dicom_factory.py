@@ -24,8 +24,18 @@ from pydicom.uid import (
 UID_ROOT = "1.2.826.0.1.3680043.10.1533."
 
 
-def _image(sop_class: str, modality: str, study_uid: str, series_uid: str, index: int, sop_uid: str | None) -> Dataset:
-    """File meta, patient, study, series and equipment attributes shared by the test images."""
+def _image(
+    sop_class: str,
+    modality: str,
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    sop_uid: str | None,
+    rows: int,
+    cols: int,
+) -> Dataset:
+    """File meta, patient, study, series, equipment and 12-bit grey pixel-module attributes
+    shared by the test images."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -48,6 +58,14 @@ def _image(sop_class: str, modality: str, study_uid: str, series_uid: str, index
     ds.StudyID = "1"
     ds.InstanceNumber = index + 1
     ds.Manufacturer = "enhance-node tests"
+    ds.AcquisitionNumber = 1
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "HEAD"
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     return ds
 
 
@@ -67,7 +85,7 @@ def ct_slice(
     hu = np.where(r < min(rows, cols) * 0.4, 0.0, -1000.0) + rng.normal(0, 20, (rows, cols))
     stored = np.clip(np.round(hu + 1024), 0, 4095).astype(np.int16)
 
-    ds = _image(CTImageStorage, "CT", study_uid, series_uid, index, sop_uid)
+    ds = _image(CTImageStorage, "CT", study_uid, series_uid, index, sop_uid, rows, cols)
     ds.SeriesNumber = 1
     ds.SeriesDescription = "Synthetic phantom"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -76,14 +94,6 @@ def ct_slice(
     ds.PixelSpacing = [0.7, 0.7]
     ds.SliceThickness = 1.0
     ds.KVP = 120
-    ds.AcquisitionNumber = 1
-    ds.PatientPosition = "HFS"
-    ds.BodyPartExamined = "HEAD"
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.PixelRepresentation = 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     ds.WindowCenter, ds.WindowWidth = 40, 400
@@ -99,7 +109,7 @@ def mr_slice(study_uid: str, series_uid: str, index: int, rows: int = 256, cols:
     signal = np.where(r < min(rows, cols) * 0.4, 800.0, 10.0) + np.abs(rng.normal(0, 15, (rows, cols)))
     stored = np.clip(np.round(signal), 0, 4095).astype(np.uint16)
 
-    ds = _image(MRImageStorage, "MR", study_uid, series_uid, index, None)
+    ds = _image(MRImageStorage, "MR", study_uid, series_uid, index, None, rows, cols)
     ds.SeriesNumber = 2
     ds.SeriesDescription = "Synthetic phantom T1"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
@@ -120,14 +130,6 @@ def mr_slice(study_uid: str, series_uid: str, index: int, rows: int = 256, cols:
     ds.ImagedNucleus = "1H"
     ds.MagneticFieldStrength = 1.5
     ds.FlipAngle = 90
-    ds.AcquisitionNumber = 1
-    ds.PatientPosition = "HFS"
-    ds.BodyPartExamined = "HEAD"
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.PixelRepresentation = 0
     ds.WindowCenter, ds.WindowWidth = 400, 1000
     ds.PixelData = stored.tobytes()
