@@ -18,7 +18,7 @@ from node.errors import ManifestError
 
 Array = NDArray[np.float32]
 INPUT, OUTPUT = "input", "output"  # tensor names fixed by DESIGN 3.4
-PROBE_SIDE = 24  # a small odd-free probe; every shipped net accepts any side
+PROBE_SIDE = 24  # side of the load-time probe (its width is PROBE_SIDE + 2: non-square)
 
 
 class Engine(Protocol):

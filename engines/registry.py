@@ -101,15 +101,17 @@ def open_engine(package: Path, opts: EngineOptions = EngineOptions()) -> Engine:
 def backend_status(device: str = "auto") -> dict[str, str | None]:
     """Each backend: None when it can run on `device` here, else why not (no model loaded)."""
     dev = _device(device)
-    found = {name: importlib.util.find_spec(name) is not None for name in ("tensorrt", "torch", "onnx")}
-    cuda = dev.startswith("cuda")
-    return {
-        "tensorrt": None
-        if found["tensorrt"] and cuda
-        else ("not installed (extra: tensorrt)" if not found["tensorrt"] else "needs a CUDA device"),
-        "torch": None if found["torch"] and found["onnx"] else "not installed (extra: gpu)",
-        "onnxruntime": None if not cuda else "runs on the CPU only (device is " + dev + ")",
-    }
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("tensorrt", "torch", "onnx")}
+    status: dict[str, str | None] = {"tensorrt": None, "torch": None, "onnxruntime": None}
+    if not installed["tensorrt"]:
+        status["tensorrt"] = "not installed (extra: tensorrt)"
+    elif not dev.startswith("cuda"):
+        status["tensorrt"] = "needs a CUDA device"
+    if not (installed["torch"] and installed["onnx"]):
+        status["torch"] = "not installed (extra: gpu)"
+    if dev.startswith("cuda"):
+        status["onnxruntime"] = f"runs on the CPU only (device is {dev})"
+    return status
 
 
 def build_plans(packages: list[Path], opts: EngineOptions) -> list[tuple[str, Path]]:

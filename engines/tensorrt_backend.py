@@ -118,9 +118,7 @@ class TensorRTEngine:
         check_probe(manifest, self.infer)
 
     def infer(self, batch: Array) -> Array:
-        torch = self._torch
         outputs = [self._run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-        torch.cuda.synchronize(self.device)
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
     def _run(self, chunk: Array) -> Array:

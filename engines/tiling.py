@@ -46,19 +46,19 @@ def run_tiled(infer: Callable[[Array], Array], batch: Array, tile: Tile, scale: 
     if h <= tile.size and w <= tile.size:
         return np.concatenate([infer(batch[i : i + max_batch]) for i in range(0, n, max_batch)])
     th, tw = min(tile.size, h), min(tile.size, w)
-    boxes = [(i, y, x) for i in range(n) for y in starts(h, th, tile.overlap) for x in starts(w, tw, tile.overlap)]
-    out = np.zeros((n, 1, h * scale, w * scale), np.float32)
+    origins = [(y, x) for y in starts(h, th, tile.overlap) for x in starts(w, tw, tile.overlap)]
+    # one blending window per tile position, shared by every slice
+    windows = {(y, x): _weights(h, w, y, x, th, tw, tile, scale) for y, x in origins}
     weight = np.zeros((h * scale, w * scale), np.float32)
-    for i, y, x in boxes:
-        if i == 0:  # every slice has the same tiles
-            wt = _weights(h, w, y, x, th, tw, tile, scale)
-            weight[y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += wt
+    for (y, x), wt in windows.items():
+        weight[y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += wt
+    out = np.zeros((n, 1, h * scale, w * scale), np.float32)
+    boxes = [(i, y, x) for i in range(n) for y, x in origins]
     for first in range(0, len(boxes), max_batch):
         group = boxes[first : first + max_batch]
         preds = infer(np.stack([batch[i, :, y : y + th, x : x + tw] for i, y, x in group]))
         for (i, y, x), pred in zip(group, preds, strict=True):
-            wt = _weights(h, w, y, x, th, tw, tile, scale)
-            out[i, :, y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += pred * wt
+            out[i, :, y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += pred * windows[(y, x)]
     return np.asarray(out / weight, np.float32)
 
 

@@ -86,7 +86,7 @@ class TorchEngine:
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
-        return static_out.clone()
+        return static_out  # read (copied to the host) before the next replay overwrites it
 
     def close(self) -> None:
         self._graphs.clear()

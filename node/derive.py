@@ -21,7 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from node import __version__
 from node.errors import EngineFailure, InvalidDataset
@@ -30,6 +32,7 @@ from node.series import functional_groups, lookup, rescale
 # pydicom's UID root, for UIDs generated with pydicom; the suffix is a hash of the inputs.
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 MANUFACTURER = "enhance-node"
+PIXEL_DATA = Tag("PixelData")
 LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.50",  # JPEG baseline
     "1.2.840.10008.1.2.4.51",  # JPEG extended
@@ -102,13 +105,19 @@ def derive_image(
         raise InvalidDataset(
             0xC000, f"enhanced pixels {values.shape} do not fit {expected} ({rows}x{cols} x{proc.scale})"
         )
-    ds = copy.deepcopy(source)
+    ds = _copy_without_pixels(source)
     _identity(ds, source, proc, settings)
     _derivation(ds, source, proc)
     if proc.scale > 1:
         _resample_geometry(ds, proc.scale)
     _encode_pixels(ds, values.reshape(frames, *plane))
     return ds
+
+
+def _copy_without_pixels(source: Dataset) -> Dataset:
+    """A deep copy of every element but Pixel Data (replaced anyway), without pydicom's cached
+    decoded pixel array: copying both would double the per-image work for nothing."""
+    return Dataset({tag: copy.deepcopy(elem) for tag, elem in source.items() if tag != PIXEL_DATA})
 
 
 def _identity(ds: Dataset, source: Dataset, proc: Processing, settings: DeriveSettings) -> None:
@@ -191,13 +200,13 @@ def _resample_geometry(ds: Dataset, scale: int) -> None:
     for group in _all_groups(ds):
         for item in group.get("PixelMeasuresSequence", []):
             if "PixelSpacing" in item:
-                item.PixelSpacing = [_ds_str(float(v) / scale) for v in item.PixelSpacing]
+                item.PixelSpacing = [format_number_as_ds(float(v) / scale) for v in item.PixelSpacing]
     if "PixelSpacing" in ds:
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
             ds.ImagePositionPatient = _shifted(
                 ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, scale
             )
-        ds.PixelSpacing = [_ds_str(float(v) / scale) for v in ds.PixelSpacing]
+        ds.PixelSpacing = [format_number_as_ds(float(v) / scale) for v in ds.PixelSpacing]
     for tag in [e.tag for e in ds if 0x6000 <= e.tag.group <= 0x601E]:  # overlays are drawn on the old matrix
         del ds[tag]
     if "IconImageSequence" in ds:
@@ -212,17 +221,11 @@ def _shifted(position: Any, orientation: Any, spacing: Any, scale: int) -> list[
     along_row, along_col = iop[:3], iop[3:]  # direction of increasing column, of increasing row
     ipp = np.asarray([float(v) for v in position])
     ipp = ipp + along_row * (old_col / scale - old_col) / 2 + along_col * (old_row / scale - old_row) / 2
-    return [_ds_str(v) for v in ipp]
+    return [format_number_as_ds(v) for v in ipp]
 
 
 def _all_groups(ds: Dataset) -> list[Dataset]:
     return [*(ds.get("SharedFunctionalGroupsSequence") or []), *(ds.get("PerFrameFunctionalGroupsSequence") or [])]
-
-
-def _ds_str(value: float) -> str:
-    """A Decimal String of at most 16 characters."""
-    text = f"{value:.10g}"
-    return text if len(text) <= 16 else f"{value:.8e}"
 
 
 def stored_range(ds: Dataset) -> tuple[int, int]:

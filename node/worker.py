@@ -167,11 +167,16 @@ class Worker:
         self.ident = ident
         self.engines = Engines(cfg)
         self.settings = DeriveSettings(cfg.series_number_offset, cfg.series_description_suffix)
+        self._next_stale_check = 0.0
 
     def run_once(self) -> bool:
         """Runs one job if there is one; False when the queue had nothing runnable."""
-        for job_id in self.queue.requeue_stale(self.cfg.stale_after_seconds):
-            log.warning("job %d had no heartbeat for %.0f s; re-queued", job_id, self.cfg.stale_after_seconds)
+        # every ledger transaction takes SQLite's write lock, which the SCPs need per instance:
+        # look for stale jobs once per heartbeat period, not on every idle poll
+        if time.monotonic() >= self._next_stale_check:
+            self._next_stale_check = time.monotonic() + self.cfg.heartbeat_seconds
+            for job_id in self.queue.requeue_stale(self.cfg.stale_after_seconds):
+                log.warning("job %d had no heartbeat for %.0f s; re-queued", job_id, self.cfg.stale_after_seconds)
         job = self.queue.claim(self.ident)
         if job is None:
             return False

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from node.config import RouteConfig
 from storage import schema as t
-from storage.ledger import Clock, EventKind, _event, utcnow
+from storage.ledger import Clock, EventKind, inserted_id, utcnow, write_event
 from storage.schema import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, SERIES_COMPLETE, SERIES_ROUTED
 
 RETRY_BASE_S = 5.0
@@ -96,7 +96,7 @@ class JobQueue:
                 route = route_for(routes, SeriesFacts(row.modality, row.calling_ae, row.series_description))
                 job_id = None
                 if route is None:
-                    _event(
+                    write_event(
                         conn,
                         now,
                         EventKind.SERIES_UNROUTED,
@@ -113,7 +113,7 @@ class JobQueue:
                         )
                     ).scalar()
                     job_id = exists or _insert_job(conn, row.id, row.reopened_count, route, max_attempts, now)
-                    _event(
+                    write_event(
                         conn,
                         now,
                         EventKind.JOB_QUEUED,
@@ -159,7 +159,7 @@ class JobQueue:
             row = conn.execute(
                 select(j, s.c.series_instance_uid).join(s, s.c.id == j.c.series_id).where(j.c.id == job_id)
             ).one()
-            _event(
+            write_event(
                 conn,
                 now,
                 EventKind.JOB_STARTED,
@@ -204,7 +204,7 @@ class JobQueue:
                 )
             )
             if done.rowcount:
-                _event(
+                write_event(
                     conn,
                     now,
                     EventKind.JOB_DONE,
@@ -238,7 +238,7 @@ class JobQueue:
             if not changed:
                 return None
             kind = EventKind.JOB_RETRY if retry else EventKind.JOB_FAILED
-            _event(conn, now, kind, detail=f"job {job_id} attempt {row.attempts}: {error[:500]}")
+            write_event(conn, now, kind, detail=f"job {job_id} attempt {row.attempts}: {error[:500]}")
         return state
 
     def requeue_stale(self, stale_after_s: float) -> list[int]:
@@ -269,7 +269,7 @@ class JobQueue:
                         finished_at=now if last else None,
                     )
                 )
-                _event(
+                write_event(
                     conn, now, EventKind.JOB_FAILED if last else EventKind.JOB_REQUEUED, detail=f"job {row.id}: {why}"
                 )
                 if not last:
@@ -281,29 +281,24 @@ class JobQueue:
             i = t.instances
             return list(conn.execute(select(i.c.path).where(i.c.series_id == series_id).order_by(i.c.id)).scalars())
 
-    def state(self, job_id: int) -> str:
-        with self.engine.connect() as conn:
-            return str(conn.execute(select(t.jobs.c.state).where(t.jobs.c.id == job_id)).scalar_one())
-
 
 def _insert_job(
     conn: Connection, series_id: int, generation: int, route: RouteConfig, max_attempts: int, now: dt.datetime
 ) -> int:
-    result = conn.execute(
-        insert(t.jobs).values(
-            series_id=series_id,
-            generation=generation,
-            route=route.name,
-            model=route.model,
-            state=JOB_QUEUED,
-            attempts=0,
-            max_attempts=max_attempts,
-            queued_at=now,
-            error="",
-            output_count=0,
-            timings="",
+    return inserted_id(
+        conn.execute(
+            insert(t.jobs).values(
+                series_id=series_id,
+                generation=generation,
+                route=route.name,
+                model=route.model,
+                state=JOB_QUEUED,
+                attempts=0,
+                max_attempts=max_attempts,
+                queued_at=now,
+                error="",
+                output_count=0,
+                timings="",
+            )
         )
     )
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])

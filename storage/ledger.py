@@ -74,7 +74,7 @@ class Ledger:
     # -- events -------------------------------------------------------------------------
     def add_event(self, kind: EventKind, **fields: object) -> None:
         with self.engine.begin() as conn:
-            _event(conn, self.now(), kind, **fields)
+            write_event(conn, self.now(), kind, **fields)
 
     # -- associations -------------------------------------------------------------------
     def open_association(
@@ -95,7 +95,7 @@ class Ledger:
                     instances_stored=0,
                 )
             )
-            return _pk(result)
+            return inserted_id(result)
 
     def close_association(self, association_id: int, outcome: str) -> None:
         with self.engine.begin() as conn:
@@ -116,7 +116,7 @@ class Ledger:
                 .returning(t.associations.c.calling_ae)
             ).all()
             for (ae,) in rows:
-                _event(conn, now, EventKind.ASSOCIATION_LOST, calling_ae=ae, detail=node_id)
+                write_event(conn, now, EventKind.ASSOCIATION_LOST, calling_ae=ae, detail=node_id)
             return len(rows)
 
     # -- instances ------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class Ledger:
                         conn.execute(_COUNT_SERIES, {"sid": old.series_id, "delta": -1})
                         conn.execute(_COUNT_SERIES, {"sid": series_id, "delta": 1})
             if old is not None:
-                _event(
+                write_event(
                     conn,
                     now,
                     EventKind.INSTANCE_DUPLICATE if outcome is StoreOutcome.DUPLICATE else EventKind.INSTANCE_REPLACED,
@@ -187,12 +187,12 @@ class Ledger:
         if row is None:
             study_id = conn.execute(_SELECT_STUDY, {"uid": h.study_instance_uid}).scalar()
             if study_id is None:
-                study_id = _pk(
+                study_id = inserted_id(
                     conn.execute(
                         insert(t.studies).values(study_instance_uid=h.study_instance_uid, first_received_at=now)
                     )
                 )
-            return _pk(
+            return inserted_id(
                 conn.execute(
                     insert(t.series).values(
                         series_instance_uid=h.series_instance_uid,
@@ -225,7 +225,7 @@ class Ledger:
                 instance_count=t.series.c.instance_count + delta,
             )
         )
-        _event(
+        write_event(
             conn,
             now,
             EventKind.SERIES_REOPENED,
@@ -256,7 +256,7 @@ class Ledger:
             ).all()
             for uid, ae, count in rows:
                 detail = f"{count} instances"
-                _event(conn, now, EventKind.SERIES_COMPLETE, calling_ae=ae, series_instance_uid=uid, detail=detail)
+                write_event(conn, now, EventKind.SERIES_COMPLETE, calling_ae=ae, series_instance_uid=uid, detail=detail)
         return [r[0] for r in rows]
 
     # -- start-up reconciliation ------------------------------------------------------------
@@ -270,16 +270,18 @@ class Ledger:
         with self.engine.begin() as conn:
             now = self.now()
             for d in details:
-                _event(conn, now, kind, detail=d)
+                write_event(conn, now, kind, detail=d)
 
 
-def _pk(result: CursorResult[Any]) -> int:
+def inserted_id(result: CursorResult[Any]) -> int:
+    """The primary key of the row an INSERT just made."""
     key = result.inserted_primary_key
     assert key is not None
     return int(key[0])
 
 
-def _event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
+def write_event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
+    """An audit event, inside the caller's transaction (shared with storage.jobs)."""
     fields.setdefault("detail", "")
     conn.execute(insert(t.events).values(at=now, kind=str(kind), **fields))
 

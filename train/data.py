@@ -18,6 +18,7 @@ import torch
 from numpy.typing import NDArray
 
 from engines.normalization import Normalization
+from engines.pipeline import context_indices
 from train.degrade import LowDoseCT, ct_downsample, mr_kspace_truncate, rician
 from train.phantoms import ct_phantom, mr_phantom
 from train.presets import Degradation, Preset
@@ -71,12 +72,11 @@ def phantom_slabs(preset: Preset, count: int, seed: int) -> Iterator[Slab]:
 
 
 def volume_slabs(volumes: list[Volume], context: int) -> Iterator[Slab]:
-    """Every slice of every volume with its neighbours (edge slices repeated, DESIGN 3.4)."""
-    half = context // 2
+    """Every slice of every volume with its neighbours (edge slices repeated, DESIGN 3.4), as
+    the node's pipeline stacks them."""
     for vol in volumes:
         for z in range(vol.slices):
-            idx = np.clip(np.arange(z - half, z + half + 1), 0, vol.slices - 1)
-            yield Slab(vol.pixels[idx], vol.spacing[0])
+            yield Slab(vol.pixels[context_indices(z, vol.slices, context)], vol.spacing[0])
 
 
 @dataclass

@@ -137,6 +137,15 @@ def scu(ae_title: str = "STORESCU", *contexts: tuple[str, str]) -> AE:
     return ae
 
 
+def accepts(ae: AE, port: int) -> bool:
+    """Whether the node accepts a new association now (released at once when it does)."""
+    assoc = ae.associate("127.0.0.1", port, ae_title="ENHANCE")
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return False
+
+
 @pytest.fixture
 def raw_file_sending() -> Iterator[None]:
     """pynetdicom sends a file's dataset bytes exactly as they are in the file, undecoded.
@@ -353,14 +362,7 @@ def test_max_associations_refuses_the_next_one(node_factory) -> None:
     finally:
         held.release()
 
-    def next_accepted() -> bool:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
-        if assoc.is_established:
-            assoc.release()
-            return True
-        return False
-
-    wait_for(next_accepted, timeout=10, interval=0.2, what="a new association once the held one is released")
+    wait_for(lambda: accepts(ae, node.port), timeout=10, interval=0.2, what="an association after the release")
     assert node.query("SELECT count(*) FROM associations") == [(2,)]
 
 
@@ -376,14 +378,7 @@ def test_slots_of_a_receiving_process_that_died_are_given_back(node_factory) -> 
     os.kill(receiver, signal.SIGKILL)
     wait_for(lambda: node.receivers() not in ([], [receiver]), timeout=30, what="the receiver to be replaced")
 
-    def next_accepted() -> bool:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
-        if assoc.is_established:
-            assoc.release()
-            return True
-        return False
-
-    wait_for(next_accepted, timeout=30, interval=0.5, what="an association after the receiver was replaced")
+    wait_for(lambda: accepts(ae, node.port), timeout=30, interval=0.5, what="an association after the restart")
     held.abort()
     assert node.stop() == 0
 

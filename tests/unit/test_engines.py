@@ -268,7 +268,10 @@ def test_engines_list_names_backends_and_models(tmp_path: Path, capsys: pytest.C
     assert main(["--config", str(_config(tmp_path, tmp_path / "models")), "engines", "list"]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime  available" in out
-    assert "tensorrt     unavailable" in out or "tensorrt     available" in out
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "tensorrt     unavailable: not installed (extra: tensorrt)" in out
+    if not HAS_TORCH:
+        assert "torch        unavailable: not installed (extra: gpu)" in out
     assert "model identity 1.0.0: denoise x1 CT" in out
 
 

@@ -667,7 +667,7 @@ def test_requeue_stale_leaves_queued_done_and_failed_jobs_alone(
     queue.fail(failed, "w1", "bad", permanent=True)
     clock.advance(3600)
     assert queue.requeue_stale(60) == []
-    assert [queue.state(i) for i in (done, failed, waiting)] == [t.JOB_DONE, t.JOB_FAILED, t.JOB_QUEUED]
+    assert [job_row(engine, i).state for i in (done, failed, waiting)] == [t.JOB_DONE, t.JOB_FAILED, t.JOB_QUEUED]
 
 
 def test_a_job_whose_worker_dies_every_time_ends_failed(
@@ -685,7 +685,7 @@ def test_a_job_whose_worker_dies_every_time_ends_failed(
     clock.advance(61)
     queue.requeue_stale(60)  # its worker died again, on the last attempt
 
-    assert queue.state(only) == t.JOB_FAILED
+    assert job_row(engine, only).state == t.JOB_FAILED
     assert queue.claim("w3") is None
 
 
