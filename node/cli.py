@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from node.serve import ROLES
 
-    s = sub.add_parser("serve", help="run the node (receive; later: process and deliver)")
+    s = sub.add_parser("serve", help="run the node: receive, process and deliver")
     s.add_argument("--role", default="all", choices=ROLES, help="which role(s) this process runs")
 
     e = sub.add_parser("echo", help="C-ECHO a peer: exit 0 when it answers success")
@@ -55,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--host", help="the only IP address this AE may connect from")
     rm = ae_sub.add_parser("remove", help="stop allowing a calling AE")
     rm.add_argument("ae_title")
+
+    jobs = sub.add_parser("jobs", help="processing jobs and their deliveries, from the ledger")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    jl = jobs_sub.add_parser("list", help="the newest jobs with the state of their deliveries")
+    jl.add_argument("--state", choices=["queued", "running", "done", "failed"], help="only jobs in this state")
+    jl.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    jobs_sub.add_parser("show", help="one job: timings, error, each delivery, instances not stored").add_argument(
+        "id", type=int
+    )
+    jobs_sub.add_parser(
+        "retry", help="queue a failed job again and resubmit its failed deliveries (fresh attempts)"
+    ).add_argument("id", type=int)
 
     en = sub.add_parser("engines", help="inference backends and TensorRT plans")
     en_sub = en.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -81,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_training_command(args)
         if args.command == "engines":
             return _engines(args)
+        if args.command == "jobs":
+            from node.jobs_cli import run_jobs
+
+            return run_jobs(args, load_config(args.config))
         return _ae(args)
     except ConfigError as exc:
         print(f"enhance-node: config error: {exc}", file=sys.stderr)

@@ -85,6 +85,8 @@ class RouteConfig:
     model: str
     destinations: tuple[str, ...]
     match: RouteMatch = RouteMatch()
+    send_back: bool = False  # also to the destination whose ae_title is the series' calling AE
+    forward_original: bool = False  # also send the source series as received (node inline)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,18 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class SenderConfig:
+    processes: int = 1  # sender processes; 0 = no delivery from this node
+    concurrency: int = 4  # deliveries in flight per process (one association each)
+    timeout: float = 30.0  # seconds: connect, association negotiation and each DIMSE response
+    retry_base_seconds: float = 10.0  # the first retry waits about this long, then doubling
+    retry_max_seconds: float = 600.0
+    heartbeat_seconds: float = 5.0
+    stale_after_seconds: float = 120.0  # a delivery `sending` silent this long is re-queued
+    max_pdu_size: int = 0  # 0 = as large as the peer accepts
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -117,8 +131,16 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     worker: WorkerConfig = WorkerConfig()
+    sender: SenderConfig = SenderConfig()
     dashboard: DashboardConfig = DashboardConfig()
     source: Path | None = field(default=None, compare=False)  # the file it came from
+
+    def destination(self, name: str) -> DestinationConfig | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+    def destination_for_ae(self, ae_title: str) -> DestinationConfig | None:
+        """Where `send_back` sends a series: the first destination with the sender's AE title."""
+        return next((d for d in self.destinations if d.ae_title == ae_title), None)
 
 
 def default_config_path() -> Path:
@@ -172,6 +194,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     if worker.stale_after_seconds <= 2 * worker.heartbeat_seconds:
         raise ConfigError(worker_t.key("stale_after_seconds"), "must be more than twice heartbeat_seconds")
     worker_t.done()
+    sender = _parse_sender(reader.table("sender"))
     dash_t = reader.table("dashboard")
     dashboard = DashboardConfig(
         host=dash_t.string("host", "127.0.0.1"),
@@ -180,7 +203,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     )
     dash_t.done()
     reader.done()
-    return Config(node, series, destinations, routes, worker, dashboard, source)
+    return Config(node, series, destinations, routes, worker, sender, dashboard, source)
 
 
 def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
@@ -238,6 +261,25 @@ def _parse_destination(t: _Table) -> DestinationConfig:
     return d
 
 
+def _parse_sender(t: _Table) -> SenderConfig:
+    cfg = SenderConfig(
+        processes=t.integer("processes", 1, minimum=0, maximum=16),
+        concurrency=t.integer("concurrency", 4, minimum=1, maximum=64),
+        timeout=t.number("timeout", 30.0, minimum=0.5),
+        retry_base_seconds=t.number("retry_base_seconds", 10.0, minimum=0.01),
+        retry_max_seconds=t.number("retry_max_seconds", 600.0, minimum=0.01),
+        heartbeat_seconds=t.number("heartbeat_seconds", 5.0, minimum=0.05),
+        stale_after_seconds=t.number("stale_after_seconds", 120.0, minimum=0.2),
+        max_pdu_size=t.integer("max_pdu_size", 0, minimum=0),
+    )
+    if cfg.retry_max_seconds < cfg.retry_base_seconds:
+        raise ConfigError(t.key("retry_max_seconds"), "must be >= retry_base_seconds")
+    if cfg.stale_after_seconds <= 2 * cfg.heartbeat_seconds:
+        raise ConfigError(t.key("stale_after_seconds"), "must be more than twice heartbeat_seconds")
+    t.done()
+    return cfg
+
+
 def _parse_route(t: _Table, destinations: set[str]) -> RouteConfig:
     m = t.table("match")
     match = RouteMatch(
@@ -259,7 +301,11 @@ def _parse_route(t: _Table, destinations: set[str]) -> RouteConfig:
         model=t.string("model", required=True, pattern=r"[A-Za-z0-9_.-]{1,64}"),
         destinations=tuple(dests),
         match=match,
+        send_back=t.boolean("send_back", False),
+        forward_original=t.boolean("forward_original", False),
     )
+    if r.forward_original and not (r.destinations or r.send_back):
+        raise ConfigError(t.key("forward_original"), "needs destinations or send_back")
     t.done()
     return r
 
@@ -371,6 +417,14 @@ class _Table:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self.key(name), f"must be an integer, not {value!r}")
         return int(self._bounded(name, value, minimum, maximum))
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"must be true or false, not {value!r}")
+        return value
 
     def number(self, name: str, default: float, *, minimum: float | None = None) -> float:
         value = self._get(name, False)

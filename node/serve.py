@@ -30,8 +30,10 @@ from node.config import Config
 from node.handlers import OpenAssociations
 from node.logs import configure_logging
 from node.scp import StorageSCP
+from node.sender import Sender
 from node.worker import Worker
 from storage.db import make_engine, migrate
+from storage.deliveries import DeliveryQueue
 from storage.filestore import FileStore
 from storage.jobs import JobQueue
 from storage.ledger import Ledger
@@ -39,7 +41,7 @@ from storage.recovery import reconcile
 
 log = logging.getLogger(__name__)
 
-ROLES = ("all", "scp", "worker")  # the sender role arrives with the delivery work
+ROLES = ("all", "scp", "worker", "sender")
 MAX_AUTO_PROCESSES = 8
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 1.0
@@ -82,10 +84,15 @@ def serve(cfg: Config, role: str = "all") -> int:
         groups.append(Receivers(cfg, receive_process_count(cfg), ident))
     if role in ("all", "worker") and cfg.worker.processes > 0:
         groups.append(ProcessGroup("worker", cfg.worker.processes, run_worker, lambda index: (cfg, ident, index)))
+    if role in ("all", "sender") and cfg.sender.processes > 0:
+        resumed = DeliveryQueue(ledger.engine).requeue_abandoned(f"{ident}/sender-")
+        if resumed:
+            log.warning("%d deliveries were in flight when the node last stopped; resuming them", len(resumed))
+        groups.append(ProcessGroup("sender", cfg.sender.processes, run_sender, lambda index: (cfg, ident, index)))
     for group in groups:
         group.start()
     queue = JobQueue(ledger.engine)
-    route = lambda: queue.route_complete_series(cfg.routes, cfg.worker.max_attempts)  # noqa: E731
+    route = lambda: queue.route_complete_series(cfg.routes, cfg.worker.max_attempts, cfg.destinations)  # noqa: E731
     completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
     completion.start()
     log.info(
@@ -184,10 +191,7 @@ def run_receiver(
     cfg: Config, ident: str, slots: Any, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int
 ) -> None:
     """Entry point of one SCP process."""
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging(log_level)
+    _child_setup(parent, log_level)
     store, ledger = open_storage(cfg, upgrade=False)
     scp = StorageSCP(cfg.node, store, ledger, ident, OpenAssociations(cfg.node.max_associations, slots, index))
     scp.start()
@@ -199,20 +203,40 @@ def run_receiver(
 
 def run_worker(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int) -> None:
     """Entry point of one worker process: its own engine, claiming jobs from the ledger."""
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging(log_level)
+    _child_setup(parent, log_level)
     store, ledger = open_storage(cfg, upgrade=False)
     worker = Worker(cfg.worker, JobQueue(ledger.engine), store, f"{ident}/worker-{index}/{os.getpid()}")
+    _run_until_stopped(worker.run, stop, ready)
+    ledger.engine.dispose()
+
+
+def run_sender(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int) -> None:
+    """Entry point of one sender process: deliveries from the ledger to the destinations."""
+    _child_setup(parent, log_level)
+    store, ledger = open_storage(cfg, upgrade=False)
+    s = cfg.sender
+    queue = DeliveryQueue(ledger.engine, retry_base_s=s.retry_base_seconds, retry_max_s=s.retry_max_seconds)
+    sender = Sender(s, cfg.destinations, cfg.node.ae_title, queue, store, f"{ident}/sender-{index}/{os.getpid()}")
+    _run_until_stopped(sender.run, stop, ready)
+    ledger.engine.dispose()
+
+
+def _child_setup(parent: int, log_level: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(log_level)
+
+
+def _run_until_stopped(run: Callable[[threading.Event], None], stop: MpEvent, ready: MpEvent) -> None:
+    """`run` in a thread (the process's main thread waits on the supervisor's stop event)."""
     done = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(done,), name="worker", daemon=True)
+    thread = threading.Thread(target=run, args=(done,), name="main-loop", daemon=True)
     thread.start()
     ready.set()
     stop.wait()
     done.set()
     thread.join()
-    ledger.engine.dispose()
 
 
 def _die_with_parent(parent: int) -> None:

@@ -9,3 +9,26 @@ CANNOT_UNDERSTAND = 0xC000
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognised
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit
+
+# C-STORE answers we act on as a storage SCU (PS3.4 B.2.3, PS3.7 C.4.1).
+WARNING_COERCION = 0xB000
+WARNING_ELEMENTS_DISCARDED = 0xB006
+WARNING_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+WARNING_ATTRIBUTE_LIST = 0x0107
+WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
+STORED_WITH_WARNING = frozenset(
+    {
+        WARNING_COERCION,
+        WARNING_ELEMENTS_DISCARDED,
+        WARNING_DOES_NOT_MATCH_SOP_CLASS,
+        WARNING_ATTRIBUTE_LIST,
+        WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE,
+    }
+)
+
+
+def stored(status: int | None) -> bool:
+    """Whether a C-STORE answer means the peer kept the instance: success, or one of the
+    warnings after which the object is stored. Everything else (A7xx out of resources, A9xx,
+    Cxxx, other failures, no answer at all) is a failure."""
+    return status == SUCCESS or status in STORED_WITH_WARNING

@@ -31,7 +31,9 @@ from engines.registry import EngineOptions, open_engine
 from node.config import WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
 from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError
+from node.heartbeat import heartbeating
 from node.series import Frame, frames, ordered
+from storage.deliveries import Outgoing
 from storage.filestore import FileStore
 from storage.jobs import Job, JobQueue
 from storage.ledger import Clock, utcnow
@@ -49,6 +51,7 @@ class Result:
     model_version: str
     backend: str
     timings: dict[str, float] = field(default_factory=dict)
+    outputs: list[Outgoing] = field(default_factory=list)  # what the deliveries will send
 
 
 def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
@@ -131,7 +134,7 @@ def process(
         with _timed(timings, "infer"):
             volume = enhance_volume(engine, np.stack([f.pixels for f in group]), engines.cfg.max_batch)
         enhanced.update({(id(f.dataset), f.index): v for f, v in zip(group, volume, strict=True)})
-    count = 0
+    written: list[Outgoing] = []
     for ds in {id(f.dataset): f.dataset for f in items}.values():  # one output object per source object
         frame_count = int(ds.get("NumberOfFrames", 1) or 1)
         values = np.stack([enhanced[(id(ds), i)] for i in range(frame_count)])
@@ -139,10 +142,11 @@ def process(
             out = derive_image(ds, values if frame_count > 1 else values[0], proc, settings)
             buffer = DicomBytesIO()
             out.save_as(buffer, enforce_file_format=True)
+        path = outbox_path(output_uid, out.SOPInstanceUID)
         with _timed(timings, "write"):
-            store.write(outbox_path(output_uid, out.SOPInstanceUID), buffer.getvalue())
-        count += 1
-    return Result(output_uid, count, manifest.version, engine.backend, dict(timings))
+            store.write(path, buffer.getvalue())
+        written.append(Outgoing(out.SOPInstanceUID, out.SOPClassUID, out.file_meta.TransferSyntaxUID, path))
+    return Result(output_uid, len(written), manifest.version, engine.backend, dict(timings), written)
 
 
 @contextmanager
@@ -181,11 +185,10 @@ class Worker:
         if job is None:
             return False
         log.info("job %d: series %s through %s (attempt %d)", job.id, job.series_instance_uid, job.model, job.attempts)
-        stop_beat = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop_beat), daemon=True)
-        beat.start()
+        beat = lambda: self.queue.heartbeat(job.id, self.ident)  # noqa: E731
         try:
-            result = process(job, self.queue, self.store, self.engines, self.settings)
+            with heartbeating(beat, self.cfg.heartbeat_seconds, f"job {job.id}"):
+                result = process(job, self.queue, self.store, self.engines, self.settings)
         except PERMANENT as exc:
             self.queue.fail(job.id, self.ident, str(exc), permanent=True)
             log.error("job %d failed: %s", job.id, exc)
@@ -194,9 +197,6 @@ class Worker:
             state = self.queue.fail(job.id, self.ident, f"{type(exc).__name__}: {exc}", permanent=False)
             log.exception("job %d error (now %s)", job.id, state or "no longer ours")
             return True
-        finally:
-            stop_beat.set()
-            beat.join()
         if self.queue.finish(
             job.id,
             self.ident,
@@ -205,6 +205,7 @@ class Worker:
             result.model_version,
             result.backend,
             result.timings,
+            result.outputs,
         ):
             log.info(
                 "job %d done: %d instances of series %s (%s)",
@@ -216,15 +217,6 @@ class Worker:
         else:
             log.warning("job %d finished after it was re-queued; the other run will rewrite the same files", job.id)
         return True
-
-    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
-        while not stop.wait(self.cfg.heartbeat_seconds):
-            try:
-                if not self.queue.heartbeat(job_id, self.ident):
-                    log.warning("job %d is no longer ours", job_id)
-                    return
-            except Exception:  # the ledger may be briefly unavailable; the next beat retries
-                log.exception("heartbeat for job %d failed", job_id)
 
     def run(self, stop: threading.Event) -> None:
         try:

@@ -18,10 +18,20 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, insert, or_, select, update
 
-from node.config import RouteConfig
+from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
+from storage.deliveries import Outgoing, Target, add_delivery, resubmit_failed
 from storage.ledger import Clock, EventKind, inserted_id, utcnow, write_event
-from storage.schema import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, SERIES_COMPLETE, SERIES_ROUTED
+from storage.schema import (
+    DELIVER_DERIVED,
+    DELIVER_ORIGINAL,
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    SERIES_COMPLETE,
+    SERIES_ROUTED,
+)
 
 RETRY_BASE_S = 5.0
 RETRY_MAX_S = 600.0
@@ -74,10 +84,14 @@ class JobQueue:
         self._skip_locked = engine.dialect.name == "postgresql"
 
     # -- routing -------------------------------------------------------------------------
-    def route_complete_series(self, routes: Sequence[RouteConfig], max_attempts: int) -> list[Routed]:
+    def route_complete_series(
+        self, routes: Sequence[RouteConfig], max_attempts: int, destinations: Sequence[DestinationConfig] = ()
+    ) -> list[Routed]:
         """Every complete series gets a job on its first matching route (or an event saying
         none matched) and becomes `routed`. A reopened series is routed again as a new
-        generation; its output UIDs are the same (node/derive.py), so PACS sees one copy."""
+        generation; its output UIDs are the same (node/derive.py), so PACS sees one copy.
+        The job records where its output goes; a route that forwards originals gets their
+        deliveries now, so they do not wait for (or depend on) the processing."""
         now = self.now()
         s = t.series
         out: list[Routed] = []
@@ -112,7 +126,14 @@ class JobQueue:
                             t.jobs.c.generation == row.reopened_count,
                         )
                     ).scalar()
-                    job_id = exists or _insert_job(conn, row.id, row.reopened_count, route, max_attempts, now)
+                    targets = _targets(conn, now, route, destinations, row.calling_ae, row.series_instance_uid)
+                    job_id = exists or _insert_job(conn, row.id, row.reopened_count, route, targets, max_attempts, now)
+                    if route.forward_original:
+                        originals = _series_instances(conn, row.id)
+                        for target in targets:
+                            add_delivery(
+                                conn, now, job_id, target, DELIVER_ORIGINAL, row.series_instance_uid, originals
+                            )
                     write_event(
                         conn,
                         now,
@@ -187,7 +208,10 @@ class JobQueue:
         model_version: str,
         backend: str,
         timings: dict[str, float],
+        outputs: Sequence[Outgoing] = (),
     ) -> bool:
+        """The job is done and, in the same transaction, its output is queued for delivery to
+        every destination routing gave it: a done job always has its deliveries."""
         now = self.now()
         with self.engine.begin() as conn:
             done = conn.execute(
@@ -211,6 +235,9 @@ class JobQueue:
                     series_instance_uid=output_series_uid,
                     detail=f"job {job_id}: {count} instances",
                 )
+                destinations = conn.execute(select(t.jobs.c.destinations).where(t.jobs.c.id == job_id)).scalar_one()
+                for target in _decode_targets(destinations):
+                    add_delivery(conn, now, job_id, target, DELIVER_DERIVED, output_series_uid, outputs)
             return bool(done.rowcount)
 
     def fail(self, job_id: int, worker: str, error: str, permanent: bool) -> str | None:
@@ -276,14 +303,77 @@ class JobQueue:
                     requeued.append(row.id)
         return requeued
 
+    def resubmit(self, job_id: int) -> tuple[bool, list[int]]:
+        """An admin's retry: a failed job is queued again with fresh attempts, and the job's
+        failed deliveries go back to pending. Returns (job requeued, resubmitted deliveries)."""
+        now = self.now()
+        j = t.jobs
+        with self.engine.begin() as conn:
+            requeued = conn.execute(
+                update(j)
+                .where(j.c.id == job_id, j.c.state == JOB_FAILED)
+                .values(state=JOB_QUEUED, attempts=0, not_before=None, finished_at=None, worker=None)
+            ).rowcount
+            if requeued:
+                write_event(conn, now, EventKind.JOB_RESUBMITTED, detail=f"job {job_id}")
+            return bool(requeued), resubmit_failed(conn, now, job_id)
+
     def instance_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
             i = t.instances
             return list(conn.execute(select(i.c.path).where(i.c.series_id == series_id).order_by(i.c.id)).scalars())
 
 
+def _targets(
+    conn: Connection,
+    now: dt.datetime,
+    route: RouteConfig,
+    destinations: Sequence[DestinationConfig],
+    calling_ae: str,
+    series_uid: str,
+) -> list[Target]:
+    """The route's destinations (config validation guarantees they exist) and, with
+    `send_back`, the destination whose AE title is the sender's (an event when none is)."""
+    by_name = {d.name: d for d in destinations}
+    chosen = [by_name[n] for n in route.destinations if n in by_name]
+    if route.send_back:
+        back = next((d for d in destinations if d.ae_title == calling_ae), None)
+        if back is None:
+            write_event(
+                conn,
+                now,
+                EventKind.DELIVERY_NO_DESTINATION,
+                calling_ae=calling_ae,
+                series_instance_uid=series_uid,
+                detail=f"route {route.name}: send_back, but no destination has AE title {calling_ae}",
+            )
+        elif back not in chosen:
+            chosen.append(back)
+    return [Target(d.name, d.max_attempts) for d in chosen]
+
+
+def _decode_targets(text: str) -> list[Target]:
+    return [Target(item["name"], int(item["max_attempts"])) for item in json.loads(text or "[]")]
+
+
+def _series_instances(conn: Connection, series_id: int) -> list[Outgoing]:
+    i = t.instances
+    rows = conn.execute(
+        select(i.c.sop_instance_uid, i.c.sop_class_uid, i.c.transfer_syntax_uid, i.c.path)
+        .where(i.c.series_id == series_id)
+        .order_by(i.c.instance_number, i.c.id)
+    ).all()
+    return [Outgoing(*row) for row in rows]
+
+
 def _insert_job(
-    conn: Connection, series_id: int, generation: int, route: RouteConfig, max_attempts: int, now: dt.datetime
+    conn: Connection,
+    series_id: int,
+    generation: int,
+    route: RouteConfig,
+    targets: Sequence[Target],
+    max_attempts: int,
+    now: dt.datetime,
 ) -> int:
     return inserted_id(
         conn.execute(
@@ -299,6 +389,7 @@ def _insert_job(
                 error="",
                 output_count=0,
                 timings="",
+                destinations=json.dumps([{"name": x.name, "max_attempts": x.max_attempts} for x in targets]),
             )
         )
     )

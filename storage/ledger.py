@@ -41,6 +41,14 @@ class EventKind(enum.StrEnum):
     JOB_RETRY = "job.retry"
     JOB_FAILED = "job.failed"
     JOB_REQUEUED = "job.requeued"
+    JOB_RESUBMITTED = "job.resubmitted"  # by an admin: `enhance-node jobs retry`
+    DELIVERY_QUEUED = "delivery.queued"
+    DELIVERY_DELIVERED = "delivery.delivered"
+    DELIVERY_RETRY = "delivery.retry"
+    DELIVERY_FAILED = "delivery.failed"
+    DELIVERY_REQUEUED = "delivery.requeued"
+    DELIVERY_RESUBMITTED = "delivery.resubmitted"
+    DELIVERY_NO_DESTINATION = "delivery.no_destination"
 
 
 class StoreOutcome(enum.Enum):

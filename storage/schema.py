@@ -172,6 +172,65 @@ jobs = Table(
     Column("output_series_uid", UID),
     Column("output_count", Integer, nullable=False, default=0),
     Column("timings", Text, nullable=False, default=""),  # JSON: seconds per stage
+    Column("destinations", Text, nullable=False, default="[]"),  # JSON: where the output goes (routing)
     Index("ix_jobs_state", "state", "id"),
     Index("ux_jobs_series_route_generation", "series_id", "route", "generation", unique=True),
+)
+
+# Delivery states (DESIGN 3.3).
+DELIVERY_PENDING = "pending"
+DELIVERY_SENDING = "sending"
+DELIVERY_DELIVERED = "delivered"
+DELIVERY_FAILED = "failed"
+
+# What a delivery sends.
+DELIVER_DERIVED = "derived"  # the job's output series
+DELIVER_ORIGINAL = "original"  # the source series, forwarded as received (inline node)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("destination", String(64), nullable=False),  # a [[destinations]] name
+    Column("kind", String(16), nullable=False),
+    Column("series_instance_uid", UID, nullable=False),  # the series it sends
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime),  # retry backoff
+    Column("started_at", UTCDateTime),
+    Column("heartbeat_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("sender", String(128)),
+    Column("error", Text, nullable=False, default=""),
+    Column("instance_count", Integer, nullable=False),
+    Column("stored_count", Integer, nullable=False, default=0),  # warnings included
+    Column("warning_count", Integer, nullable=False, default=0),
+    Index("ix_deliveries_state", "state", "id"),
+    Index("ux_deliveries_job_destination_kind", "job_id", "destination", "kind", unique=True),
+)
+
+# Per-instance C-STORE results of a delivery: a retry sends only what is not stored yet.
+INSTANCE_PENDING = "pending"
+INSTANCE_STORED = "stored"
+INSTANCE_WARNING = "warning"  # stored, with a warning status (B000, B006, B007...)
+INSTANCE_FAILED = "failed"
+
+delivery_instances = Table(
+    "delivery_instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("delivery_id", ForeignKey("deliveries.id"), nullable=False),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("path", Text, nullable=False),  # relative to storage_dir
+    Column("outcome", String(16), nullable=False),
+    Column("status", Integer),  # the last C-STORE status; None: not answered (association failed)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("detail", Text, nullable=False, default=""),
+    Column("updated_at", UTCDateTime),
+    Index("ux_delivery_instances", "delivery_id", "sop_instance_uid", unique=True),
 )

@@ -74,6 +74,8 @@ def toml_config(
     receive_processes: int = 2,
     worker_processes: int = 0,
     worker: str = "",
+    sender_processes: int = 0,
+    sender: str = "",
     extra_node: str = "",
     extra: str = "",
 ) -> Path:
@@ -91,8 +93,9 @@ def toml_config(
     for ae, host in allowed:
         lines += ["[[node.allowed]]", f'ae_title = "{ae}"'] + ([f'host = "{host}"'] if host else [])
     lines += ["[series]", f"idle_seconds = {idle_seconds}"]
-    # no worker unless asked: the receive tests count the node's child processes as receivers
-    lines += ["[worker]", f"processes = {worker_processes}", worker, extra]
+    # no worker or sender unless asked: the receive tests count the node's child processes as receivers
+    lines += ["[worker]", f"processes = {worker_processes}", worker]
+    lines += ["[sender]", f"processes = {sender_processes}", sender, extra]
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -169,6 +172,12 @@ class NodeProcess:
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.ledger, timeout=30) as conn:
             return conn.execute(sql, args).fetchall()
+
+
+def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`enhance-node --config CONFIG ARGS...` as an admin types it."""
+    cmd = [sys.executable, "-m", "node.cli", "--config", str(config), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def storescu(
