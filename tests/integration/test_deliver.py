@@ -47,9 +47,7 @@ def start_node(node_factory, extra: str, sender: str = FAST_SENDER) -> NodeProce
 
 def deliveries(node: NodeProcess) -> list[tuple[str, str, int, int, int, str]]:
     """(kind, state, attempts, stored, of, error) of every delivery, in id order."""
-    return node.query(
-        "SELECT kind, state, attempts, stored_count, instance_count, error FROM deliveries ORDER BY id"
-    )  # type: ignore[return-value]
+    return node.query("SELECT kind, state, attempts, stored_count, instance_count, error FROM deliveries ORDER BY id")  # type: ignore[return-value]
 
 
 def wait_delivered(node: NodeProcess, count: int, timeout: float = 180) -> None:
@@ -168,7 +166,7 @@ def test_orthanc_down_while_delivering_backs_off_and_completes_once_it_returns(
 ) -> None:
     orthanc = Orthanc(tmp_path / "orthanc").start()
     try:
-        study_uid, series_uid, files = write_ct_series(tmp_path / "series", 24, rows=128, cols=128)
+        _study_uid, series_uid, files = write_ct_series(tmp_path / "series", 24, rows=128, cols=128)
         node = start_node(node_factory, destination("pacs", orthanc.aet, orthanc.dicom_port) + ct_route('"pacs"'))
         orthanc.stop()
         assert storescu(node.port, files).returncode == 0
@@ -178,7 +176,7 @@ def test_orthanc_down_while_delivering_backs_off_and_completes_once_it_returns(
             return bool(rows) and rows[0][1] == "pending" and rows[0][2] >= 2
 
         wait_for(retried, timeout=120, interval=0.05, what="the delivery to have failed twice")
-        _, state, _, stored, _, error = deliveries(node)[0]
+        _, _state, _, stored, _, error = deliveries(node)[0]
         assert stored == 0 and "cannot connect" in error
         assert node.query("SELECT count(*) FROM events WHERE kind = 'delivery.retry'")[0][0] >= 2
         orthanc.start()  # same storage, same ports
@@ -199,7 +197,7 @@ def test_an_scp_that_aborts_mid_association_gets_only_what_it_has_not_stored(
     peer = StoreSCP("PEER").start()
     peer.abort_after = 5
     try:
-        _, series_uid, files = write_ct_series(tmp_path / "series", 16, rows=64, cols=64)
+        _, _series_uid, files = write_ct_series(tmp_path / "series", 16, rows=64, cols=64)
         node = start_node(node_factory, destination("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
         wait_delivered(node, 1)
@@ -294,11 +292,13 @@ def test_sigkill_of_the_node_mid_delivery_resumes_after_restart_and_loses_nothin
     peer = StoreSCP("PEER").start()
     peer.delay = 0.1  # a slow PACS: the kill lands mid-association
     try:
-        _, series_uid, files = write_ct_series(tmp_path / "series", 40, rows=64, cols=64)
+        _, _series_uid, files = write_ct_series(tmp_path / "series", 40, rows=64, cols=64)
         node = start_node(node_factory, destination("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
         wait_for(
-            lambda: node.query("SELECT stored_count FROM deliveries WHERE state = 'sending'") and len(peer.received) >= 5,
+            lambda: (
+                node.query("SELECT stored_count FROM deliveries WHERE state = 'sending'") and len(peer.received) >= 5
+            ),
             timeout=120,
             interval=0.02,
             what="the delivery to be under way",
@@ -323,9 +323,7 @@ def test_send_back_stores_the_derived_series_on_the_calling_ae(node_factory, tmp
 
     port, received = free_port(), tmp_path / "back"
     received.mkdir()
-    scp = subprocess.Popen(
-        [require("storescp"), "-aet", "STORESCU", "-od", str(received), str(port)], env=dcmtk_env()
-    )
+    scp = subprocess.Popen([require("storescp"), "-aet", "STORESCU", "-od", str(received), str(port)], env=dcmtk_env())
     try:
         _, series_uid, files = write_ct_series(tmp_path / "series", 5, rows=64, cols=64)
         node = start_node(node_factory, destination("scanner", "STORESCU", port) + ct_route("", "send_back = true\n"))

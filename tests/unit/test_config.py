@@ -62,12 +62,43 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
             '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nmatch = { series_description = "(" }',
             "routes[0].match.series_description",
         ),
+        ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nsend_back = "yes"', "routes[0].send_back"),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nforward_original = true',
+            "routes[0].forward_original",
+        ),
+        ("[sender]\nprocesses = -1", "sender.processes"),
+        ("[sender]\nconcurrency = 0", "sender.concurrency"),
+        ("[sender]\nretry_base_seconds = 60\nretry_max_seconds = 10", "sender.retry_max_seconds"),
+        ("[sender]\nheartbeat_seconds = 5\nstale_after_seconds = 8", "sender.stale_after_seconds"),
+        ("[sender]\nretries = 3", "sender.retries"),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "127.0.0.1"\nport = 0', "destinations[0].port"),
+        (
+            '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\nmax_attempts = 0',
+            "destinations[0].max_attempts",
+        ),
     ],
 )
 def test_bad_values_name_their_key(text: str, key: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse(text, tmp_path)
     assert info.value.key == key
+
+
+def test_delivery_options_and_sender_settings(tmp_path: Path) -> None:
+    cfg = parse(
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.9"\nport = 104\n'
+        '[[destinations]]\nname = "ct01"\nae_title = "CT01"\nhost = "10.0.0.5"\nport = 104\nmax_attempts = 2\n'
+        '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = ["pacs"]\nsend_back = true\nforward_original = true\n'
+        "[sender]\nconcurrency = 2\nretry_base_seconds = 1.5",
+        tmp_path,
+    )
+    route = cfg.routes[0]
+    assert (route.send_back, route.forward_original, route.destinations) == (True, True, ("pacs",))
+    assert (cfg.sender.concurrency, cfg.sender.retry_base_seconds, cfg.sender.processes) == (2, 1.5, 1)
+    assert cfg.destination("ct01") == cfg.destination_for_ae("CT01") == cfg.destinations[1]
+    assert cfg.destination("nope") is None and cfg.destination_for_ae("MR02") is None
+    assert cfg.destinations[0].max_attempts == 8  # DESIGN 3.2's default
 
 
 def test_env_overrides_paths_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,6 @@ import multiprocessing
 import threading
 from multiprocessing.queues import Queue as MPQueue
 from multiprocessing.synchronize import Event as MPEvent
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from sqlalchemy import Engine, Row, func, select
 from node.config import RouteConfig, RouteMatch
 from node.instance import InstanceHeader
 from storage import schema as t
-from storage.db import make_engine, migrate
+from storage.db import make_engine
 from storage.jobs import RETRY_MAX_S, Job, JobQueue, Routed, SeriesFacts, route_for
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 from tests.helpers import Clock
@@ -31,23 +30,6 @@ IDLE_S = 30.0
 STALE_ASSOCIATION_S = 120.0
 
 
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'ledger.db'}"
-
-
-@pytest.fixture
-def engine(db_url: str) -> Engine:
-    engine = make_engine(db_url)
-    migrate(engine)
-    return engine
-
-
-@pytest.fixture
-def ledger(engine: Engine, clock: Clock) -> Ledger:
-    return Ledger(engine, now=clock)
 
 
 @pytest.fixture

@@ -401,3 +401,18 @@ def test_sample_prefers_patches_with_signal() -> None:
     x, _ = sample(bank, np.random.default_rng(0), 200, 16, 1)
     bright = (x.mean(dim=(1, 2, 3)) > 0.05).float().mean()
     assert float(bright) > 0.7
+
+
+def test_init_from_an_unclipped_net_adds_the_clip_channel_with_zero_weights(short_run: RunConfig,
+                                                                           tmp_path: Path) -> None:
+    """A clip channel added to a trained net starts silent: the widened net computes exactly
+    what the checkpoint's net did, and only training gives the new channel a say."""
+    clipped = with_overrides(short_run.preset, net=with_overrides(TINY, clip_lo=0.2, clip_hi=0.3), lr=0.0, epochs=1)
+    cfg = RunConfig(clipped, tmp_path, workers=1, init_from=short_run.out / CHECKPOINT)
+    train(cfg)
+    before, after = loop.net_from_checkpoint(state(short_run.out)), loop.net_from_checkpoint(state(cfg.out))
+    first = after.body[0].weight
+    assert first.shape[1] == 8 and torch.count_nonzero(first[:, 4:]) == 0
+    x = 0.25 + 0.05 * torch.rand(2, 1, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(before(x), after(x))
