@@ -10,7 +10,7 @@ serve: $(STAMP)
 	$(VENV)/bin/enhance-node serve
 
 test: $(STAMP)
-	scripts/ensure-debian-packages dcmtk sqlite3 openssl
+	scripts/ensure-debian-packages dcmtk orthanc sqlite3 openssl
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
@@ -21,6 +21,8 @@ bench: $(STAMP)
 	scripts/ensure-debian-packages dcmtk
 	$(VENV)/bin/python bench/receive.py
 	$(VENV)/bin/python bench/inference.py
+	scripts/ensure-debian-packages orthanc
+	$(VENV)/bin/python bench/e2e.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
