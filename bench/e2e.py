@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from engines.manifest import load  # noqa: E402
 from node.derive import derived_uid  # noqa: E402
 from tests.dicom_factory import write_ct_series  # noqa: E402
-from tests.helpers import NodeProcess, free_port, storescu, toml_config, wait_for  # noqa: E402
+from tests.helpers import NodeProcess, destination_toml, free_port, storescu, toml_config, wait_for  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
 
 
@@ -59,8 +59,7 @@ def _direct(files: list[Path], tmp: Path) -> float:
 def _pipeline(files: list[Path], series_uid: str, tmp: Path, idle: float) -> dict[str, Any]:
     orthanc = Orthanc(tmp / "orthanc").start()
     port = free_port()
-    route = (
-        f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+    route = destination_toml("pacs", orthanc.aet, orthanc.dicom_port) + (
         '[[routes]]\nname = "ct"\nmodel = "ct-denoise"\ndestinations = ["pacs"]\nmatch = { modality = "CT" }\n'
     )
     cfg = toml_config(

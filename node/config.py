@@ -114,7 +114,6 @@ class SenderConfig:
     retry_max_seconds: float = 600.0
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0  # a delivery `sending` silent this long is re-queued
-    max_pdu_size: int = 0  # 0 = as large as the peer accepts
 
 
 @dataclass(frozen=True)
@@ -270,7 +269,6 @@ def _parse_sender(t: _Table) -> SenderConfig:
         retry_max_seconds=t.number("retry_max_seconds", 600.0, minimum=0.01),
         heartbeat_seconds=t.number("heartbeat_seconds", 5.0, minimum=0.05),
         stale_after_seconds=t.number("stale_after_seconds", 120.0, minimum=0.2),
-        max_pdu_size=t.integer("max_pdu_size", 0, minimum=0),
     )
     if cfg.retry_max_seconds < cfg.retry_base_seconds:
         raise ConfigError(t.key("retry_max_seconds"), "must be >= retry_base_seconds")

@@ -85,7 +85,7 @@ def send_batch(
     ae = AE(ae_title=calling_ae)
     ae.requested_contexts = requested
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = cfg.timeout
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=cfg.max_pdu_size)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)  # PDUs as large as the peer takes
     if not assoc.is_established:
         return Attempt(0, _association_failure(assoc, where))
     sent = 0

@@ -174,6 +174,14 @@ class NodeProcess:
             return conn.execute(sql, args).fetchall()
 
 
+def destination_toml(name: str, ae: str, port: int, max_attempts: int = 50) -> str:
+    """A [[destinations]] entry on 127.0.0.1, for toml_config's `extra`."""
+    return (
+        f'[[destinations]]\nname = "{name}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
+        f"max_attempts = {max_attempts}\n"
+    )
+
+
 def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`enhance-node --config CONFIG ARGS...` as an admin types it."""
     cmd = [sys.executable, "-m", "node.cli", "--config", str(config), *args]

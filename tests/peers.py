@@ -31,6 +31,7 @@ class Orthanc:
     aet: str = "ORTHANC"
     check_called_aet: bool = False
     modalities: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (AE, port) on 127.0.0.1
+    store_delay: float = 0.0  # seconds each received instance takes (a Lua filter), for a slow PACS
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -60,6 +61,13 @@ class Orthanc:
             "StorageCompression": False,
             "SaveJobs": False,
         }
+        if self.store_delay:
+            lua = self.tmp / "slow.lua"
+            lua.write_text(
+                f'function ReceivedInstanceFilter(dicom, origin, info)\n  os.execute("sleep {self.store_delay}")\n'
+                "  return true\nend\n"
+            )
+            config["LuaScripts"] = [str(lua)]
         path = self.tmp / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.tmp / "orthanc.log").open("ab")
@@ -80,6 +88,12 @@ class Orthanc:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL: Orthanc crashes mid-association (a clean stop waits for associations)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=60)
 
     def get(self, path: str) -> Any:

@@ -15,20 +15,13 @@ from pydicom import dcmread
 from engines.manifest import load
 from node.derive import derived_uid
 from tests.dicom_factory import write_ct_series
-from tests.helpers import REPO, NodeProcess, dcmtk_env, require, run_cli, storescu, wait_for
+from tests.helpers import REPO, NodeProcess, dcmtk_env, destination_toml, require, run_cli, storescu, wait_for
 from tests.integration.test_worker import dciodvfy_errors
 from tests.peers import Orthanc, StoreSCP
 
 VERSION = load(REPO / "models" / "ct-denoise").version
 FAST_SENDER = "retry_base_seconds = 0.2\nretry_max_seconds = 1\nheartbeat_seconds = 0.2\nstale_after_seconds = 2"
 WORKER = f'models_dir = "{REPO / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5\nthreads = 1'
-
-
-def destination(name: str, ae: str, port: int, max_attempts: int = 50) -> str:
-    return (
-        f'[[destinations]]\nname = "{name}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
-        f"max_attempts = {max_attempts}\n"
-    )
 
 
 def ct_route(destinations: str, options: str = "") -> str:
@@ -106,7 +99,7 @@ def test_scanner_to_node_to_orthanc_then_a_radiologist_pulls_the_derived_series(
         study_uid, series_uid, files = write_ct_series(tmp_path / "series", 64, rows=256, cols=256)
         node = start_node(
             node_factory,
-            destination("pacs", orthanc.aet, orthanc.dicom_port) + ct_route('"pacs"', "forward_original = true\n"),
+            destination_toml("pacs", orthanc.aet, orthanc.dicom_port) + ct_route('"pacs"', "forward_original = true\n"),
         )
         assert storescu(node.port, files).returncode == 0
         wait_delivered(node, 2)
@@ -164,26 +157,39 @@ def test_orthanc_down_while_delivering_backs_off_and_completes_once_it_returns(
     node_factory,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    orthanc = Orthanc(tmp_path / "orthanc").start()
+    """Orthanc (made slow: 0.2 s per instance) dies mid-association after storing a few; the
+    delivery backs off while it is down (connection refused), and once it is back the rest
+    arrives: Orthanc holds each derived instance once and what it had confirmed was not resent."""
+    orthanc = Orthanc(tmp_path / "orthanc", store_delay=0.2).start()
     try:
-        _study_uid, series_uid, files = write_ct_series(tmp_path / "series", 24, rows=128, cols=128)
-        node = start_node(node_factory, destination("pacs", orthanc.aet, orthanc.dicom_port) + ct_route('"pacs"'))
-        orthanc.stop()
+        _, series_uid, files = write_ct_series(tmp_path / "series", 24, rows=128, cols=128)
+        node = start_node(node_factory, destination_toml("pacs", orthanc.aet, orthanc.dicom_port) + ct_route('"pacs"'))
         assert storescu(node.port, files).returncode == 0
+        wait_for(
+            lambda: node.query("SELECT 1 FROM deliveries WHERE state = 'sending' AND stored_count >= 3"),
+            timeout=120,
+            interval=0.02,
+            what="the delivery to be under way",
+        )
+        orthanc.kill()
 
         def retried() -> bool:
             rows = deliveries(node)
-            return bool(rows) and rows[0][1] == "pending" and rows[0][2] >= 2
+            return rows[0][1] == "pending" and rows[0][2] >= 2  # the second attempt found it down
 
         wait_for(retried, timeout=120, interval=0.05, what="the delivery to have failed twice")
-        _, _state, _, stored, _, error = deliveries(node)[0]
-        assert stored == 0 and "cannot connect" in error
-        assert node.query("SELECT count(*) FROM events WHERE kind = 'delivery.retry'")[0][0] >= 2
+        _, _, _, stored, total, error = deliveries(node)[0]
+        assert 3 <= stored < total == 24 and "cannot connect" in error
+        confirmed = node.query("SELECT id, attempts FROM delivery_instances WHERE outcome = 'stored' ORDER BY id")
+        orthanc.store_delay = 0.0
         orthanc.start()  # same storage, same ports
         wait_delivered(node, 1)
-        output_uid = derived_uid(series_uid, "ct-denoise", VERSION)
-        assert orthanc.instance_count(output_uid) == 24
+        assert orthanc.instance_count(derived_uid(series_uid, "ct-denoise", VERSION)) == 24
         assert orthanc.get("/statistics")["CountInstances"] == 24  # each derived instance once
+        ids = ",".join(str(i) for i, _ in confirmed)
+        again = node.query(f"SELECT id, attempts FROM delivery_instances WHERE id IN ({ids}) ORDER BY id")
+        assert again == confirmed and {a for _, a in again} == {1}  # what Orthanc had confirmed was not resent
+        assert node.query("SELECT count(*) FROM events WHERE kind = 'delivery.retry'")[0][0] >= 2
     finally:
         orthanc.stop()
 
@@ -198,7 +204,7 @@ def test_an_scp_that_aborts_mid_association_gets_only_what_it_has_not_stored(
     peer.abort_after = 5
     try:
         _, _series_uid, files = write_ct_series(tmp_path / "series", 16, rows=64, cols=64)
-        node = start_node(node_factory, destination("peer", "PEER", peer.port) + ct_route('"peer"'))
+        node = start_node(node_factory, destination_toml("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
         wait_delivered(node, 1)
         _, _, attempts, stored, total, _ = deliveries(node)[0]
@@ -218,7 +224,9 @@ def test_a_destination_answering_a700_ends_failed_then_jobs_retry_delivers(
     peer.answer = lambda _ds: 0xA700
     try:
         _, _, files = write_ct_series(tmp_path / "series", 4, rows=64, cols=64)
-        node = start_node(node_factory, destination("peer", "PEER", peer.port, max_attempts=2) + ct_route('"peer"'))
+        node = start_node(
+            node_factory, destination_toml("peer", "PEER", peer.port, max_attempts=2) + ct_route('"peer"')
+        )
         assert storescu(node.port, files).returncode == 0
         wait_for(lambda: deliveries(node) and deliveries(node)[0][1] == "failed", timeout=120, what="failed")
         _, _, attempts, stored, _, error = deliveries(node)[0]
@@ -248,7 +256,7 @@ def test_warning_statuses_count_as_stored_and_are_recorded(node_factory, tmp_pat
     peer.answer = lambda _ds: next(answers)
     try:
         _, _, files = write_ct_series(tmp_path / "series", 4, rows=64, cols=64)
-        node = start_node(node_factory, destination("peer", "PEER", peer.port) + ct_route('"peer"'))
+        node = start_node(node_factory, destination_toml("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
         wait_delivered(node, 1)
         assert node.query("SELECT stored_count, warning_count, attempts FROM deliveries") == [(4, 3, 1)]
@@ -265,7 +273,7 @@ def test_an_unknown_called_ae_fails_with_the_rejection_and_a_fixed_config_plus_r
     orthanc = Orthanc(tmp_path / "orthanc", check_called_aet=True).start()
     try:
         _, series_uid, files = write_ct_series(tmp_path / "series", 3, rows=64, cols=64)
-        wrong = destination("pacs", "NOSUCHAE", orthanc.dicom_port, max_attempts=2) + ct_route('"pacs"')
+        wrong = destination_toml("pacs", "NOSUCHAE", orthanc.dicom_port, max_attempts=2) + ct_route('"pacs"')
         node = start_node(node_factory, wrong)
         assert storescu(node.port, files).returncode == 0
         wait_for(lambda: deliveries(node) and deliveries(node)[0][1] == "failed", timeout=120, what="failed")
@@ -293,7 +301,7 @@ def test_sigkill_of_the_node_mid_delivery_resumes_after_restart_and_loses_nothin
     peer.delay = 0.1  # a slow PACS: the kill lands mid-association
     try:
         _, _series_uid, files = write_ct_series(tmp_path / "series", 40, rows=64, cols=64)
-        node = start_node(node_factory, destination("peer", "PEER", peer.port) + ct_route('"peer"'))
+        node = start_node(node_factory, destination_toml("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
         wait_for(
             lambda: (
@@ -326,7 +334,9 @@ def test_send_back_stores_the_derived_series_on_the_calling_ae(node_factory, tmp
     scp = subprocess.Popen([require("storescp"), "-aet", "STORESCU", "-od", str(received), str(port)], env=dcmtk_env())
     try:
         _, series_uid, files = write_ct_series(tmp_path / "series", 5, rows=64, cols=64)
-        node = start_node(node_factory, destination("scanner", "STORESCU", port) + ct_route("", "send_back = true\n"))
+        node = start_node(
+            node_factory, destination_toml("scanner", "STORESCU", port) + ct_route("", "send_back = true\n")
+        )
         assert storescu(node.port, files).returncode == 0
         wait_delivered(node, 1)
         back = [dcmread(p) for p in sorted(received.iterdir())]

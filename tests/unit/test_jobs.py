@@ -30,8 +30,6 @@ IDLE_S = 30.0
 STALE_ASSOCIATION_S = 120.0
 
 
-
-
 @pytest.fixture
 def queue(engine: Engine, clock: Clock) -> JobQueue:
     return JobQueue(engine, now=clock)

@@ -130,15 +130,18 @@ def test_srnet_learns_a_residual_over_bilinear() -> None:
     torch.testing.assert_close(residual, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [
-    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
-    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
-    NetSpec("dncnn", depth=1, width=8, unshuffle=2),
-    NetSpec("dncnn", depth=4, width=8, unshuffle=0),
-    NetSpec("srnet", depth=2, width=8, scale=1),
-    NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
-    NetSpec("unet", depth=2, width=8),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
+        NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
+        NetSpec("dncnn", depth=1, width=8, unshuffle=2),
+        NetSpec("dncnn", depth=4, width=8, unshuffle=0),
+        NetSpec("srnet", depth=2, width=8, scale=1),
+        NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
+        NetSpec("unet", depth=2, width=8),
+    ],
+)
 def test_invalid_specs_are_refused(spec: NetSpec) -> None:
     with pytest.raises(ValueError):
         build(spec)
@@ -197,13 +200,16 @@ def test_percentile_window_of_a_constant_has_unit_span() -> None:
     assert norm.window(np.full((8, 8), 7.0)) == (7.0, 1.0)
 
 
-@pytest.mark.parametrize(("kind", "lo", "hi", "match"), [
-    ("linear", 0.0, 1.0, "kind"),
-    ("hu", 100.0, 100.0, "lo < hi"),
-    ("hu", 200.0, 100.0, "lo < hi"),
-    ("percentile", -1.0, 99.0, "percentile"),
-    ("percentile", 1.0, 101.0, "percentile"),
-])
+@pytest.mark.parametrize(
+    ("kind", "lo", "hi", "match"),
+    [
+        ("linear", 0.0, 1.0, "kind"),
+        ("hu", 100.0, 100.0, "lo < hi"),
+        ("hu", 200.0, 100.0, "lo < hi"),
+        ("percentile", -1.0, 99.0, "percentile"),
+        ("percentile", 1.0, 101.0, "percentile"),
+    ],
+)
 def test_bad_normalization_is_a_manifest_error(kind: str, lo: float, hi: float, match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         Normalization(kind, lo, hi)
@@ -251,18 +257,21 @@ def test_manifest_defaults() -> None:
     assert manifest.scale == 1 and manifest.context_slices == 1 and manifest.tile == Tile(512, 32)
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"task": "foo"}, "task"),
-    ({"task": "denoise", "scale": 2}, "scale 1"),
-    ({"task": "sr", "scale": 1}, "scale >= 2"),
-    ({"context_slices": 2}, "context_slices"),
-    ({"context_slices": 0}, "context_slices"),
-    ({"modalities": []}, "modalities"),
-    ({"tile": {"size": 8, "overlap": 0}}, "tile"),
-    ({"tile": {"size": 64, "overlap": 32}}, "tile"),
-    ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
-    ({"scale": "two"}, "model.toml"),
-])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"task": "foo"}, "task"),
+        ({"task": "denoise", "scale": 2}, "scale 1"),
+        ({"task": "sr", "scale": 1}, "scale >= 2"),
+        ({"context_slices": 2}, "context_slices"),
+        ({"context_slices": 0}, "context_slices"),
+        ({"modalities": []}, "modalities"),
+        ({"tile": {"size": 8, "overlap": 0}}, "tile"),
+        ({"tile": {"size": 64, "overlap": 32}}, "tile"),
+        ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
+        ({"scale": "two"}, "model.toml"),
+    ],
+)
 def test_manifest_rejects_bad_values(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         ModelManifest.from_dict(_manifest(**changes))
