@@ -82,6 +82,7 @@ def _pipeline(files: list[Path], series_uid: str, tmp: Path, idle: float) -> dic
             raise RuntimeError(f"storescu into the node failed: {out.stderr[-500:]}")
         wait_for(lambda: orthanc.instance_count(output_uid) == len(files), timeout=1800, interval=0.05)
         in_pacs = time.monotonic()
+        wait_for(lambda: node.query("SELECT 1 FROM deliveries WHERE state = 'delivered'"), timeout=60)
         [series] = node.query("SELECT first_received_at, last_received_at, completed_at FROM series")
         [job] = node.query("SELECT started_at, finished_at, timings, backend FROM jobs")
         [delivery] = node.query("SELECT started_at, finished_at, attempts FROM deliveries")
