@@ -45,9 +45,8 @@ def ct_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _package(root: Path, name: str, net: NetSpec) -> Path:
-    preset = with_overrides(
-        PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=2, batch=2, patch=32
-    )
+    preset = with_overrides(PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=2,
+                            batch=2, patch=32)
     export(train(RunConfig(preset, root / "run", workers=1)), root / "pkg")
     return root / "pkg"
 
@@ -112,9 +111,8 @@ def test_nlm_baseline_lowers_the_noise(denoise_result: dict[str, Any]) -> None:
     assert r["tv"]["roi_sd"] < r["input"]["roi_sd"]
 
 
-def test_lower_dose_means_a_noisier_input(
-    ct_denoiser: Path, ct_series: Path, tmp_path: Path, denoise_result: dict[str, Any]
-) -> None:
+def test_lower_dose_means_a_noisier_input(ct_denoiser: Path, ct_series: Path, tmp_path: Path,
+                                          denoise_result: dict[str, Any]) -> None:
     full = evaluate(ct_denoiser, [ct_series], tmp_path, dose=1.0, max_slices=1)
     assert full["results"]["input"]["rmse"] < denoise_result["results"]["input"]["rmse"]
 
@@ -130,9 +128,8 @@ def test_sr_evaluation(ct_upscaler: Path, ct_series: Path, tmp_path: Path) -> No
     assert (tmp_path / "panel.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_record_metrics_keeps_the_package_loadable(
-    ct_denoiser: Path, denoise_result: dict[str, Any], tmp_path: Path
-) -> None:
+def test_record_metrics_keeps_the_package_loadable(ct_denoiser: Path, denoise_result: dict[str, Any],
+                                                   tmp_path: Path) -> None:
     package = tmp_path / "pkg"
     shutil.copytree(ct_denoiser, package)
     before = load(package)
@@ -157,8 +154,7 @@ def test_no_image_of_the_models_modality(ct_series: Path, tmp_path: Path) -> Non
 
 
 def test_evaluate_command_prints_the_report_and_updates_the_manifest(
-    ct_upscaler: Path, ct_series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+        ct_upscaler: Path, ct_series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from node.cli import main
 
     package = tmp_path / "pkg"

@@ -13,7 +13,7 @@ from engines.manifest import ModelManifest, Tile
 from engines.normalization import Normalization
 from node.errors import ManifestError
 from train.nets import DnCNN, SRNet, build, parameter_count
-from train.presets import PRESETS, NetSpec, with_overrides
+from train.presets import PRESETS, NetSpec
 
 DNCNN = NetSpec("dncnn", depth=4, width=8, unshuffle=2)
 SRNET = NetSpec("srnet", depth=2, width=8, unshuffle=1, scale=2)
@@ -130,18 +130,15 @@ def test_srnet_learns_a_residual_over_bilinear() -> None:
     torch.testing.assert_close(residual, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
-        NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
-        NetSpec("dncnn", depth=1, width=8, unshuffle=2),
-        NetSpec("dncnn", depth=4, width=8, unshuffle=0),
-        NetSpec("srnet", depth=2, width=8, scale=1),
-        NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
-        NetSpec("unet", depth=2, width=8),
-    ],
-)
+@pytest.mark.parametrize("spec", [
+    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
+    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
+    NetSpec("dncnn", depth=1, width=8, unshuffle=2),
+    NetSpec("dncnn", depth=4, width=8, unshuffle=0),
+    NetSpec("srnet", depth=2, width=8, scale=1),
+    NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
+    NetSpec("unet", depth=2, width=8),
+])
 def test_invalid_specs_are_refused(spec: NetSpec) -> None:
     with pytest.raises(ValueError):
         build(spec)
@@ -200,16 +197,13 @@ def test_percentile_window_of_a_constant_has_unit_span() -> None:
     assert norm.window(np.full((8, 8), 7.0)) == (7.0, 1.0)
 
 
-@pytest.mark.parametrize(
-    ("kind", "lo", "hi", "match"),
-    [
-        ("linear", 0.0, 1.0, "kind"),
-        ("hu", 100.0, 100.0, "lo < hi"),
-        ("hu", 200.0, 100.0, "lo < hi"),
-        ("percentile", -1.0, 99.0, "percentile"),
-        ("percentile", 1.0, 101.0, "percentile"),
-    ],
-)
+@pytest.mark.parametrize(("kind", "lo", "hi", "match"), [
+    ("linear", 0.0, 1.0, "kind"),
+    ("hu", 100.0, 100.0, "lo < hi"),
+    ("hu", 200.0, 100.0, "lo < hi"),
+    ("percentile", -1.0, 99.0, "percentile"),
+    ("percentile", 1.0, 101.0, "percentile"),
+])
 def test_bad_normalization_is_a_manifest_error(kind: str, lo: float, hi: float, match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         Normalization(kind, lo, hi)
@@ -257,21 +251,18 @@ def test_manifest_defaults() -> None:
     assert manifest.scale == 1 and manifest.context_slices == 1 and manifest.tile == Tile(512, 32)
 
 
-@pytest.mark.parametrize(
-    ("changes", "match"),
-    [
-        ({"task": "foo"}, "task"),
-        ({"task": "denoise", "scale": 2}, "scale 1"),
-        ({"task": "sr", "scale": 1}, "scale >= 2"),
-        ({"context_slices": 2}, "context_slices"),
-        ({"context_slices": 0}, "context_slices"),
-        ({"modalities": []}, "modalities"),
-        ({"tile": {"size": 8, "overlap": 0}}, "tile"),
-        ({"tile": {"size": 64, "overlap": 32}}, "tile"),
-        ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
-        ({"scale": "two"}, "model.toml"),
-    ],
-)
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"task": "foo"}, "task"),
+    ({"task": "denoise", "scale": 2}, "scale 1"),
+    ({"task": "sr", "scale": 1}, "scale >= 2"),
+    ({"context_slices": 2}, "context_slices"),
+    ({"context_slices": 0}, "context_slices"),
+    ({"modalities": []}, "modalities"),
+    ({"tile": {"size": 8, "overlap": 0}}, "tile"),
+    ({"tile": {"size": 64, "overlap": 32}}, "tile"),
+    ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
+    ({"scale": "two"}, "model.toml"),
+])
 def test_manifest_rejects_bad_values(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         ModelManifest.from_dict(_manifest(**changes))
@@ -319,33 +310,3 @@ def test_dncnn_offset_and_gain_only_change_the_nets_working_range() -> None:
         assert torch.allclose(plain(x), scaled(x), atol=1e-6)
         assert not torch.allclose(plain(x), shifted(x), atol=1e-6)
         assert shifted(x).shape == x.shape
-
-
-CLIPPED = NetSpec("dncnn", depth=3, width=8, unshuffle=2, offset=0.25, gain=20.0, clip_lo=0.2, clip_hi=0.3)
-
-
-def test_dncnn_clip_channel_widens_the_first_convolution_only() -> None:
-    plain, clipped = DnCNN(with_overrides(CLIPPED, clip_lo=0.0, clip_hi=0.0)), DnCNN(CLIPPED)
-    assert clipped.body[0].in_channels == 2 * plain.body[0].in_channels == 8
-    assert [p.shape for p in clipped.parameters()][1:] == [p.shape for p in plain.parameters()][1:]
-    x = 0.25 + 0.01 * torch.randn(2, 1, 31, 30)
-    assert clipped(x).shape == x.shape
-
-
-def test_dncnn_clip_channel_sees_only_the_window() -> None:
-    """Two inputs that differ only outside [clip_lo, clip_hi] give the clipped channel the same
-    values: with the main channel's weights at zero the outputs' predicted noise is identical."""
-    net = DnCNN(CLIPPED)
-    _perturb(net)
-    weights = net.body[0].weight.detach().clone()
-    with torch.no_grad():
-        net.body[0].weight[:, :4] = 0  # silence the full-range channel
-    x = 0.25 + 0.01 * torch.randn(1, 1, 32, 32)
-    bone = x.clone()
-    bone[..., 10:20, 10:20] = 0.6  # far above clip_hi in both: only the full-range channel differs
-    x[..., 10:20, 10:20] = 0.9
-    with torch.no_grad():
-        noise_x, noise_bone = x - net(x), bone - net(bone)
-        assert torch.allclose(noise_x, noise_bone, atol=1e-6)
-        net.body[0].weight[:, :4] = weights[:, :4]  # let the full-range channel speak: the difference shows
-        assert not torch.allclose(x - net(x), bone - net(bone), atol=1e-6)

@@ -16,28 +16,8 @@ import pytest
 from node.cli import main
 from tests.helpers import REPO
 
-TINY_SR = [
-    "--preset",
-    "mr-sr2",
-    "--epochs",
-    "1",
-    "--steps-per-epoch",
-    "3",
-    "--batch",
-    "2",
-    "--patch",
-    "32",
-    "--phantoms",
-    "2",
-    "--depth",
-    "1",
-    "--width",
-    "8",
-    "--workers",
-    "1",
-    "--device",
-    "cpu",
-]
+TINY_SR = ["--preset", "mr-sr2", "--epochs", "1", "--steps-per-epoch", "3", "--batch", "2", "--patch", "32",
+           "--phantoms", "2", "--depth", "1", "--width", "8", "--workers", "1", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,14 +33,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize(
-    ("command", "text"),
-    [
-        ("train", "Train a model from a preset"),
-        ("evaluate", "Measure a model package against classical filters"),
-        ("export", "Export a training run's checkpoint to a model package"),
-    ],
-)
+@pytest.mark.parametrize(("command", "text"), [
+    ("train", "Train a model from a preset"),
+    ("evaluate", "Measure a model package against classical filters"),
+    ("export", "Export a training run's checkpoint to a model package"),
+])
 def test_help(command: str, text: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -102,18 +79,15 @@ def test_self_supervised_needs_data(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def test_self_supervised_denoisers_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    err = _usage_error(
-        capsys,
-        ["train", "--preset", "mr-sr2", "--self-supervised", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
-    )
+    err = _usage_error(capsys, ["train", "--preset", "mr-sr2", "--self-supervised", "--data", str(tmp_path),
+                                "--out", str(tmp_path / "run")])
     assert "denois" in err
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("preset", "patch"), [("mr-sr2", "33"), ("ct-denoise", "31")])
-def test_patch_must_be_a_multiple_of_the_scale(
-    preset: str, patch: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_patch_must_be_a_multiple_of_the_scale(preset: str, patch: str, capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
     err = _usage_error(capsys, ["train", "--preset", preset, "--patch", patch, "--out", str(tmp_path / "run")])
     assert "--patch" in err
     assert not (tmp_path / "run").exists()
@@ -146,14 +120,8 @@ def test_importing_the_cli_does_not_import_torch() -> None:
 def test_train_then_export_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, pkg = tmp_path / "run", tmp_path / "pkg"
     train_argv = ["train", *TINY_SR, "--out", str(run)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", *train_argv],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-m", "node.cli", *train_argv], capture_output=True, text=True,
+                          env=_env(), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("checkpoint.pt")
     assert {"checkpoint.pt", "train_log.csv", "curves.png"} <= {p.name for p in run.iterdir()}

@@ -29,9 +29,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 def tiny(name: str = "mr-denoise", **overrides: Any) -> Preset:
     """A preset small enough for a unit test: 64x64 phantoms, a 3-layer net, a few steps."""
-    settings: dict[str, Any] = dict(
-        net=TINY, phantoms=2, phantom_size=64, epochs=2, steps_per_epoch=3, batch=2, patch=32
-    )
+    settings: dict[str, Any] = dict(net=TINY, phantoms=2, phantom_size=64, epochs=2, steps_per_epoch=3, batch=2,
+                                    patch=32)
     settings.update(overrides)
     return with_overrides(PRESETS[name], **settings)
 
@@ -184,9 +183,8 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
     assert state(tmp_path)["epoch"] == 1
 
 
-def test_resumed_run_equals_an_uninterrupted_one(
-    short_run: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resumed_run_equals_an_uninterrupted_one(short_run: RunConfig, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = RunConfig(short_run.preset, tmp_path, workers=1)
     interrupted(cfg, monkeypatch)
     train(cfg, resume=True)
@@ -302,9 +300,8 @@ def test_self_supervised_needs_images_of_the_presets_modality(tmp_path: Path, no
         train(cfg)
 
 
-def test_self_supervised_resume_equals_an_uninterrupted_run(
-    self_supervised_run: RunConfig, noisy_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_self_supervised_resume_equals_an_uninterrupted_run(self_supervised_run: RunConfig, noisy_series: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = self_supervised(tmp_path, noisy_series)
     interrupted(cfg, monkeypatch)
     train(cfg, resume=True)
@@ -327,8 +324,7 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise() -> None:
     values = [float(ssim(x + sd * torch.randn(x.shape, generator=gen), x)) for sd in (0.01, 0.05, 0.2)]
     assert 1.0 > values[0] > values[1] > values[2]
     assert float(ssim(x, x + 0.1 * torch.randn(x.shape, generator=gen))) == pytest.approx(
-        float(ssim(x + 0.1 * torch.randn(x.shape, generator=gen), x)), abs=0.05
-    )
+        float(ssim(x + 0.1 * torch.randn(x.shape, generator=gen), x)), abs=0.05)
 
 
 def test_ssim_handles_several_channels() -> None:
@@ -358,10 +354,8 @@ def test_loss_with_ssim_term_is_differentiable(kind: str) -> None:
 
 def test_sample_denoise_shapes() -> None:
     rng = np.random.default_rng(0)
-    bank = Bank(
-        rng.uniform(0.2, 1.0, (4, 3, 40, 50)).astype(np.float32),
-        rng.uniform(0.2, 1.0, (4, 1, 40, 50)).astype(np.float32),
-    )
+    bank = Bank(rng.uniform(0.2, 1.0, (4, 3, 40, 50)).astype(np.float32),
+                rng.uniform(0.2, 1.0, (4, 1, 40, 50)).astype(np.float32))
     x, y = sample(bank, rng, 5, 16, 1)
     assert x.shape == (5, 3, 16, 16) and y.shape == (5, 1, 16, 16)
     assert x.dtype == y.dtype == torch.float32
@@ -407,19 +401,3 @@ def test_sample_prefers_patches_with_signal() -> None:
     x, _ = sample(bank, np.random.default_rng(0), 200, 16, 1)
     bright = (x.mean(dim=(1, 2, 3)) > 0.05).float().mean()
     assert float(bright) > 0.7
-
-
-def test_init_from_an_unclipped_net_adds_the_clip_channel_with_zero_weights(
-    short_run: RunConfig, tmp_path: Path
-) -> None:
-    """A clip channel added to a trained net starts silent: the widened net computes exactly
-    what the checkpoint's net did, and only training gives the new channel a say."""
-    clipped = with_overrides(short_run.preset, net=with_overrides(TINY, clip_lo=0.2, clip_hi=0.3), lr=0.0, epochs=1)
-    cfg = RunConfig(clipped, tmp_path, workers=1, init_from=short_run.out / CHECKPOINT)
-    train(cfg)
-    before, after = loop.net_from_checkpoint(state(short_run.out)), loop.net_from_checkpoint(state(cfg.out))
-    first = after.body[0].weight
-    assert first.shape[1] == 8 and torch.count_nonzero(first[:, 4:]) == 0
-    x = 0.25 + 0.05 * torch.rand(2, 1, 40, 40)
-    with torch.no_grad():
-        assert torch.equal(before(x), after(x))
