@@ -53,8 +53,38 @@ def _parser() -> argparse.ArgumentParser:
     add = ae_sub.add_parser("add", help="allow a calling AE (optionally only from one IP address)")
     add.add_argument("ae_title")
     add.add_argument("--host", help="the only IP address this AE may connect from")
-    rm = ae_sub.add_parser("remove", help="stop allowing a calling AE")
-    rm.add_argument("ae_title")
+    ae_sub.add_parser("remove", help="stop allowing a calling AE").add_argument("ae_title")
+
+    dest = sub.add_parser("dest", help="destinations: the PACS (and other AEs) results are stored to")
+    dest_sub = dest.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    dest_sub.add_parser("list", help="list destinations")
+    dadd = dest_sub.add_parser("add", help="add a destination")
+    dadd.add_argument("name", help="what routes call it, e.g. pacs")
+    dadd.add_argument("ae_title", help="its AE title (the called AE)")
+    dadd.add_argument("host", help="its IP address or host name")
+    dadd.add_argument("port", type=int)
+    dadd.add_argument("--max-attempts", type=int, help="tries before a delivery is failed (default 8)")
+    dest_sub.add_parser("remove", help="remove a destination no route uses").add_argument("name")
+
+    route = sub.add_parser("route", help="routes: which series go through which model to which destinations")
+    route_sub = route.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    route_sub.add_parser("list", help="list routes in the order they are tried (first match wins)")
+    radd = route_sub.add_parser("add", help="add a route (last, or at --position)")
+    radd.add_argument("name")
+    radd.add_argument("--model", required=True, help="a model folder under worker.models_dir")
+    radd.add_argument("--modality", help="match this modality (e.g. CT); default any")
+    radd.add_argument("--calling-ae", help="match calling AEs with this glob (e.g. CT*); default any")
+    radd.add_argument("--description", help="match series descriptions with this regular expression")
+    radd.add_argument("--dest", action="append", default=[], help="destination name (repeat for several)")
+    radd.add_argument("--send-back", action="store_true", help="also send results back to the calling AE")
+    radd.add_argument("--forward-original", action="store_true", help="also forward the source series")
+    radd.add_argument("--position", type=int, help="0 = tried first")
+    route_sub.add_parser("remove", help="remove a route").add_argument("name")
+
+    models = sub.add_parser("models", help="installed model packages")
+    models.add_subparsers(dest="action", required=True, parser_class=_Parser).add_parser(
+        "list", help="each model with its task, version and held-out metrics"
+    )
 
     jobs = sub.add_parser("jobs", help="processing jobs and their deliveries, from the ledger")
     jobs_sub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -67,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     jobs_sub.add_parser(
         "retry", help="queue a failed job again and resubmit its failed deliveries (fresh attempts)"
     ).add_argument("id", type=int)
+    jobs_sub.add_parser("cancel", help="stop a queued or running job and its unfinished deliveries").add_argument(
+        "id", type=int
+    )
 
     en = sub.add_parser("engines", help="inference backends and TensorRT plans")
     en_sub = en.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -97,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             from node.jobs_cli import run_jobs
 
             return run_jobs(args, load_config(args.config))
-        return _ae(args)
+        from node.admin_cli import run_admin
+
+        return run_admin(args, args.config or default_config_path())
     except ConfigError as exc:
         print(f"enhance-node: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -158,26 +193,6 @@ def _engines(args: argparse.Namespace) -> int:
     options = EngineOptions("tensorrt", w.device, w.threads, w.max_batch, w.plan_cache)
     for name, plan in build_plans([w.models_dir / n for n in names], options):
         print(f"{name}: {plan}")
-    return EXIT_OK
-
-
-def _ae(args: argparse.Namespace) -> int:
-    from node.admin import add_allowed_ae, remove_allowed_ae
-
-    path = args.config or default_config_path()
-    if args.action == "list":
-        cfg = load_config(args.config)
-        if not cfg.node.allowed:
-            print("(no calling AE allowed: every association is rejected)")
-        for a in cfg.node.allowed:
-            print(f"{a.ae_title:<16}  {a.host or 'any host'}")
-        return EXIT_OK
-    if args.action == "add":
-        add_allowed_ae(path, args.ae_title, args.host)
-        print(f"allowed {args.ae_title} in {path}; restart the node to apply")
-    else:
-        remove_allowed_ae(path, args.ae_title)
-        print(f"removed {args.ae_title} from {path}; restart the node to apply")
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +99,12 @@ def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] 
     return None
 
 
-def handle_requested(event: Event, config: NodeConfig, ledger: Ledger, open_assocs: OpenAssociations) -> None:
-    """EVT_REQUESTED: apply the association policy before negotiation."""
+def handle_requested(
+    event: Event, config: Callable[[], NodeConfig], ledger: Ledger, open_assocs: OpenAssociations
+) -> None:
+    """EVT_REQUESTED: apply the association policy (as config.toml says now) before negotiation."""
     peer = Peer.of(event.assoc)
-    refused = refusal(config, peer)
+    refused = refusal(config(), peer)
     if refused is None:
         if open_assocs.acquire(event.assoc):
             return

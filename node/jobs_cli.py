@@ -25,6 +25,8 @@ def run_jobs(args: argparse.Namespace, cfg: Config) -> int:
             return _list(engine, args.state, args.limit)
         if args.action == "show":
             return _show(engine, args.id)
+        if args.action == "cancel":
+            return _cancel(engine, args.id)
         return _retry(engine, args.id)
     finally:
         engine.dispose()
@@ -91,4 +93,18 @@ def _retry(engine: Any, job_id: int) -> int:
         print(f"job {job_id} queued again")
     for delivery_id in deliveries:
         print(f"delivery {delivery_id} of job {job_id} resubmitted")
+    return EXIT_OK
+
+
+def _cancel(engine: Any, job_id: int) -> int:
+    if job_detail(engine, job_id) is None:
+        raise UsageError(f"no job {job_id}")
+    cancelled, deliveries = JobQueue(engine).cancel(job_id)
+    if not cancelled and not deliveries:
+        raise UsageError(f"job {job_id} has nothing queued, running or being delivered to cancel")
+    if cancelled:
+        print(f"job {job_id} cancelled")
+    for delivery_id in deliveries:
+        print(f"delivery {delivery_id} of job {job_id} cancelled")
+    print(f"`enhance-node jobs retry {job_id}` resubmits it")
     return EXIT_OK

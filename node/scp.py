@@ -111,13 +111,16 @@ class StorageSCP:
         ledger: Ledger,
         node_id: str,
         associations: handlers.OpenAssociations,
+        current: Callable[[], NodeConfig] | None = None,
     ) -> None:
+        """`current` gives the live configuration (the allowed AEs may change while running);
+        everything else is read from `cfg` once."""
         self.cfg = cfg
         self.ledger = ledger
         self.ae = build_ae(cfg)
         tls = cfg.tls is not None
         self.evt_handlers: list[Any] = [
-            (evt.EVT_REQUESTED, handlers.handle_requested, [cfg, ledger, associations]),
+            (evt.EVT_REQUESTED, handlers.handle_requested, [current or (lambda: cfg), ledger, associations]),
             (evt.EVT_REJECTED, handlers.handle_rejected, [ledger]),
             (evt.EVT_ESTABLISHED, handlers.handle_established, [ledger, associations, node_id, tls]),
             (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, associations]),

@@ -159,14 +159,14 @@ class Sender:
     def __init__(
         self,
         cfg: SenderConfig,
-        destinations: Sequence[DestinationConfig],
+        destinations: Callable[[], Sequence[DestinationConfig]],
         calling_ae: str,
         queue: DeliveryQueue,
         store: FileStore,
         ident: str,
     ) -> None:
         self.cfg = cfg
-        self.destinations = {d.name: d for d in destinations}
+        self.destinations = destinations  # as config.toml says now
         self.calling_ae = calling_ae
         self.queue = queue
         self.store = store
@@ -204,7 +204,7 @@ class Sender:
         return True
 
     def _attempt(self, delivery: Delivery, sender: str) -> Attempt:
-        dest = self.destinations.get(delivery.destination)
+        dest = next((d for d in self.destinations() if d.name == delivery.destination), None)
         if dest is None:
             return Attempt(0, f"destination {delivery.destination!r} is not configured here")
         pending = self.queue.pending_instances(delivery.id)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from node.completion import CompletionLoop
 from node.config import Config
 from node.handlers import OpenAssociations
+from node.live import LiveConfig
 from node.logs import configure_logging
 from node.scp import StorageSCP
 from node.sender import Sender
@@ -92,7 +93,12 @@ def serve(cfg: Config, role: str = "all") -> int:
     for group in groups:
         group.start()
     queue = JobQueue(ledger.engine)
-    route = lambda: queue.route_complete_series(cfg.routes, cfg.worker.max_attempts, cfg.destinations)  # noqa: E731
+    live = LiveConfig(cfg)
+
+    def route() -> None:
+        now = live.current()  # routes and destinations as config.toml says now
+        queue.route_complete_series(now.routes, now.worker.max_attempts, now.destinations)
+
     completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
     completion.start()
     log.info(
@@ -193,7 +199,9 @@ def run_receiver(
     """Entry point of one SCP process."""
     _child_setup(parent, log_level)
     store, ledger = open_storage(cfg, upgrade=False)
-    scp = StorageSCP(cfg.node, store, ledger, ident, OpenAssociations(cfg.node.max_associations, slots, index))
+    live = LiveConfig(cfg)
+    slots_of_this = OpenAssociations(cfg.node.max_associations, slots, index)
+    scp = StorageSCP(cfg.node, store, ledger, ident, slots_of_this, current=lambda: live.current().node)
     scp.start()
     ready.set()
     stop.wait()
@@ -216,7 +224,9 @@ def run_sender(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEven
     store, ledger = open_storage(cfg, upgrade=False)
     s = cfg.sender
     queue = DeliveryQueue(ledger.engine, retry_base_s=s.retry_base_seconds, retry_max_s=s.retry_max_seconds)
-    sender = Sender(s, cfg.destinations, cfg.node.ae_title, queue, store, f"{ident}/sender-{index}/{os.getpid()}")
+    live = LiveConfig(cfg)
+    destinations = lambda: live.current().destinations  # noqa: E731
+    sender = Sender(s, destinations, cfg.node.ae_title, queue, store, f"{ident}/sender-{index}/{os.getpid()}")
     _run_until_stopped(sender.run, stop, ready)
     ledger.engine.dispose()
 

@@ -154,6 +154,25 @@ def resubmit_failed(conn: Connection, now: dt.datetime, job_id: int) -> list[int
     return ids
 
 
+def cancel_open(conn: Connection, now: dt.datetime, job_id: int, why: str) -> list[int]:
+    """The job's deliveries not finished yet end `failed` with `why` (an admin's cancel); a
+    sender in the middle of one finds it no longer its own and stops after the instance in flight."""
+    d = t.deliveries
+    ids = list(
+        conn.execute(
+            select(d.c.id).where(d.c.job_id == job_id, d.c.state.in_((DELIVERY_PENDING, DELIVERY_SENDING)))
+        ).scalars()
+    )
+    for delivery_id in ids:
+        conn.execute(
+            update(d)
+            .where(d.c.id == delivery_id)
+            .values(state=DELIVERY_FAILED, error=why, sender=None, next_attempt_at=None, finished_at=now)
+        )
+        write_event(conn, now, EventKind.DELIVERY_FAILED, detail=f"delivery {delivery_id} of job {job_id}: {why}")
+    return ids
+
+
 class DeliveryQueue:
     def __init__(
         self,

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
-from storage.deliveries import Outgoing, Target, add_delivery, resubmit_failed
+from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
 from storage.ledger import Clock, EventKind, inserted_id, utcnow, write_event
 from storage.schema import (
     DELIVER_DERIVED,
@@ -317,6 +317,24 @@ class JobQueue:
             if requeued:
                 write_event(conn, now, EventKind.JOB_RESUBMITTED, detail=f"job {job_id}")
             return bool(requeued), resubmit_failed(conn, now, job_id)
+
+    def cancel(self, job_id: int) -> tuple[bool, list[int]]:
+        """An admin's cancel: a queued or running job ends `failed` ("cancelled"; a running
+        worker finds it no longer its own and its result is not delivered), and the job's
+        unfinished deliveries end `failed` too. `resubmit` undoes it. Returns (job cancelled,
+        deliveries cancelled)."""
+        now = self.now()
+        j = t.jobs
+        why = "cancelled by an admin"
+        with self.engine.begin() as conn:
+            cancelled = conn.execute(
+                update(j)
+                .where(j.c.id == job_id, j.c.state.in_((JOB_QUEUED, JOB_RUNNING)))
+                .values(state=JOB_FAILED, error=why, worker=None, finished_at=now, not_before=None)
+            ).rowcount
+            if cancelled:
+                write_event(conn, now, EventKind.JOB_FAILED, detail=f"job {job_id}: {why}")
+            return bool(cancelled), cancel_open(conn, now, job_id, why)
 
     def instance_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:

@@ -359,3 +359,35 @@ def test_resubmit_queues_a_failed_job_again(ledger: Ledger, engine: Engine, cloc
     assert jobs.resubmit(job_id) == (True, [])
     job = jobs.claim("w2")
     assert job is not None and (job.id, job.attempts) == (job_id, 1)
+
+
+def test_cancel_fails_a_queued_job_and_its_unfinished_deliveries_and_retry_undoes_it(
+    ledger: Ledger, engine: Engine, queue: DeliveryQueue, clock: Clock
+) -> None:
+    jobs = JobQueue(engine, now=clock)
+    job_id = routed_job(ledger, jobs, clock, RouteConfig("ct", "m", ("pacs",), forward_original=True))
+    original = queue.claim("s1")  # the forwarded originals are being sent
+    assert original is not None
+    assert jobs.cancel(job_id) == (True, [original.id])
+    with engine.connect() as conn:
+        job = conn.execute(select(t.jobs).where(t.jobs.c.id == job_id)).one()
+    assert (job.state, job.error) == ("failed", "cancelled by an admin")
+    assert delivery_rows(engine)[0].state == "failed"
+    inst = queue.pending_instances(original.id)[0]
+    assert not queue.record(original.id, "s1", inst.id, t.INSTANCE_STORED, 0, "")  # the sender stops
+    assert jobs.claim("w1") is None
+    assert jobs.cancel(job_id) == (False, [])
+    assert jobs.resubmit(job_id) == (True, [original.id])
+    assert jobs.claim("w1") is not None
+
+
+def test_cancel_of_a_running_job_keeps_its_result_from_being_delivered(
+    ledger: Ledger, engine: Engine, clock: Clock
+) -> None:
+    jobs = JobQueue(engine, now=clock)
+    job_id = routed_job(ledger, jobs, clock, RouteConfig("ct", "m", ("pacs",)))
+    assert jobs.claim("w1") is not None
+    assert jobs.cancel(job_id) == (True, [])
+    assert not jobs.heartbeat(job_id, "w1")
+    assert not jobs.finish(job_id, "w1", "2.25.9", 3, "1", "ort", {}, OUTPUTS)
+    assert delivery_rows(engine) == []
