@@ -12,7 +12,7 @@ from typing import NoReturn
 from node import __version__
 from node.config import default_config_path, load_config
 from node.errors import ConfigError, EnhanceNodeError, UsageError
-from node.logs import configure_logging
+from node.logs import FORMATS, LogSettings, configure_logging
 from train.cli import COMMANDS as TRAIN_COMMANDS
 from train.cli import add_parsers as add_training_parsers
 from train.cli import run as run_training_command
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         help="configuration file (default: $ENHANCE_NODE_CONFIG, then ./config.toml, else built-in defaults)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=FORMATS, help="text lines, or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     from node.serve import ROLES
@@ -114,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` as its provenance
-    configure_logging(logging.getLevelName(args.log_level))
+    configure_logging(LogSettings(logging.getLevelName(args.log_level), args.log_format))
     try:
         if args.command == "serve":
             from node.serve import serve

@@ -1,12 +1,59 @@
-"""Logging set-up shared by the CLI and the receiving processes it spawns."""
+"""Logging set-up shared by the CLI and the processes it spawns: human-readable lines on
+stderr by default, or one JSON object per line (`--log-format json`) for a log shipper.
+
+What is logged is UIDs, AE titles, addresses, states and figures; never patient names or
+pixel data. pynetdicom's own chatter is kept at WARNING and above: its debug output would
+dump datasets, which hold patient names.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
+from dataclasses import dataclass
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
-def configure_logging(level: int) -> None:
-    """Human-readable lines on stderr; pynetdicom's own chatter only from WARNING (its
-    debug output would dump datasets, which may hold patient names)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
+@dataclass(frozen=True)
+class LogSettings:
+    """What a spawned process needs to log as its parent does."""
+
+    level: int = logging.INFO
+    format: str = "text"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "process": record.processName,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+_current = LogSettings()
+
+
+def configure_logging(settings: LogSettings) -> None:
+    global _current
+    _current = settings
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.level)
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, settings.level))
+
+
+def current_settings() -> LogSettings:
+    return _current

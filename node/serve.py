@@ -29,7 +29,7 @@ from node.completion import CompletionLoop
 from node.config import Config
 from node.handlers import OpenAssociations
 from node.live import LiveConfig
-from node.logs import configure_logging
+from node.logs import LogSettings, configure_logging, current_settings
 from node.scp import StorageSCP
 from node.sender import Sender
 from node.worker import Worker
@@ -144,7 +144,7 @@ class ProcessGroup:
         self._stops[index] = stop
         proc = self._ctx.Process(
             target=self._target,
-            args=(*self._args(index), stop, ready, logging.getLogger().level, os.getpid()),
+            args=(*self._args(index), stop, ready, current_settings(), os.getpid()),
             name=f"{self.kind}-{index}",
             daemon=True,
         )
@@ -194,10 +194,17 @@ class Receivers(ProcessGroup):
 
 
 def run_receiver(
-    cfg: Config, ident: str, slots: Any, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int
+    cfg: Config,
+    ident: str,
+    slots: Any,
+    index: int,
+    stop: MpEvent,
+    ready: MpEvent,
+    log_settings: LogSettings,
+    parent: int,
 ) -> None:
     """Entry point of one SCP process."""
-    _child_setup(parent, log_level)
+    _child_setup(parent, log_settings)
     store, ledger = open_storage(cfg, upgrade=False)
     live = LiveConfig(cfg)
     slots_of_this = OpenAssociations(cfg.node.max_associations, slots, index)
@@ -209,18 +216,22 @@ def run_receiver(
     ledger.engine.dispose()
 
 
-def run_worker(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int) -> None:
+def run_worker(
+    cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_settings: LogSettings, parent: int
+) -> None:
     """Entry point of one worker process: its own engine, claiming jobs from the ledger."""
-    _child_setup(parent, log_level)
+    _child_setup(parent, log_settings)
     store, ledger = open_storage(cfg, upgrade=False)
     worker = Worker(cfg.worker, JobQueue(ledger.engine), store, f"{ident}/worker-{index}/{os.getpid()}")
     _run_until_stopped(worker.run, stop, ready)
     ledger.engine.dispose()
 
 
-def run_sender(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_level: int, parent: int) -> None:
+def run_sender(
+    cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEvent, log_settings: LogSettings, parent: int
+) -> None:
     """Entry point of one sender process: deliveries from the ledger to the destinations."""
-    _child_setup(parent, log_level)
+    _child_setup(parent, log_settings)
     store, ledger = open_storage(cfg, upgrade=False)
     s = cfg.sender
     queue = DeliveryQueue(ledger.engine, retry_base_s=s.retry_base_seconds, retry_max_s=s.retry_max_seconds)
@@ -231,11 +242,11 @@ def run_sender(cfg: Config, ident: str, index: int, stop: MpEvent, ready: MpEven
     ledger.engine.dispose()
 
 
-def _child_setup(parent: int, log_level: int) -> None:
+def _child_setup(parent: int, log_settings: LogSettings) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging(log_level)
+    configure_logging(log_settings)
 
 
 def _run_until_stopped(run: Callable[[threading.Event], None], stop: MpEvent, ready: MpEvent) -> None:

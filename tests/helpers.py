@@ -110,6 +110,7 @@ class NodeProcess:
     tmp: Path
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
+    log_format: str = "text"
 
     @property
     def ledger(self) -> Path:
@@ -123,7 +124,7 @@ class NodeProcess:
         log = self.tmp / f"node-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"],
+            [sys.executable, "-m", "node.cli", "--config", str(self.config), "--log-format", self.log_format, "serve"],
             cwd=REPO,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

@@ -149,6 +149,8 @@ def test_scanner_to_node_to_orthanc_then_a_radiologist_pulls_the_derived_series(
             assert ds.SeriesInstanceUID == output_uid and ds.StudyInstanceUID == study_uid
             assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
             assert dciodvfy_errors(path) == []
+        assert "PHANTOM" not in node.log_text().upper()  # no patient name or ID in the node's logs
+        assert output_uid in node.log_text()  # UIDs are how the logs name what they are about
     finally:
         orthanc.stop()
 

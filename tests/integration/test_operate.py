@@ -4,6 +4,7 @@ routing and senders use a newly added destination and route; the change is logge
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.dicom_factory import write_ct_series
@@ -20,7 +21,9 @@ def test_edits_reach_a_running_node_without_a_restart(node_factory, tmp_path: Pa
             worker=f'models_dir = "{REPO / "models"}"\nthreads = 1',
             sender_processes=1,
             sender="retry_base_seconds = 0.2",
-        ).start()
+        )
+        node.log_format = "json"
+        node.start()
         _, _, files = write_ct_series(tmp_path / "series", 3, rows=64, cols=64)
         refused = storescu(node.port, files, calling="CT01")
         assert refused.returncode != 0  # not allowed yet
@@ -37,9 +40,20 @@ def test_edits_reach_a_running_node_without_a_restart(node_factory, tmp_path: Pa
 
         assert storescu(node.port, files, calling="CT01").returncode == 0
         wait_for(lambda: len(peer.received) == 3, timeout=120, what="the derived series at the new destination")
-        assert node.query("SELECT state FROM deliveries") == [("delivered",)]
+        wait_for(lambda: node.query("SELECT state FROM deliveries") == [("delivered",)], what="delivered")
         assert "restart the node to apply" not in node.log_text()
         node.config.write_text(node.config.read_text().replace("idle_seconds = 0.5", "idle_seconds = 5"))
         wait_for(lambda: "restart the node to apply" in node.log_text(), timeout=30, what="a restart notice")
+        assert_logs_are_json_without_patient_data(node.log_text())
     finally:
         peer.stop()
+
+
+def assert_logs_are_json_without_patient_data(text: str) -> None:
+    """Every line is one JSON object; the run's patient name and ID (and pixel bytes, which
+    would show as long binary runs) appear nowhere, while the UIDs and AE titles do."""
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert entries and all({"time", "level", "process", "logger", "message"} <= e.keys() for e in entries)
+    assert "PHANTOM" not in text.upper()  # PatientName PHANTOM^WATER, PatientID PHANTOM-1
+    assert any("CT01" in e["message"] for e in entries) and any("series" in e["message"] for e in entries)
+    assert max(len(e["message"]) for e in entries) < 2000
