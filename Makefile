@@ -10,7 +10,7 @@ serve: $(STAMP)
 	$(VENV)/bin/enhance-node serve
 
 test: $(STAMP)
-	scripts/ensure-debian-packages dcmtk orthanc sqlite3 openssl
+	scripts/ensure-debian-packages dcmtk orthanc chromium sqlite3 openssl
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)

@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     radd.add_argument("--position", type=int, help="0 = tried first")
     route_sub.add_parser("remove", help="remove a route").add_argument("name")
 
+    dash = sub.add_parser("dashboard", help="the web dashboard's admin password")
+    dash.add_subparsers(dest="action", required=True, parser_class=_Parser).add_parser(
+        "hash-password",
+        help="read a password (prompt, or stdin) and print the hash for dashboard.admin_password_hash",
+    )
+
     models = sub.add_parser("models", help="installed model packages")
     models.add_subparsers(dest="action", required=True, parser_class=_Parser).add_parser(
         "list", help="each model with its task, version and held-out metrics"
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             from node.jobs_cli import run_jobs
 
             return run_jobs(args, load_config(args.config))
+        if args.command == "dashboard":
+            return _hash_password()
         from node.admin_cli import run_admin
 
         return run_admin(args, args.config or default_config_path())
@@ -194,6 +202,18 @@ def _engines(args: argparse.Namespace) -> int:
     options = EngineOptions("tensorrt", w.device, w.threads, w.max_batch, w.plan_cache)
     for name, plan in build_plans([w.models_dir / n for n in names], options):
         print(f"{name}: {plan}")
+    return EXIT_OK
+
+
+def _hash_password() -> int:
+    import getpass
+
+    from node.dashboard.auth import hash_password
+
+    password = getpass.getpass("admin password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        raise UsageError("the password must have at least 8 characters")
+    print(hash_password(password))
     return EXIT_OK
 
 

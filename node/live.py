@@ -67,6 +67,10 @@ class LiveConfig:
             return None
         return st.st_mtime_ns, st.st_size
 
+    def refresh(self) -> None:
+        """Check the file at the next `current()` (after this process edited it itself)."""
+        self._next = self._clock()
+
     def current(self) -> Config:
         if self._cfg.source is None or self._clock() < self._next:
             return self._cfg

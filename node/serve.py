@@ -94,6 +94,13 @@ def serve(cfg: Config, role: str = "all") -> int:
         group.start()
     queue = JobQueue(ledger.engine)
     live = LiveConfig(cfg)
+    dashboard = None
+    if cfg.dashboard.port:
+        from node.dashboard.app import Deps
+        from node.dashboard.server import DashboardServer
+
+        dashboard = DashboardServer(Deps(ledger.engine, LiveConfig(cfg), store), cfg.dashboard.host, cfg.dashboard.port)
+        dashboard.start()
 
     def route() -> None:
         now = live.current()  # routes and destinations as config.toml says now
@@ -114,6 +121,8 @@ def serve(cfg: Config, role: str = "all") -> int:
     for group in groups:
         group.stop()
     completion.stop()
+    if dashboard is not None:
+        dashboard.stop()
     ledger.engine.dispose()
     log.info("stopped")
     return 0

@@ -3,6 +3,7 @@ to come). Nothing here writes."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,3 +80,81 @@ def job_detail(engine: Engine, job_id: int) -> JobDetail | None:
             )
         ]
     return JobDetail(dict(job._mapping), deliveries, problems)
+
+
+def overview(engine: Engine, since: Any) -> dict[str, Any]:
+    """The dashboard's first page: what arrived, what waits, what failed."""
+    i, j, d, s = t.instances, t.jobs, t.deliveries, t.series
+    with engine.connect() as conn:
+        per_hour = Counter(
+            at.strftime("%Y-%m-%d %H:00")
+            for at in conn.execute(select(i.c.received_at).where(i.c.received_at >= since)).scalars()
+        )
+        jobs: dict[str, int] = {k: v for k, v in conn.execute(select(j.c.state, func.count()).group_by(j.c.state))}
+        deliveries: dict[str, int] = {
+            k: v for k, v in conn.execute(select(d.c.state, func.count()).group_by(d.c.state))
+        }
+        series: dict[str, int] = {k: v for k, v in conn.execute(select(s.c.state, func.count()).group_by(s.c.state))}
+        backends = conn.execute(
+            select(j.c.backend).where(j.c.backend.is_not(None)).order_by(j.c.id.desc()).limit(1)
+        ).scalar()
+    return {
+        "per_hour": sorted(per_hour.items()),
+        "jobs": jobs,
+        "deliveries": deliveries,
+        "series": series,
+        "queue_depth": jobs.get(t.JOB_QUEUED, 0) + deliveries.get(t.DELIVERY_PENDING, 0),
+        "last_backend": backends,
+    }
+
+
+def list_series(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
+    s, st = t.series, t.studies
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(s, st.c.study_instance_uid).join(st, st.c.id == s.c.study_id).order_by(s.c.id.desc()).limit(limit)
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+def series_detail(engine: Engine, series_id: int) -> dict[str, Any] | None:
+    """A series, its state timeline (its events in order) and its jobs."""
+    s, e, j = t.series, t.events, t.jobs
+    with engine.connect() as conn:
+        row = conn.execute(select(s).where(s.c.id == series_id)).first()
+        if row is None:
+            return None
+        uid = row.series_instance_uid
+        outputs = list(conn.execute(select(j.c.output_series_uid).where(j.c.series_id == series_id)).scalars())
+        uids = [uid, *[o for o in outputs if o]]
+        timeline = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(e.c.at, e.c.kind, e.c.calling_ae, e.c.status, e.c.detail)
+                .where(e.c.series_instance_uid.in_(uids))
+                .order_by(e.c.id)
+                .limit(500)
+            )
+        ]
+        jobs = [dict(r._mapping) for r in conn.execute(select(j).where(j.c.series_id == series_id).order_by(j.c.id))]
+    return {"series": dict(row._mapping), "timeline": timeline, "jobs": jobs}
+
+
+def delivery_instances(engine: Engine, delivery_id: int) -> list[dict[str, Any]]:
+    i = t.delivery_instances
+    with engine.connect() as conn:
+        return [
+            dict(r._mapping) for r in conn.execute(select(i).where(i.c.delivery_id == delivery_id).order_by(i.c.id))
+        ]
+
+
+def source_instances(engine: Engine, series_id: int) -> list[dict[str, Any]]:
+    """The series' instances in slice order as received (instance number), for the viewer."""
+    i = t.instances
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(i.c.sop_instance_uid, i.c.path, i.c.instance_number)
+            .where(i.c.series_id == series_id)
+            .order_by(i.c.instance_number, i.c.id)
+        )
+        return [dict(r._mapping) for r in rows]

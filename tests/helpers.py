@@ -76,6 +76,8 @@ def toml_config(
     worker: str = "",
     sender_processes: int = 0,
     sender: str = "",
+    dashboard_port: int = 0,
+    dashboard: str = "",
     extra_node: str = "",
     extra: str = "",
 ) -> Path:
@@ -95,7 +97,8 @@ def toml_config(
     lines += ["[series]", f"idle_seconds = {idle_seconds}"]
     # no worker or sender unless asked: the receive tests count the node's child processes as receivers
     lines += ["[worker]", f"processes = {worker_processes}", worker]
-    lines += ["[sender]", f"processes = {sender_processes}", sender, extra]
+    lines += ["[sender]", f"processes = {sender_processes}", sender]
+    lines += ["[dashboard]", f"port = {dashboard_port}", dashboard, extra]  # 0: no dashboard
     path = tmp / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,0 +1,148 @@
+"""The dashboard app (node/dashboard) through FastAPI's test client on a real SQLite ledger:
+log-in (hash, 401 with a message, never a stack trace), sessions, CSRF on every form,
+configuration edits with the CLI's validation, /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from node.config import load_config
+from node.dashboard.app import Deps, create_app
+from node.dashboard.auth import hash_password, verify_password
+from node.live import LiveConfig
+from storage.filestore import FileStore
+from storage.ledger import Ledger
+from tests.helpers import REPO, Clock
+from tests.unit.test_jobs import add_instance, complete
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    shutil.copy(REPO / "config.toml", path)
+    text = path.read_text().replace(
+        '# admin_password_hash = "..."', f'admin_password_hash = "{hash_password(PASSWORD, salt=b"0123456789abcdef")}"'
+    )
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def client(config_path: Path, engine: Engine, tmp_path: Path, clock: Clock) -> TestClient:
+    live = LiveConfig(load_config(config_path), interval=0.0)
+    return TestClient(create_app(Deps(engine, live, FileStore(tmp_path / "storage", 0), now=clock)))
+
+
+def csrf(client: TestClient, path: str = "/login") -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', client.get(path).text)
+    assert found, f"no CSRF token on {path}"
+    return found.group(1)
+
+
+def log_in(client: TestClient) -> None:
+    rsp = client.post("/login", data={"password": PASSWORD, "csrf": csrf(client), "next": "/"}, follow_redirects=False)
+    assert rsp.status_code == 303
+
+
+def test_password_hashes_verify_and_a_garbled_hash_is_just_wrong() -> None:
+    stored = hash_password("s3cret-enough")
+    assert stored.startswith("scrypt$") and "s3cret" not in stored
+    assert verify_password("s3cret-enough", stored)
+    assert not verify_password("s3cret-enoug", stored)
+    assert not verify_password("s3cret-enough", "not-a-hash")
+    assert hash_password("x", salt=b"a" * 16) == hash_password("x", salt=b"a" * 16) != hash_password("x")
+
+
+def test_pages_need_a_log_in(client: TestClient) -> None:
+    for path in ("/", "/series", "/jobs", "/jobs/1", "/config"):
+        rsp = client.get(path, follow_redirects=False)
+        assert rsp.status_code == 303 and rsp.headers["location"].startswith("/login")
+
+
+def test_a_wrong_password_gets_401_and_a_message(client: TestClient) -> None:
+    rsp = client.post("/login", data={"password": "nope", "csrf": csrf(client)})
+    assert rsp.status_code == 401
+    assert "Wrong password." in rsp.text and "Traceback" not in rsp.text
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_a_form_without_its_csrf_token_is_refused(client: TestClient) -> None:
+    rsp = client.post("/login", data={"password": PASSWORD, "csrf": "forged"})
+    assert rsp.status_code == 403 and "CSRF" in rsp.text
+    log_in(client)
+    assert client.post("/config/ae/add", data={"ae_title": "CT09", "csrf": "forged"}).status_code == 403
+    assert client.post("/jobs/1/retry", data={}).status_code == 403
+
+
+def test_log_in_then_overview_shows_queue_and_states(
+    client: TestClient, ledger: Ledger, engine: Engine, clock: Clock
+) -> None:
+    add_instance(ledger, "1.2.3.100", "1.2.3.100.1")
+    complete(ledger, clock)
+    log_in(client)
+    page = client.get("/")
+    assert page.status_code == 200
+    assert 'id="queue-depth">0<' in page.text and "Free disk" in page.text and "onnxruntime" not in page.text
+    series = client.get("/series")
+    assert "1.2.3.100" in series.text and "complete" in series.text
+    timeline = client.get("/series/1")
+    assert "series.complete" in timeline.text
+    assert client.get("/series/99").status_code == 404
+    assert client.get("/jobs/99").status_code == 404
+
+
+def test_config_edits_validate_like_the_cli_and_keep_comments(client: TestClient, config_path: Path) -> None:
+    log_in(client)
+    token = csrf(client, "/config")
+    ok = client.post(
+        "/config/dest/add",
+        data={"csrf": token, "name": "pacs", "ae_title": "PACS", "host": "10.0.0.20", "port": "104"},
+        follow_redirects=False,
+    )
+    assert ok.status_code == 303
+    assert "PACS" in client.get("/config").text
+    bad = client.post("/config/route/add", data={"csrf": token, "name": "r", "model": "m", "destinations": "nowhere"})
+    assert bad.status_code == 400 and "no destination named &#39;nowhere&#39;" in bad.text
+    used = client.post(
+        "/config/route/add", data={"csrf": token, "name": "r2", "model": "ct-sr2", "destinations": "pacs"}
+    )
+    assert used.status_code == 200  # redirected back to the page
+    refused = client.post("/config/dest/remove", data={"csrf": token, "name": "pacs"})
+    assert refused.status_code == 400 and "used by route r2" in refused.text
+    assert "# enhance-node configuration." in config_path.read_text()
+    assert client.post("/config/ae/add", data={"csrf": token, "ae_title": "A" * 17}).status_code == 400
+
+
+def test_health_readiness_and_metrics_need_no_log_in(client: TestClient, ledger: Ledger, clock: Clock) -> None:
+    add_instance(ledger, "1.2.3.100", "1.2.3.100.1")
+    assert client.get("/healthz").text == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.text == "ready"
+    metrics = client.get("/metrics").text
+    assert "enhance_instances_received_total 1.0" in metrics
+    assert 'enhance_jobs{state="queued"} 0.0' in metrics
+    assert "enhance_free_disk_bytes" in metrics
+    assert 'enhance_stage_seconds_count{stage="deliver"} 0.0' in metrics  # nothing delivered yet
+
+
+def test_readyz_says_why_when_the_disk_is_below_the_floor(config_path: Path, engine: Engine, tmp_path: Path) -> None:
+    live = LiveConfig(load_config(config_path))
+    full = FileStore(tmp_path / "storage", shutil.disk_usage(tmp_path).free * 2)
+    rsp = TestClient(create_app(Deps(engine, live, full))).get("/readyz")
+    assert rsp.status_code == 503 and "free disk below node.min_free_disk_mb" in rsp.text
+
+
+def test_without_a_password_hash_the_ui_answers_401_with_how_to_set_one(engine: Engine, tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    shutil.copy(REPO / "config.toml", cfg)
+    app = create_app(Deps(engine, LiveConfig(load_config(cfg)), FileStore(tmp_path / "storage", 0)))
+    rsp = TestClient(app).get("/login")
+    assert rsp.status_code == 401 and "enhance-node dashboard hash-password" in rsp.text
