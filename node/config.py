@@ -200,6 +200,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         port=dash_t.integer("port", 8080, minimum=0, maximum=65535),
         admin_password_hash=os.environ.get(ENV_ADMIN_PASSWORD_HASH) or dash_t.optional_string("admin_password_hash"),
     )
+    _check_ip(dashboard.host, dash_t.key("host"))
     dash_t.done()
     reader.done()
     return Config(node, series, destinations, routes, worker, sender, dashboard, source)

@@ -108,12 +108,13 @@ def overview(engine: Engine, since: Any) -> dict[str, Any]:
     }
 
 
-def list_series(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
+def list_series(engine: Engine, limit: int = 100, study_id: int | None = None) -> list[dict[str, Any]]:
     s, st = t.series, t.studies
+    query = select(s, st.c.study_instance_uid).join(st, st.c.id == s.c.study_id).order_by(s.c.id.desc()).limit(limit)
+    if study_id is not None:
+        query = query.where(s.c.study_id == study_id)
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(s, st.c.study_instance_uid).join(st, st.c.id == s.c.study_id).order_by(s.c.id.desc()).limit(limit)
-        )
+        rows = conn.execute(query)
         return [dict(r._mapping) for r in rows]
 
 
@@ -156,5 +157,26 @@ def source_instances(engine: Engine, series_id: int) -> list[dict[str, Any]]:
             select(i.c.sop_instance_uid, i.c.path, i.c.instance_number)
             .where(i.c.series_id == series_id)
             .order_by(i.c.instance_number, i.c.id)
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+def list_studies(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
+    """Studies, newest first, with how many series and instances of each arrived."""
+    st, s = t.studies, t.series
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                st.c.id,
+                st.c.study_instance_uid,
+                st.c.first_received_at,
+                func.count(s.c.id).label("series"),
+                func.coalesce(func.sum(s.c.instance_count), 0).label("instances"),
+                func.max(s.c.last_received_at).label("last_received_at"),
+            )
+            .outerjoin(s, s.c.study_id == st.c.id)
+            .group_by(st.c.id)
+            .order_by(st.c.id.desc())
+            .limit(limit)
         )
         return [dict(r._mapping) for r in rows]

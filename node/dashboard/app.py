@@ -150,10 +150,15 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
             engine += f" (last job ran on {figures['last_backend']})"
         return page(request, "overview.html", o=figures, free_gb=free / 1e9, engine=engine)
 
-    @app.get("/series", response_class=HTMLResponse)
-    def series_list(request: Request) -> Response:
+    @app.get("/studies", response_class=HTMLResponse)
+    def studies(request: Request) -> Response:
         require_login(request)
-        return page(request, "series_list.html", rows=reports.list_series(deps.engine))
+        return page(request, "studies.html", rows=reports.list_studies(deps.engine))
+
+    @app.get("/series", response_class=HTMLResponse)
+    def series_list(request: Request, study: int | None = None) -> Response:
+        require_login(request)
+        return page(request, "series_list.html", rows=reports.list_series(deps.engine, study_id=study), study=study)
 
     @app.get("/series/{series_id}", response_class=HTMLResponse)
     def series_page(request: Request, series_id: int) -> Response:

@@ -68,6 +68,8 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
             "routes[0].forward_original",
         ),
         ("[sender]\nprocesses = -1", "sender.processes"),
+        ('[dashboard]\nhost = "localhost"', "dashboard.host"),
+        ("[dashboard]\nport = 70000", "dashboard.port"),
         ("[sender]\nconcurrency = 0", "sender.concurrency"),
         ("[sender]\nretry_base_seconds = 60\nretry_max_seconds = 10", "sender.retry_max_seconds"),
         ("[sender]\nheartbeat_seconds = 5\nstale_after_seconds = 8", "sender.stale_after_seconds"),

@@ -93,6 +93,10 @@ def test_log_in_then_overview_shows_queue_and_states(
     assert 'id="queue-depth">0<' in page.text and "Free disk" in page.text and "onnxruntime" not in page.text
     series = client.get("/series")
     assert "1.2.3.100" in series.text and "complete" in series.text
+    studies = client.get("/studies")
+    assert "1.2.3</code>" in studies.text and "/series?study=1" in studies.text
+    assert "1.2.3.100" in client.get("/series?study=1").text
+    assert "1.2.3.100" not in client.get("/series?study=2").text
     timeline = client.get("/series/1")
     assert "series.complete" in timeline.text
     assert client.get("/series/99").status_code == 404
