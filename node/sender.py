@@ -97,7 +97,7 @@ def send_batch(
             status, detail = _store(assoc, accepted, store, inst, msg_id=n % 65535 + 1)
             sent += 1
             if not record(inst, outcome_of(status), status, detail):
-                return Attempt(sent, "the delivery was taken over by another sender")
+                return Attempt(sent, "the delivery is no longer this sender's (cancelled, or re-queued as stale)")
             if not assoc.is_established:
                 return Attempt(sent, f"association with {where} ended after {sent} of {len(instances)}: {detail}")
         return Attempt(sent, "")
@@ -132,7 +132,7 @@ def _store(
             if ds.file_meta.TransferSyntaxUID.is_compressed:
                 ds.decompress()
             rsp = assoc.send_c_store(ds, msg_id=msg_id)
-    except (OSError, ValueError, AttributeError, NotImplementedError, RuntimeError) as exc:
+    except Exception as exc:  # a bad file fails this instance (recorded), not the whole delivery
         return None, f"cannot send {inst.path}: {type(exc).__name__}: {exc}"
     status = rsp.get("Status") if rsp else None
     if status is None:
@@ -164,13 +164,17 @@ class Sender:
         queue: DeliveryQueue,
         store: FileStore,
         ident: str,
+        node_prefix: str | None = None,
     ) -> None:
+        """`ident` names this process's sender; `node_prefix` what every sender of this node
+        (this run's and earlier runs') has in common, to resume what an earlier run left."""
         self.cfg = cfg
         self.destinations = destinations  # as config.toml says now
         self.calling_ae = calling_ae
         self.queue = queue
         self.store = store
         self.ident = ident
+        self.node_prefix = node_prefix
         self._next_stale_check = 0.0
         self._stale_lock = threading.Lock()
 
@@ -178,7 +182,7 @@ class Sender:
         """Runs one delivery if one is due; False when none was."""
         self._requeue_stale()
         sender = f"{self.ident}/{slot}"
-        delivery = self.queue.claim(sender)
+        delivery = self.queue.claim(sender, [d.name for d in self.destinations()])
         if delivery is None:
             return False
         started = time.monotonic()
@@ -224,6 +228,10 @@ class Sender:
             self._next_stale_check = time.monotonic() + self.cfg.heartbeat_seconds
         for delivery_id in self.queue.requeue_stale(self.cfg.stale_after_seconds):
             log.warning("delivery %d had no heartbeat for %.0f s; re-queued", delivery_id, self.cfg.stale_after_seconds)
+        if self.node_prefix is not None:
+            quiet = 2 * self.cfg.heartbeat_seconds
+            for delivery_id in self.queue.requeue_abandoned(self.node_prefix, self.ident, quiet):
+                log.warning("delivery %d was in flight when this node last stopped; resuming it", delivery_id)
 
     def run(self, stop: threading.Event) -> None:
         def loop(slot: int) -> None:

@@ -86,9 +86,6 @@ def serve(cfg: Config, role: str = "all") -> int:
     if role in ("all", "worker") and cfg.worker.processes > 0:
         groups.append(ProcessGroup("worker", cfg.worker.processes, run_worker, lambda index: (cfg, ident, index)))
     if role in ("all", "sender") and cfg.sender.processes > 0:
-        resumed = DeliveryQueue(ledger.engine).requeue_abandoned(f"{ident}/sender-")
-        if resumed:
-            log.warning("%d deliveries were in flight when the node last stopped; resuming them", len(resumed))
         groups.append(ProcessGroup("sender", cfg.sender.processes, run_sender, lambda index: (cfg, ident, index)))
     for group in groups:
         group.start()
@@ -99,7 +96,7 @@ def serve(cfg: Config, role: str = "all") -> int:
         from node.dashboard.app import Deps
         from node.dashboard.server import DashboardServer
 
-        dashboard = DashboardServer(Deps(ledger.engine, LiveConfig(cfg), store), cfg.dashboard.host, cfg.dashboard.port)
+        dashboard = DashboardServer(Deps(ledger.engine, live, store), cfg.dashboard.host, cfg.dashboard.port)
         dashboard.start()
 
     def route() -> None:
@@ -246,7 +243,8 @@ def run_sender(
     queue = DeliveryQueue(ledger.engine, retry_base_s=s.retry_base_seconds, retry_max_s=s.retry_max_seconds)
     live = LiveConfig(cfg)
     destinations = lambda: live.current().destinations  # noqa: E731
-    sender = Sender(s, destinations, cfg.node.ae_title, queue, store, f"{ident}/sender-{index}/{os.getpid()}")
+    me = f"{ident}/sender-{index}/{os.getpid()}"
+    sender = Sender(s, destinations, cfg.node.ae_title, queue, store, me, node_prefix=f"{ident}/sender-")
     _run_until_stopped(sender.run, stop, ready)
     ledger.engine.dispose()
 

@@ -14,21 +14,17 @@ REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient, service-provider (presentatio
 WARNING_COERCION = 0xB000
 WARNING_ELEMENTS_DISCARDED = 0xB006
 WARNING_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+WARNING_GENERAL = 0x0001
 WARNING_ATTRIBUTE_LIST = 0x0107
 WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
-STORED_WITH_WARNING = frozenset(
-    {
-        WARNING_COERCION,
-        WARNING_ELEMENTS_DISCARDED,
-        WARNING_DOES_NOT_MATCH_SOP_CLASS,
-        WARNING_ATTRIBUTE_LIST,
-        WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE,
-    }
-)
+STORAGE_WARNINGS = range(0xB000, 0xC000)  # B000, B006, B007 and any other Bxxx a PACS uses
+GENERAL_WARNINGS = frozenset({WARNING_GENERAL, WARNING_ATTRIBUTE_LIST, WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE})
 
 
 def stored(status: int | None) -> bool:
-    """Whether a C-STORE answer means the peer kept the instance: success, or one of the
-    warnings after which the object is stored. Everything else (A7xx out of resources, A9xx,
-    Cxxx, other failures, no answer at all) is a failure."""
-    return status == SUCCESS or status in STORED_WITH_WARNING
+    """Whether a C-STORE answer means the peer kept the instance: success, or a warning after
+    which the object is stored (Bxxx, and the general 0001, 0107, 0116). Everything else (A7xx
+    out of resources, A9xx, Cxxx, other failures, no answer at all) is a failure."""
+    if status is None:
+        return False
+    return status == SUCCESS or status in STORAGE_WARNINGS or status in GENERAL_WARNINGS

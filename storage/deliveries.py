@@ -16,6 +16,7 @@ import datetime as dt
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 
@@ -189,8 +190,10 @@ class DeliveryQueue:
         self.rng = rng or random.Random()
         self._skip_locked = engine.dialect.name == "postgresql"
 
-    def claim(self, sender: str) -> Delivery | None:
-        """The oldest pending delivery whose backoff has passed, now `sending` for `sender`."""
+    def claim(self, sender: str, destinations: Sequence[str] | None = None) -> Delivery | None:
+        """The oldest pending delivery whose backoff has passed, now `sending` for `sender`;
+        only to `destinations` when given (the ones this sender's configuration knows, so a
+        host that lacks one does not use up another host's attempts)."""
         now = self.now()
         d = t.deliveries
         with self.engine.begin() as conn:
@@ -200,6 +203,8 @@ class DeliveryQueue:
                 .order_by(d.c.id)
                 .limit(1)
             )
+            if destinations is not None:
+                query = query.where(d.c.destination.in_(list(destinations)))
             if self._skip_locked:
                 query = query.with_for_update(skip_locked=True)
             delivery_id = conn.execute(query).scalar()
@@ -300,9 +305,9 @@ class DeliveryQueue:
                 delay = backoff_seconds(row.attempts, self.retry_base_s, self.retry_max_s, self.rng)
                 next_at = now + dt.timedelta(seconds=delay) if retry else None
                 detail = f"; retry in {delay:.1f} s" if retry else ""
-            conn.execute(
+            changed = conn.execute(
                 update(d)
-                .where(d.c.id == delivery_id)
+                .where(d.c.id == delivery_id, d.c.sender == sender, d.c.state == DELIVERY_SENDING)
                 .values(
                     state=state,
                     error=error[:2000],
@@ -310,7 +315,9 @@ class DeliveryQueue:
                     next_attempt_at=next_at,
                     finished_at=None if state == DELIVERY_PENDING else now,
                 )
-            )
+            ).rowcount
+            if not changed:  # taken over between the read and the write (PostgreSQL, READ COMMITTED)
+                return None
             write_event(
                 conn,
                 now,
@@ -332,39 +339,47 @@ class DeliveryQueue:
             (d.c.heartbeat_at < cutoff,), f"no heartbeat for {stale_after_s:g} s (sender died)", last_fails=True
         )
 
-    def requeue_abandoned(self, sender_prefix: str) -> list[int]:
-        """At start-up: deliveries this node's senders held when it stopped resume at once
-        (their attempt is not counted against them: the node, not the delivery, failed)."""
+    def requeue_abandoned(self, node_prefix: str, own: str, quiet_s: float) -> list[int]:
+        """Deliveries held by an earlier run of this node's senders (`node_prefix`, not this
+        process, `own`) whose heartbeat stopped `quiet_s` ago resume at once, without waiting
+        for `stale_after`: the node restarted. Their attempt is not counted against them: the
+        node, not the delivery, failed. A live sender heartbeats more often than `quiet_s`."""
         d = t.deliveries
-        return self._requeue(
-            (d.c.sender.startswith(sender_prefix, autoescape=True),), "node restarted", last_fails=False
+        cutoff = self.now() - dt.timedelta(seconds=quiet_s)
+        mine = (
+            d.c.sender.startswith(node_prefix, autoescape=True),
+            ~d.c.sender.startswith(own, autoescape=True),
+            d.c.heartbeat_at < cutoff,
         )
+        return self._requeue(mine, "the node restarted", last_fails=False)
 
-    def _requeue(self, where: tuple[object, ...], why: str, last_fails: bool) -> list[int]:
+    def _requeue(self, where: tuple[Any, ...], why: str, last_fails: bool) -> list[int]:
         now = self.now()
         d = t.deliveries
         requeued = []
         with self.engine.begin() as conn:
             rows = conn.execute(
-                select(d.c.id, d.c.attempts, d.c.max_attempts, d.c.series_instance_uid).where(
-                    d.c.state == DELIVERY_SENDING,
-                    *where,  # type: ignore[arg-type]
+                select(d.c.id, d.c.sender, d.c.attempts, d.c.max_attempts, d.c.series_instance_uid).where(
+                    d.c.state == DELIVERY_SENDING, *where
                 )
             ).all()
             for row in rows:
                 last = last_fails and row.attempts >= row.max_attempts
-                conn.execute(
+                changed = conn.execute(
                     update(d)
-                    .where(d.c.id == row.id)
+                    # the same conditions again: another host may have moved it since the read
+                    .where(d.c.id == row.id, d.c.state == DELIVERY_SENDING, d.c.sender == row.sender, *where)
                     .values(
                         state=DELIVERY_FAILED if last else DELIVERY_PENDING,
                         sender=None,
                         next_attempt_at=None,
-                        attempts=row.attempts if last_fails else row.attempts - 1,
+                        attempts=d.c.attempts if last_fails else d.c.attempts - 1,
                         error=why if last else "",
                         finished_at=now if last else None,
                     )
-                )
+                ).rowcount
+                if not changed:
+                    continue
                 write_event(
                     conn,
                     now,

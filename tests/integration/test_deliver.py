@@ -321,7 +321,7 @@ def test_sigkill_of_the_node_mid_delivery_resumes_after_restart_and_loses_nothin
         expected = {derived_uid(str(dcmread(f).SOPInstanceUID), "ct-denoise", VERSION) for f in files}
         assert set(peer.received) == expected  # nothing lost
         assert len(peer.received) <= 41  # at most the one in flight at the kill is sent twice
-        assert "resuming them" in node.log_text()
+        assert "was in flight when this node last stopped; resuming it" in node.log_text()
         assert node.query("SELECT attempts FROM deliveries") == [(1,)]  # the node failed, not the delivery
     finally:
         peer.stop()

@@ -79,7 +79,7 @@ def send_all(queue: DeliveryQueue, delivery_id: int, sender: str, status: int | 
 # -- status rules ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xB006, 0xB007])
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xB006, 0xB007, 0xB123, 0x0001, 0x0107, 0x0116])
 def test_success_and_the_storage_warnings_count_as_stored(status: int) -> None:
     assert stored(status)
 
@@ -294,12 +294,26 @@ def test_deliveries_abandoned_by_a_restarted_node_resume_without_losing_an_attem
     finished_job(ledger, engine, clock)
     mine, theirs = queue.claim("host:11112/sender-0/77/0"), queue.claim("other:11112/sender-0/5/0")
     assert mine is not None and theirs is not None
-    assert queue.requeue_abandoned("host:11112/sender-") == [mine.id]
+    me = "host:11112/sender-0/78"
+    assert queue.requeue_abandoned("host:11112/sender-", me, quiet_s=10) == []  # it may still be alive
+    clock.advance(11)
+    assert queue.requeue_abandoned("host:11112/sender-", "host:11112/sender-0/77", quiet_s=10) == []  # our own
+    assert queue.requeue_abandoned("host:11112/sender-", me, quiet_s=10) == [mine.id]
     rows = {r.id: r for r in delivery_rows(engine)}
     assert (rows[mine.id].state, rows[mine.id].attempts) == ("pending", 0)
     assert rows[theirs.id].state == "sending"
     again = queue.claim("host:11112/sender-0/78/0")
     assert again is not None and (again.id, again.attempts) == (mine.id, 1)
+
+
+def test_a_sender_claims_only_deliveries_to_destinations_it_knows(
+    ledger: Ledger, engine: Engine, queue: DeliveryQueue, clock: Clock
+) -> None:
+    finished_job(ledger, engine, clock)  # pacs, then archive
+    d = queue.claim("s1", ["archive"])
+    assert d is not None and d.destination == "archive"
+    assert queue.claim("s1", ["archive", "elsewhere"]) is None
+    assert queue.claim("s1", []) is None
 
 
 def test_concurrent_claims_take_each_delivery_once(ledger: Ledger, engine: Engine, clock: Clock) -> None:
