@@ -55,7 +55,9 @@ class LiveConfig:
         self._interval = interval
         self._clock = clock
         self._next = clock() + interval
-        self._seen = self._stamp()
+        # not the file's stamp now: a process started (or respawned) after an edit must
+        # still compare the file with the configuration it was given
+        self._seen: tuple[int, int] | None = None
         self._lock = threading.Lock()
 
     def _stamp(self) -> tuple[int, int] | None:

@@ -13,13 +13,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import FastAPI, Form, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine, text
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from node import admin
@@ -85,11 +89,17 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(NotLoggedIn)
     async def _to_login(request: Request, _exc: NotLoggedIn) -> Response:
-        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> Response:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return page(request, "message.html", exc.status_code, title=f"Error {exc.status_code}", message=exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
+        fields = ", ".join(".".join(str(p) for p in e.get("loc", ())[1:]) or "request" for e in exc.errors())
+        return page(request, "message.html", 400, title="Bad request", message=f"bad value for {fields}")
 
     # -- no login ------------------------------------------------------------------------
     @app.get("/healthz", response_class=PlainTextResponse)
@@ -104,8 +114,11 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:  # any failure means not ready; the reason is the answer
             problems.append(f"ledger unavailable: {type(exc).__name__}")
-        if shutil.disk_usage(deps.store.root).free < deps.store.min_free_bytes:
-            problems.append("free disk below node.min_free_disk_mb")
+        try:
+            if shutil.disk_usage(deps.store.root).free < deps.store.min_free_bytes:
+                problems.append("free disk below node.min_free_disk_mb")
+        except OSError as exc:
+            problems.append(f"storage directory unavailable: {exc.strerror}")
         if problems:
             return PlainTextResponse("\n".join(problems), status_code=503)
         return PlainTextResponse("ready")
@@ -118,7 +131,7 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
     def login_form(request: Request, next: str = "/") -> Response:
         if not config().dashboard.admin_password_hash:
             return page(request, "message.html", 401, title="Log-in not set up", message=NO_PASSWORD)
-        return page(request, "login.html", next=next if next.startswith("/") else "/")
+        return page(request, "login.html", next=_local(next))
 
     @app.post("/login", response_class=HTMLResponse)
     def login(request: Request, password: str = Form(""), csrf: str = Form(""), next: str = Form("/")) -> Response:
@@ -130,7 +143,7 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
             return page(request, "login.html", 401, next=next, error="Wrong password.")
         request.session["user"] = "admin"
         request.session["csrf"] = new_csrf_token()  # a new token once logged in
-        return RedirectResponse(next if next.startswith("/") else "/", status_code=303)
+        return RedirectResponse(_local(next), status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, csrf: str = Form("")) -> Response:
@@ -182,10 +195,12 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
         if detail is None:
             raise HTTPException(404, f"no job {job_id}")
         sources = reports.source_instances(deps.engine, detail.job["series_id"])
-        region = None
+        region, unavailable = None, None
         if detail.job["state"] == "done" and sources:
-            pair = _pair(detail.job, sources, slice)
-            region = images.region(pair, top, left)
+            try:
+                region = images.region(_pair(detail.job, sources, slice), top, left)
+            except HTTPException as exc:  # the rest of the page (deliveries, retry) still matters
+                unavailable = str(exc.detail)
         per_delivery = {d["id"]: reports.delivery_instances(deps.engine, d["id"]) for d in detail.deliveries}
         return page(
             request,
@@ -194,6 +209,7 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
             slice=min(max(0, slice), max(0, len(sources) - 1)),
             slices=len(sources),
             region=region,
+            unavailable=unavailable,
             per_delivery=per_delivery,
         )
 
@@ -249,11 +265,9 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
         if path is None:
             raise HTTPException(409, "this node runs on built-in defaults: there is no config.toml to edit")
         try:
-            _apply(path, what, action, form)
+            await run_in_threadpool(_apply, path, what, action, form)  # file lock and I/O
         except ConfigError as exc:
             return page(request, "config.html", 400, cfg=config(), error=str(exc))
-        except ValueError as exc:
-            return page(request, "config.html", 400, cfg=config(), error=f"bad field: {exc}")
         deps.live.refresh()
         return RedirectResponse("/config", status_code=303)
 
@@ -275,8 +289,8 @@ def _apply(path: Path, what: str, action: str, form: dict[str, Any]) -> None:
             field("name"),
             field("ae_title"),
             field("host"),
-            int(field("port")),
-            int(attempts) if attempts else None,
+            _number(field("port"), "port"),
+            _number(attempts, "max_attempts") if attempts else None,
         )
     elif (what, action) == ("dest", "remove"):
         admin.remove_destination(path, field("name"))
@@ -296,6 +310,21 @@ def _apply(path: Path, what: str, action: str, form: dict[str, Any]) -> None:
         admin.remove_route(path, field("name"))
     else:
         raise HTTPException(404, f"no such edit: {what} {action}")
+
+
+def _number(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number, not {value!r}") from None
+
+
+def _local(target: str) -> str:
+    """Where to go after log-in: a path on this site only (no //host or /\\host redirect)."""
+    parts = urlsplit(target)
+    if not target.startswith("/") or target.startswith(("//", "/\\")) or parts.scheme or parts.netloc:
+        return "/"
+    return target
 
 
 NO_PASSWORD = (

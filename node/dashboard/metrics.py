@@ -48,8 +48,11 @@ def gpu_figures() -> list[tuple[str, float, float]]:
         return []
     rows = []
     for line in out.strip().splitlines():
-        index, mem, util = (x.strip() for x in line.split(","))
-        rows.append((index, float(mem) * 2**20, float(util) / 100))
+        try:
+            index, mem, util = (x.strip() for x in line.split(","))
+            rows.append((index, float(mem) * 2**20, float(util) / 100))
+        except ValueError:  # "[N/A]" (MIG slices, some boards): nothing to report for that GPU
+            continue
     return rows
 
 
@@ -59,9 +62,12 @@ class LedgerCollector(Collector):
         self.storage_dir = storage_dir
 
     def collect(self) -> Iterator[Metric]:
-        i, e, j, d, di = t.instances, t.events, t.jobs, t.deliveries, t.delivery_instances
+        i, old, e, j, d, di = t.instances, t.superseded_instances, t.events, t.jobs, t.deliveries, t.delivery_instances
         with self.engine.connect() as conn:
+            # current versions plus the older versions they replaced: every instance ever kept
             count, size = conn.execute(select(func.count(), func.coalesce(func.sum(i.c.size), 0))).one()
+            old_count, old_size = conn.execute(select(func.count(), func.coalesce(func.sum(old.c.size), 0))).one()
+            count, size = count + old_count, size + old_size
             refusals = conn.execute(
                 select(e.c.kind, e.c.status, func.count()).where(e.c.kind.in_(REFUSALS)).group_by(e.c.kind, e.c.status)
             ).all()
@@ -79,7 +85,7 @@ class LedgerCollector(Collector):
         stages["deliver"] = [(b - a).total_seconds() for a, b in sends if a and b]
 
         yield CounterMetricFamily("enhance_instances_received", "Instances received and kept", value=count)
-        yield CounterMetricFamily("enhance_bytes_received", "Bytes of instances received and kept", value=size)
+        yield CounterMetricFamily("enhance_received_bytes", "Bytes of instances received and kept", value=size)
         refused = CounterMetricFamily(
             "enhance_refusals", "Refused associations and C-STOREs", labels=["kind", "status"]
         )
@@ -95,7 +101,9 @@ class LedgerCollector(Collector):
         for state in (t.DELIVERY_PENDING, t.DELIVERY_SENDING, t.DELIVERY_DELIVERED, t.DELIVERY_FAILED):
             out.add_metric([state], delivery_counts.get(state, 0))
         yield out
-        sent = CounterMetricFamily("enhance_delivered_instances", "Instances by C-STORE outcome", labels=["outcome"])
+        sent = GaugeMetricFamily(
+            "enhance_delivery_instances", "Instances of deliveries by C-STORE outcome now", labels=["outcome"]
+        )
         for outcome, n in outcomes:
             sent.add_metric([outcome], n)
         yield sent

@@ -116,3 +116,38 @@ def test_changes_name_what_moved_and_what_needs_a_restart(cfg: Path, tmp_path: P
     cfg.write_text(cfg.read_text().replace("idle_seconds = 30", "idle_seconds = 10"))
     lines, restart = changes(old, load_config(cfg))
     assert restart and "other settings changed: restart the node to apply them" in lines
+
+
+def test_a_process_started_after_an_edit_still_applies_it(cfg: Path) -> None:
+    """A respawned process gets the configuration the node started with: its first check
+    compares the file with that, not with the file as it found it."""
+    started_with = load_config(cfg)
+    assert run_cli(cfg, "ae", "remove", "STORESCU").returncode == 0
+    ticks = Ticks()
+    live = LiveConfig(started_with, interval=1.0, clock=ticks)
+    ticks.t = 1.5
+    assert live.current().node.allowed == ()
+
+
+def test_removing_an_entry_keeps_the_comments_that_follow_it(cfg: Path) -> None:
+    assert run_cli(cfg, "ae", "remove", "STORESCU").returncode == 0
+    text = cfg.read_text()
+    assert "# DICOM TLS (example)" in text and "# [node.tls]" in text and 'ae_title = "STORESCU"' not in text
+
+
+def test_an_edit_keeps_the_files_permissions(cfg: Path) -> None:
+    cfg.chmod(0o600)
+    assert run_cli(cfg, "ae", "add", "CT01").returncode == 0
+    assert cfg.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("[node]\nallowed = [{ae_title = 'A'}]\n", "edit it by hand"), ("node = 3\n", "node: must be a table")],
+)
+def test_a_layout_the_cli_cannot_edit_is_refused_not_corrupted(tmp_path: Path, text: str, reason: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    out = run_cli(path, "ae", "add", "B")
+    assert out.returncode == 2 and reason in out.stderr
+    assert path.read_text() == text

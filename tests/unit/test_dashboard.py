@@ -150,3 +150,33 @@ def test_without_a_password_hash_the_ui_answers_401_with_how_to_set_one(engine: 
     app = create_app(Deps(engine, LiveConfig(load_config(cfg)), FileStore(tmp_path / "storage", 0)))
     rsp = TestClient(app).get("/login")
     assert rsp.status_code == 401 and "enhance-node dashboard hash-password" in rsp.text
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\\evil.example", "https://evil.example/", "jobs"])
+def test_log_in_never_redirects_off_the_site(client: TestClient, target: str) -> None:
+    rsp = client.post(
+        "/login", data={"password": PASSWORD, "csrf": csrf(client), "next": target}, follow_redirects=False
+    )
+    assert rsp.status_code == 303 and rsp.headers["location"] == "/"
+
+
+def test_the_page_asked_for_is_where_log_in_returns(client: TestClient) -> None:
+    first = client.get("/jobs?state=failed", follow_redirects=False)
+    assert first.headers["location"] == "/login?next=%2Fjobs%3Fstate%3Dfailed"
+    rsp = client.post(
+        "/login",
+        data={"password": PASSWORD, "csrf": csrf(client), "next": "/jobs?state=failed"},
+        follow_redirects=False,
+    )
+    assert rsp.headers["location"] == "/jobs?state=failed"
+
+
+def test_bad_paths_and_values_get_an_html_message_not_json(client: TestClient) -> None:
+    log_in(client)
+    missing = client.get("/no/such/page")
+    assert missing.status_code == 404 and "<h1>" in missing.text
+    bad = client.get("/jobs/abc")
+    assert bad.status_code == 400 and "bad value for job_id" in bad.text
+    token = csrf(client, "/config")
+    port = client.post("/config/dest/add", data={"csrf": token, "name": "p", "ae_title": "P", "host": "h", "port": "x"})
+    assert port.status_code == 400 and "port: must be a whole number" in port.text
