@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy import inspect
 
 from node.config import Config
 from node.errors import UsageError
-from storage.db import make_engine, migrate
+from storage.db import make_engine
 from storage.jobs import JobQueue
 from storage.reports import job_detail, list_jobs
 
@@ -19,8 +22,9 @@ EXIT_OK = 0
 
 def run_jobs(args: argparse.Namespace, cfg: Config) -> int:
     engine = make_engine(cfg.node.ledger_url)
-    migrate(engine)  # an empty or older ledger answers too, instead of failing on a missing table
     try:
+        if not inspect(engine).has_table("deliveries"):  # never upgrade a ledger running nodes share
+            raise UsageError("the ledger has no jobs and deliveries yet: start the node once (`enhance-node serve`)")
         if args.action == "list":
             return _list(engine, args.state, args.limit)
         if args.action == "show":
@@ -84,27 +88,26 @@ def _show(engine: Any, job_id: int) -> int:
 
 
 def _retry(engine: Any, job_id: int) -> int:
-    if job_detail(engine, job_id) is None:
-        raise UsageError(f"no job {job_id}")
-    requeued, deliveries = JobQueue(engine).resubmit(job_id)
-    if not requeued and not deliveries:
-        raise UsageError(f"job {job_id} has nothing failed to retry (see `enhance-node jobs show {job_id}`)")
-    if requeued:
-        print(f"job {job_id} queued again")
-    for delivery_id in deliveries:
-        print(f"delivery {delivery_id} of job {job_id} resubmitted")
-    return EXIT_OK
+    return _act(engine, job_id, JobQueue(engine).resubmit, "queued again", "resubmitted", "failed to retry")
 
 
 def _cancel(engine: Any, job_id: int) -> int:
+    _act(engine, job_id, JobQueue(engine).cancel, "cancelled", "cancelled", "queued, running or sending to cancel")
+    print(f"`enhance-node jobs retry {job_id}` resubmits it")
+    return EXIT_OK
+
+
+def _act(
+    engine: Any, job_id: int, act: Callable[[int], tuple[bool, list[int]]], job_done: str, delivery_done: str, what: str
+) -> int:
+    """An admin's action on a job and its deliveries, said line by line; exit 2 when it did nothing."""
     if job_detail(engine, job_id) is None:
         raise UsageError(f"no job {job_id}")
-    cancelled, deliveries = JobQueue(engine).cancel(job_id)
-    if not cancelled and not deliveries:
-        raise UsageError(f"job {job_id} has nothing queued, running or being delivered to cancel")
-    if cancelled:
-        print(f"job {job_id} cancelled")
+    job_changed, deliveries = act(job_id)
+    if not job_changed and not deliveries:
+        raise UsageError(f"job {job_id} has nothing {what} (see `enhance-node jobs show {job_id}`)")
+    if job_changed:
+        print(f"job {job_id} {job_done}")
     for delivery_id in deliveries:
-        print(f"delivery {delivery_id} of job {job_id} cancelled")
-    print(f"`enhance-node jobs retry {job_id}` resubmits it")
+        print(f"delivery {delivery_id} of job {job_id} {delivery_done}")
     return EXIT_OK

@@ -226,12 +226,12 @@ class Sender:
             if time.monotonic() < self._next_stale_check:
                 return
             self._next_stale_check = time.monotonic() + self.cfg.heartbeat_seconds
-        for delivery_id in self.queue.requeue_stale(self.cfg.stale_after_seconds):
-            log.warning("delivery %d had no heartbeat for %.0f s; re-queued", delivery_id, self.cfg.stale_after_seconds)
-        if self.node_prefix is not None:
+        if self.node_prefix is not None:  # first: what this node's earlier run left is not the delivery's fault
             quiet = 2 * self.cfg.heartbeat_seconds
             for delivery_id in self.queue.requeue_abandoned(self.node_prefix, self.ident, quiet):
                 log.warning("delivery %d was in flight when this node last stopped; resuming it", delivery_id)
+        for delivery_id in self.queue.requeue_stale(self.cfg.stale_after_seconds):
+            log.warning("delivery %d had no heartbeat for %.0f s; re-queued", delivery_id, self.cfg.stale_after_seconds)
 
     def run(self, stop: threading.Event) -> None:
         def loop(slot: int) -> None:

@@ -151,3 +151,9 @@ def test_a_layout_the_cli_cannot_edit_is_refused_not_corrupted(tmp_path: Path, t
     out = run_cli(path, "ae", "add", "B")
     assert out.returncode == 2 and reason in out.stderr
     assert path.read_text() == text
+
+
+def test_jobs_on_a_ledger_no_node_has_created_yet_exit_2_with_the_reason(cfg: Path) -> None:
+    out = run_cli(cfg, "jobs", "list")
+    assert out.returncode == 2 and "start the node once" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
