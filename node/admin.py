@@ -92,10 +92,7 @@ def add_allowed_ae(path: Path, ae_title: str, host: str | None) -> None:
     with _editing(path) as doc:
         node = _node_table(doc)
         allowed = _array(node, "allowed", "node.allowed", create=True)
-        if any(item.get("ae_title") == ae_title for item in allowed):
-            raise ConfigError("node.allowed", f"{ae_title!r} is already allowed")
-        entry = tomlkit.table()
-        entry["ae_title"] = ae_title
+        entry = _new_entry(allowed, "ae_title", ae_title, "node.allowed", "is already allowed")
         if host:
             entry["host"] = host
         allowed.append(entry)
@@ -122,6 +119,15 @@ def _array(parent: Container | Table, key: str, name: str, create: bool = False)
     return items
 
 
+def _new_entry(items: AoT, field: str, value: str, key: str, taken: str) -> Table:
+    """A new table for `items` whose `field` is `value`, which no entry may have yet."""
+    if any(item.get(field) == value for item in items):
+        raise ConfigError(key, f"{value!r} {taken}")
+    entry = tomlkit.table()
+    entry[field] = value
+    return entry
+
+
 def _index(items: AoT, name: str, key: str) -> int:
     found = [i for i, item in enumerate(items) if item.get("name") == name]
     if not found:
@@ -132,10 +138,8 @@ def _index(items: AoT, name: str, key: str) -> int:
 def add_destination(path: Path, name: str, ae_title: str, host: str, port: int, max_attempts: int | None) -> None:
     with _editing(path) as doc:
         items = _array(doc, "destinations", "destinations", create=True)
-        if any(item.get("name") == name for item in items):
-            raise ConfigError("destinations", f"{name!r} already exists")
-        entry = tomlkit.table()
-        entry.update({"name": name, "ae_title": ae_title, "host": host, "port": port})
+        entry = _new_entry(items, "name", name, "destinations", "already exists")
+        entry.update({"ae_title": ae_title, "host": host, "port": port})
         if max_attempts is not None:
             entry["max_attempts"] = max_attempts
         items.append(entry)
@@ -166,10 +170,7 @@ def add_route(
     """A route, last (or at `position`: routes are tried in order, the first match wins)."""
     with _editing(path) as doc:
         items = _array(doc, "routes", "routes", create=True)
-        if any(item.get("name") == name for item in items):
-            raise ConfigError("routes", f"{name!r} already exists")
-        entry = tomlkit.table()
-        entry["name"] = name
+        entry = _new_entry(items, "name", name, "routes", "already exists")
         if match:
             inline = tomlkit.inline_table()
             inline.update(match)

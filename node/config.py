@@ -134,13 +134,6 @@ class Config:
     dashboard: DashboardConfig = DashboardConfig()
     source: Path | None = field(default=None, compare=False)  # the file it came from
 
-    def destination(self, name: str) -> DestinationConfig | None:
-        return next((d for d in self.destinations if d.name == name), None)
-
-    def destination_for_ae(self, ae_title: str) -> DestinationConfig | None:
-        """Where `send_back` sends a series: the first destination with the sender's AE title."""
-        return next((d for d in self.destinations if d.ae_title == ae_title), None)
-
 
 def default_config_path() -> Path:
     return Path(os.environ.get(ENV_CONFIG) or "config.toml")

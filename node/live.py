@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 1.0
 
 
-def changes(old: Config, new: Config) -> tuple[list[str], bool]:
-    """Human-readable lines for what differs, and whether anything needs a restart."""
+RESTART_NEEDED = "other settings changed: restart the node to apply them"
+
+
+def changes(old: Config, new: Config) -> list[str]:
+    """Human-readable lines for what differs (RESTART_NEEDED among them when it applies)."""
     lines: list[str] = []
 
     def diff(kind: str, before: dict[str, object], after: dict[str, object]) -> None:
@@ -41,10 +44,9 @@ def changes(old: Config, new: Config) -> tuple[list[str], bool]:
         lines.append("routes reordered")
     rest_old = replace(old, node=replace(old.node, allowed=()), destinations=(), routes=())
     rest_new = replace(new, node=replace(new.node, allowed=()), destinations=(), routes=())
-    restart = rest_old != rest_new
-    if restart:
-        lines.append("other settings changed: restart the node to apply them")
-    return sorted(lines), restart
+    if rest_old != rest_new:
+        lines.append(RESTART_NEEDED)
+    return sorted(lines)
 
 
 class LiveConfig:
@@ -87,8 +89,7 @@ class LiveConfig:
             except ConfigError as exc:
                 log.error("config %s changed but is not applied: %s", self._cfg.source, exc)
                 return self._cfg
-            lines, _ = changes(self._cfg, new)
-            for line in lines:
+            for line in changes(self._cfg, new):
                 log.info("config: %s", line)
             # what needs a restart keeps its old value, so a process never mixes the two
             start_time = self._cfg

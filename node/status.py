@@ -11,13 +11,11 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not 
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit
 
 # C-STORE answers we act on as a storage SCU (PS3.4 B.2.3, PS3.7 C.4.1).
-WARNING_COERCION = 0xB000
-WARNING_ELEMENTS_DISCARDED = 0xB006
-WARNING_DOES_NOT_MATCH_SOP_CLASS = 0xB007
 WARNING_GENERAL = 0x0001
 WARNING_ATTRIBUTE_LIST = 0x0107
 WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
-STORAGE_WARNINGS = range(0xB000, 0xC000)  # B000, B006, B007 and any other Bxxx a PACS uses
+# B000 coercion, B006 elements discarded, B007 does not match SOP class, any other Bxxx a PACS uses
+STORAGE_WARNINGS = range(0xB000, 0xC000)
 GENERAL_WARNINGS = frozenset({WARNING_GENERAL, WARNING_ATTRIBUTE_LIST, WARNING_ATTRIBUTE_VALUE_OUT_OF_RANGE})
 
 

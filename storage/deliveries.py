@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from storage import schema as t
-from storage.ledger import Clock, EventKind, inserted_id, utcnow, write_event
+from storage.ledger import Clock, EventKind, inserted_id, oldest_due, utcnow, write_event
 from storage.schema import (
     DELIVERY_DELIVERED,
     DELIVERY_FAILED,
@@ -197,17 +197,8 @@ class DeliveryQueue:
         now = self.now()
         d = t.deliveries
         with self.engine.begin() as conn:
-            query = (
-                select(d.c.id)
-                .where(d.c.state == DELIVERY_PENDING, or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now))
-                .order_by(d.c.id)
-                .limit(1)
-            )
-            if destinations is not None:
-                query = query.where(d.c.destination.in_(list(destinations)))
-            if self._skip_locked:
-                query = query.with_for_update(skip_locked=True)
-            delivery_id = conn.execute(query).scalar()
+            known = () if destinations is None else (d.c.destination.in_(list(destinations)),)
+            delivery_id = oldest_due(conn, d, DELIVERY_PENDING, d.c.next_attempt_at, now, self._skip_locked, *known)
             if delivery_id is None:
                 return None
             conn.execute(

@@ -16,12 +16,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, insert, or_, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
 from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
-from storage.ledger import Clock, EventKind, inserted_id, utcnow, write_event
+from storage.ledger import Clock, EventKind, inserted_id, oldest_due, utcnow, write_event
 from storage.schema import (
     DELIVER_DERIVED,
     DELIVER_ORIGINAL,
@@ -154,15 +154,7 @@ class JobQueue:
         now = self.now()
         j, s = t.jobs, t.series
         with self.engine.begin() as conn:
-            query = (
-                select(j.c.id)
-                .where(j.c.state == JOB_QUEUED, or_(j.c.not_before.is_(None), j.c.not_before <= now))
-                .order_by(j.c.id)
-                .limit(1)
-            )
-            if self._skip_locked:
-                query = query.with_for_update(skip_locked=True)
-            job_id = conn.execute(query).scalar()
+            job_id = oldest_due(conn, j, JOB_QUEUED, j.c.not_before, now, self._skip_locked)
             if job_id is None:
                 return None
             conn.execute(

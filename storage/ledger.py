@@ -9,7 +9,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Engine, and_, bindparam, exists, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    CursorResult,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from node.instance import InstanceHeader
 from storage import schema as t
@@ -286,6 +299,24 @@ def inserted_id(result: CursorResult[Any]) -> int:
     key = result.inserted_primary_key
     assert key is not None
     return int(key[0])
+
+
+def oldest_due(
+    conn: Connection, table: Table, state: str, due: Column[Any], now: dt.datetime, skip_locked: bool, *where: Any
+) -> int | None:
+    """The id of the oldest row of a queue (jobs, deliveries) in `state` whose `due` time has
+    passed, inside the caller's claiming transaction; on PostgreSQL rows other claimers hold
+    are skipped (FOR UPDATE SKIP LOCKED), on SQLite the transaction holds the write lock."""
+    query = (
+        select(table.c.id)
+        .where(table.c.state == state, or_(due.is_(None), due <= now), *where)
+        .order_by(table.c.id)
+        .limit(1)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    found = conn.execute(query).scalar()
+    return None if found is None else int(found)
 
 
 def write_event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:

@@ -186,6 +186,32 @@ def destination_toml(name: str, ae: str, port: int, max_attempts: int = 50) -> s
     )
 
 
+PIPELINE_WORKER = f'models_dir = "{REPO / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5\nthreads = 1'
+PIPELINE_SENDER = "retry_base_seconds = 0.2\nretry_max_seconds = 1\nheartbeat_seconds = 0.2\nstale_after_seconds = 2"
+
+
+def ct_route(destinations: str, options: str = "") -> str:
+    """A [[routes]] entry sending CT through the shipped ct-denoise to `destinations` (TOML list items)."""
+    return (
+        f'[[routes]]\nname = "ct"\nmodel = "ct-denoise"\ndestinations = [{destinations}]\n'
+        f'match = {{ modality = "CT" }}\n{options}'
+    )
+
+
+def pipeline_node(node_factory: Callable[..., NodeProcess], extra: str = "", **config: Any) -> NodeProcess:
+    """A node (not started yet) that receives, processes with the shipped models and delivers,
+    with test timers: series complete after 0.5 s, heartbeats every 0.2 s, retries from 0.2 s."""
+    settings: dict[str, Any] = {
+        "idle_seconds": 0.5,
+        "worker_processes": 1,
+        "worker": PIPELINE_WORKER,
+        "sender_processes": 1,
+        "sender": PIPELINE_SENDER,
+        "extra": extra,
+    }
+    return node_factory(**{**settings, **config})
+
+
 def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`enhance-node --config CONFIG ARGS...` as an admin types it."""
     cmd = [sys.executable, "-m", "node.cli", "--config", str(config), *args]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pydicom
@@ -36,6 +37,7 @@ class Region:
     mean_after: float
 
 
+@lru_cache(maxsize=8)  # a job page and its three images decode the same two objects
 def load_pair(source_path: str, derived_path: str) -> Pair:
     source, derived = pydicom.dcmread(source_path), pydicom.dcmread(derived_path)
     before, after = frames(source)[0].pixels, frames(derived)[0].pixels

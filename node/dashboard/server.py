@@ -22,7 +22,7 @@ class DashboardServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("dashboard on %s", self.where)
+        log.info("starting the dashboard on %s", self.where)
 
     def stop(self) -> None:
         self._server.should_exit = True

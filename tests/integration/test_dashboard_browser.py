@@ -11,7 +11,7 @@ import pytest
 
 from node.dashboard.auth import hash_password
 from tests.dicom_factory import write_ct_series
-from tests.helpers import REPO, NodeProcess, destination_toml, free_port, storescu, wait_for
+from tests.helpers import REPO, ct_route, destination_toml, free_port, pipeline_node, storescu, wait_for
 from tests.peers import StoreSCP
 
 CHROMIUM = "/usr/bin/chromium"
@@ -49,16 +49,11 @@ def test_admin_logs_in_views_before_after_and_retries_a_failed_delivery(
     peer.answer = lambda _ds: 0xA700  # out of resources until the admin has freed space
     port = free_port()
     try:
-        route = '[[routes]]\nname = "ct"\nmodel = "ct-denoise"\ndestinations = ["pacs"]\nmatch = { modality = "CT" }\n'
-        node: NodeProcess = node_factory(
-            idle_seconds=0.5,
-            worker_processes=1,
-            worker=f'models_dir = "{REPO / "models"}"\nthreads = 1',
-            sender_processes=1,
-            sender="retry_base_seconds = 0.2",
+        node = pipeline_node(
+            node_factory,
+            destination_toml("pacs", "PACS", peer.port, max_attempts=1) + ct_route('"pacs"'),
             dashboard_port=port,
             dashboard=f'admin_password_hash = "{hash_password(PASSWORD)}"',
-            extra=destination_toml("pacs", "PACS", peer.port, max_attempts=1) + route,
         ).start()
         _, series_uid, files = write_ct_series(tmp_path / "series", 4, rows=128, cols=128)
         assert storescu(node.port, files).returncode == 0

@@ -15,27 +15,26 @@ from pydicom import dcmread
 from engines.manifest import load
 from node.derive import derived_uid
 from tests.dicom_factory import write_ct_series
-from tests.helpers import REPO, NodeProcess, dcmtk_env, destination_toml, require, run_cli, storescu, wait_for
+from tests.helpers import (
+    REPO,
+    NodeProcess,
+    ct_route,
+    dcmtk_env,
+    destination_toml,
+    pipeline_node,
+    require,
+    run_cli,
+    storescu,
+    wait_for,
+)
 from tests.integration.test_worker import dciodvfy_errors
 from tests.peers import Orthanc, StoreSCP
 
 VERSION = load(REPO / "models" / "ct-denoise").version
-FAST_SENDER = "retry_base_seconds = 0.2\nretry_max_seconds = 1\nheartbeat_seconds = 0.2\nstale_after_seconds = 2"
-WORKER = f'models_dir = "{REPO / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5\nthreads = 1'
 
 
-def ct_route(destinations: str, options: str = "") -> str:
-    return (
-        f'[[routes]]\nname = "ct"\nmodel = "ct-denoise"\ndestinations = [{destinations}]\n'
-        f'match = {{ modality = "CT" }}\n{options}'
-    )
-
-
-def start_node(node_factory, extra: str, sender: str = FAST_SENDER) -> NodeProcess:  # type: ignore[no-untyped-def]
-    node: NodeProcess = node_factory(
-        idle_seconds=0.5, worker_processes=1, worker=WORKER, sender_processes=1, sender=sender, extra=extra
-    )
-    return node.start()
+def start_node(node_factory, extra: str) -> NodeProcess:  # type: ignore[no-untyped-def]
+    return pipeline_node(node_factory, extra).start()
 
 
 def deliveries(node: NodeProcess) -> list[tuple[str, str, int, int, int, str]]:

@@ -8,20 +8,14 @@ import json
 from pathlib import Path
 
 from tests.dicom_factory import write_ct_series
-from tests.helpers import REPO, NodeProcess, run_cli, storescu, wait_for
+from tests.helpers import pipeline_node, run_cli, storescu, wait_for
 from tests.peers import StoreSCP
 
 
 def test_edits_reach_a_running_node_without_a_restart(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     peer = StoreSCP("PEER").start()
     try:
-        node: NodeProcess = node_factory(
-            idle_seconds=0.5,
-            worker_processes=1,
-            worker=f'models_dir = "{REPO / "models"}"\nthreads = 1',
-            sender_processes=1,
-            sender="retry_base_seconds = 0.2",
-        )
+        node = pipeline_node(node_factory)
         node.log_format = "json"
         node.start()
         _, _, files = write_ct_series(tmp_path / "series", 3, rows=64, cols=64)

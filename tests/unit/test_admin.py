@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from node.live import LiveConfig, changes
+from node.live import RESTART_NEEDED, LiveConfig, changes
 from tests.helpers import REPO, run_cli
 
 
@@ -36,7 +36,7 @@ def test_dest_and_route_edits_keep_every_comment_and_validate(cfg: Path) -> None
         True,
         "CT*",
     )
-    assert loaded.destination("pacs") is not None and loaded.destination("pacs").max_attempts == 5  # type: ignore[union-attr]
+    assert [(d.name, d.max_attempts) for d in loaded.destinations] == [("pacs", 5)]
     listed = run_cli(cfg, "route", "list").stdout
     assert listed.splitlines()[0].startswith("0: ct-sr") and "-> ct-sr2 -> pacs, send back" in listed
     assert "PACS@10.0.0.20:104" in run_cli(cfg, "dest", "list").stdout
@@ -111,11 +111,11 @@ def test_changes_name_what_moved_and_what_needs_a_restart(cfg: Path, tmp_path: P
     old = load_config(cfg)
     assert run_cli(cfg, "dest", "add", "pacs", "PACS", "10.0.0.20", "104").returncode == 0
     assert run_cli(cfg, "route", "remove", "mr-denoise").returncode == 0
-    lines, restart = changes(old, load_config(cfg))
-    assert (lines, restart) == (["destination pacs added", "route mr-denoise removed"], False)
+    lines = changes(old, load_config(cfg))
+    assert lines == ["destination pacs added", "route mr-denoise removed"]  # nothing needs a restart
     cfg.write_text(cfg.read_text().replace("idle_seconds = 30", "idle_seconds = 10"))
-    lines, restart = changes(old, load_config(cfg))
-    assert restart and "other settings changed: restart the node to apply them" in lines
+    lines = changes(old, load_config(cfg))
+    assert RESTART_NEEDED in lines and RESTART_NEEDED == "other settings changed: restart the node to apply them"
 
 
 def test_a_process_started_after_an_edit_still_applies_it(cfg: Path) -> None:
