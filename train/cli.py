@@ -54,8 +54,9 @@ def add_parsers(sub: Any) -> None:
     t.add_argument(
         "--init-from",
         type=Path,
-        metavar="CHECKPOINT",
-        help="fine-tune: start from the weights of an earlier run's checkpoint.pt (same net)",
+        metavar="CHECKPOINT|PACKAGE",
+        help="fine-tune: start from the weights of an earlier run's checkpoint.pt or of a model package "
+        "such as models/ct-denoise (same net; an SR net may change its --base-taps)",
     )
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
@@ -68,6 +69,11 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
     t.add_argument("--width", type=int, help="feature channels")
     t.add_argument("--context-slices", type=int, choices=[1, 3, 5], help="1 = 2-D, 3 or 5 = 2.5-D")
+    t.add_argument(
+        "--base-taps",
+        type=int,
+        help="SR: the interpolation the net adds its residual to: 0 = bilinear, A = Lanczos-A windowed sinc",
+    )
     t.add_argument(
         "--dose", type=float, nargs=2, metavar=("LO", "HI"), help="low-dose CT: dose fraction range, e.g. 0.25 0.25"
     )
@@ -140,7 +146,9 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--self-supervised needs --data (your noisy series)")
     if args.self_supervised and preset.task != "denoise":
         raise UsageError("--self-supervised trains denoisers only")
-    net = with_overrides(preset.net, depth=args.depth, width=args.width, context_slices=args.context_slices)
+    net = with_overrides(
+        preset.net, depth=args.depth, width=args.width, context_slices=args.context_slices, base_taps=args.base_taps
+    )
     deg: Degradation = with_overrides(
         preset.degradation,
         dose=tuple(args.dose) if args.dose else None,
@@ -158,8 +166,8 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         phantoms=args.phantoms,
     )
-    if args.init_from is not None and not args.init_from.is_file():
-        raise UsageError(f"--init-from {args.init_from}: no such checkpoint")
+    if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
+        raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     device = args.device

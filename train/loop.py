@@ -10,16 +10,20 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import nn
 from tqdm import tqdm
 
+from engines.manifest import load as load_manifest
+from node.errors import ManifestError
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
 from train.nets import build, parameter_count
 from train.presets import NetSpec, Preset
@@ -42,7 +46,7 @@ class RunConfig:
     ssim_weight: float = 0.0
     workers: int = 2
     command: str = ""
-    init_from: Path | None = None  # fine-tune: start from this checkpoint's weights (same net)
+    init_from: Path | None = None  # fine-tune: start from this checkpoint's or package's weights (same net)
 
     def describe(self) -> dict[str, Any]:
         p = self.preset
@@ -210,12 +214,34 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
 
 
 def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.device) -> None:
-    """Weights of an earlier run (a shipped model's, or a site's) as the starting point."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    if NetSpec(**state["net"]) != net:
-        raise ValueError(f"{path}: its net {state['net']} differs from this run's {net.as_dict()}")
-    model.load_state_dict(state["model"])
+    """Weights of an earlier run's checkpoint, or of a model package (a shipped model's, or a
+    site's), as the starting point. The net must be the same, except for an SR net's base
+    interpolation, which has no weights (the residual then re-learns what the new base needs)."""
+    source, weights = _package_weights(path, model) if path.is_dir() else _checkpoint_weights(path, device)
+    if replace(source, base_taps=net.base_taps) != net:
+        raise ValueError(f"{path}: its net {source.as_dict()} differs from this run's {net.as_dict()}")
+    model.load_state_dict(weights)
     log.info("starting from the weights in %s", path)
+
+
+def _checkpoint_weights(path: Path, device: torch.device) -> tuple[NetSpec, dict[str, torch.Tensor]]:
+    state = torch.load(path, map_location=device, weights_only=False)
+    return NetSpec(**state["net"]), state["model"]
+
+
+def _package_weights(path: Path, model: nn.Module) -> tuple[NetSpec, dict[str, torch.Tensor]]:
+    """A model package's weights: export keeps the parameters' names as the ONNX initialisers'."""
+    try:
+        net = load_manifest(path).net  # also checks model.onnx against its sha256
+    except ManifestError as exc:
+        raise ValueError(str(exc)) from None
+    initialisers = {i.name: i for i in onnx.load(str(path / "model.onnx")).graph.initializer}
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(initialisers))
+    if missing:
+        raise ValueError(f"{path}: model.onnx lacks the weights {', '.join(missing[:3])}")
+    weights = {k: torch.from_numpy(numpy_helper.to_array(initialisers[k]).copy()) for k in wanted}
+    return NetSpec(**net), weights
 
 
 def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:

@@ -77,15 +77,21 @@ class ResBlock(nn.Module):
 class SRNet(nn.Module):
     """EDSR-lite: residual blocks at the input resolution, pixel shuffle to the output.
 
-    The net learns the residual over a bilinear upsampling, so an untrained net is already a
-    sensible interpolator and training only has to add what interpolation cannot.
+    The net learns the residual over an interpolation of the centre slice (bilinear, or a
+    Lanczos windowed sinc as one fixed convolution and a pixel shuffle), so an untrained net is
+    already a sensible interpolator and training only has to add what interpolation cannot.
     """
+
+    base_kernel: torch.Tensor | None
 
     def __init__(self, spec: NetSpec) -> None:
         super().__init__()
-        if spec.scale < 2 or spec.context_slices % 2 != 1:
-            raise ValueError("srnet needs scale >= 2 and an odd number of context slices")
+        if spec.scale < 2 or spec.context_slices % 2 != 1 or spec.base_taps < 0:
+            raise ValueError("srnet needs scale >= 2, an odd number of context slices and base_taps >= 0")
         self.scale = spec.scale
+        self.taps = spec.base_taps
+        kernel = lanczos_kernel(spec.scale, self.taps) if self.taps else None
+        self.register_buffer("base_kernel", kernel, persistent=False)
         self.centre = spec.context_slices // 2
         self.head = nn.Conv2d(spec.context_slices, spec.width, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(spec.width) for _ in range(spec.depth)])
@@ -94,10 +100,29 @@ class SRNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centre = x[:, self.centre : self.centre + 1]
-        base = F.interpolate(centre, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
+        if self.base_kernel is not None:
+            padded = F.pad(centre, (self.taps,) * 4, mode="replicate")
+            base = F.pixel_shuffle(F.conv2d(padded, self.base_kernel), self.scale)
+        else:
+            base = F.interpolate(centre, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
         feat = self.head(x)
         feat = feat + self.blocks(feat)
         return base + F.pixel_shuffle(self.tail(feat), self.scale)
+
+
+def lanczos_kernel(scale: int, taps: int) -> torch.Tensor:
+    """(scale^2, 1, 2 taps + 1, 2 taps + 1) weights whose outputs, pixel-shuffled, upsample by
+    `scale` with a Lanczos-`taps` kernel. Output pixel s*i + p samples the input at i + phase_p,
+    phase_p = (p + 0.5) / scale - 0.5: pixel centres, as the degradations place them (DESIGN 3.6)."""
+    offsets = torch.arange(-taps, taps + 1, dtype=torch.float64)
+    rows = []
+    for p in range(scale):
+        d = offsets - ((p + 0.5) / scale - 0.5)
+        k = torch.sinc(d) * torch.sinc(d / taps) * (d.abs() < taps)
+        rows.append(k / k.sum())
+    k1 = torch.stack(rows)  # (scale, 2 taps + 1): one 1-D kernel per phase
+    k2 = k1[:, None, :, None] * k1[None, :, None, :]  # (phase y, phase x, m, n)
+    return k2.reshape(scale * scale, 1, 2 * taps + 1, 2 * taps + 1).float()
 
 
 def build(spec: NetSpec) -> nn.Module:

@@ -26,6 +26,10 @@ class NetSpec:
     scale: int = 1  # srnet: upscaling factor
     offset: float = 0.0  # dncnn: the net sees (x - offset) * gain: CT noise is ~0.005 of the HU window,
     gain: float = 1.0  # so centring on water and amplifying gives the convolutions signals of order one
+    # srnet: what the net's residual is added to: 0 = bilinear upsampling, a > 0 = a Lanczos-a
+    # windowed sinc (a = 8 comes close to exact zero-filled k-space interpolation, which is
+    # what a k-space-truncated MR image calls for)
+    base_taps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +108,7 @@ PRESETS: dict[str, Preset] = {
             "mr-sr2",
             "sr",
             "MR",
-            NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
+            NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2, base_taps=8),
             PERCENTILE,
             Degradation("mr-kspace", scale=2, acquired_noise_percent=(0.5, 3.0)),
             phantom_size=256,

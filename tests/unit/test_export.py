@@ -50,8 +50,8 @@ def denoiser(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 @pytest.fixture(scope="module")
 def upscaler(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """A 2.5-D (3 context slices) x2 SR net."""
-    net = NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2, context_slices=3)
+    """A 2.5-D (3 context slices) x2 SR net on a windowed-sinc base, as mr-sr2 ships."""
+    net = NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2, context_slices=3, base_taps=3)
     return _export(tmp_path_factory.mktemp("mr-sr2"), "mr-sr2", net, "enhance-node train --preset mr-sr2")
 
 

@@ -93,6 +93,13 @@ def test_patch_must_be_a_multiple_of_the_scale(preset: str, patch: str, capsys: 
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_neither_checkpoint_nor_package(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", "--preset", "ct-denoise", "--init-from", str(tmp_path),
+                                "--out", str(tmp_path / "run")])
+    assert "neither a checkpoint nor a model package" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_without_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     err = _usage_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "pkg")])
     assert "checkpoint" in err

@@ -231,6 +231,39 @@ def test_init_from_refuses_a_checkpoint_of_another_net(short_run: RunConfig, tmp
         train(RunConfig(wider, tmp_path, workers=1, init_from=short_run.out / CHECKPOINT))
 
 
+def test_init_from_a_model_package_starts_at_its_weights(short_run: RunConfig, tmp_path: Path) -> None:
+    """Shipped models carry no checkpoint: their ONNX file's weights are the starting point."""
+    from train.export import export
+
+    export(short_run.out / CHECKPOINT, tmp_path / "package")
+    frozen = with_overrides(short_run.preset, lr=0.0, epochs=1)
+    cfg = RunConfig(frozen, tmp_path / "tuned", workers=1, init_from=tmp_path / "package")
+    train(cfg)
+    assert same_weights(state(cfg.out)["model"], state(short_run.out)["model"])
+    wider = with_overrides(frozen, net=with_overrides(TINY, width=16))
+    with pytest.raises(ValueError, match="differs"):
+        train(RunConfig(wider, tmp_path / "wider", workers=1, init_from=tmp_path / "package"))
+    (tmp_path / "package" / "model.onnx").write_bytes(b"not the exported file")
+    with pytest.raises(ValueError, match="sha256"):
+        train(RunConfig(frozen, tmp_path / "broken", workers=1, init_from=tmp_path / "package"))
+
+
+def test_init_from_may_change_only_an_sr_nets_base(tmp_path: Path) -> None:
+    """The base interpolation has no weights: a bilinear-based SR net's weights start a
+    Lanczos-based one; anything else about the net must match."""
+    sr = tiny("mr-sr2", net=NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2), epochs=1)
+    train(RunConfig(sr, tmp_path / "bilinear", workers=1))
+    source = tmp_path / "bilinear" / CHECKPOINT
+    lanczos = with_overrides(sr, lr=0.0, net=with_overrides(sr.net, base_taps=3))
+    cfg = RunConfig(lanczos, tmp_path / "lanczos", workers=1, init_from=source)
+    train(cfg)
+    assert same_weights(state(cfg.out)["model"], state(tmp_path / "bilinear")["model"])
+    assert state(cfg.out)["net"]["base_taps"] == 3
+    deeper = with_overrides(lanczos, net=with_overrides(lanczos.net, depth=2))
+    with pytest.raises(ValueError, match="differs"):
+        train(RunConfig(deeper, tmp_path / "deeper", workers=1, init_from=source))
+
+
 # --- self-supervised (Neighbor2Neighbor) ------------------------------------------------------
 
 
