@@ -108,7 +108,7 @@ PRESETS: dict[str, Preset] = {
             "mr-sr2",
             "sr",
             "MR",
-            NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2, base_taps=8),
+            NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
             PERCENTILE,
             Degradation("mr-kspace", scale=2, acquired_noise_percent=(0.5, 3.0)),
             phantom_size=256,
