@@ -25,6 +25,8 @@ class DnCNN(nn.Module):
         super().__init__()
         if spec.depth < 2 or spec.unshuffle < 1 or spec.context_slices % 2 != 1:
             raise ValueError("dncnn needs depth >= 2, unshuffle >= 1 and an odd number of context slices")
+        if spec.base_taps:
+            raise ValueError("base_taps is the base interpolation of an srnet; a dncnn has none")
         self.factor = spec.unshuffle
         self.centre = spec.context_slices // 2
         self.offset, self.gain = spec.offset, spec.gain
