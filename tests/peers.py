@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -90,6 +90,12 @@ class Orthanc:
             self.proc.terminate()
             self.proc.wait(timeout=60)
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def kill(self) -> None:
         """SIGKILL: Orthanc crashes mid-association (a clean stop waits for associations)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -158,3 +164,10 @@ class StoreSCP:
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

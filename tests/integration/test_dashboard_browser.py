@@ -45,10 +45,9 @@ def test_admin_logs_in_views_before_after_and_retries_a_failed_delivery(
     node_factory,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    peer = StoreSCP("PACS").start()
-    peer.answer = lambda _ds: 0xA700  # out of resources until the admin has freed space
-    port = free_port()
-    try:
+    with StoreSCP("PACS").start() as peer:
+        peer.answer = lambda _ds: 0xA700  # out of resources until the admin has freed space
+        port = free_port()
         node = pipeline_node(
             node_factory,
             destination_toml("pacs", "PACS", peer.port, max_attempts=1) + ct_route('"pacs"'),
@@ -96,5 +95,3 @@ def test_admin_logs_in_views_before_after_and_retries_a_failed_delivery(
         artifacts.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, artifacts / shot.name)
         assert len(set(peer.received)) == 4
-    finally:
-        peer.stop()

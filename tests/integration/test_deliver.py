@@ -93,8 +93,7 @@ def test_scanner_to_node_to_orthanc_then_a_radiologist_pulls_the_derived_series(
     """64-slice CT, node inline (originals forwarded too): the derived series lands in Orthanc
     beside the original with the source's instance count, is found by C-FIND and by REST,
     and a C-GET of it returns objects dciodvfy accepts."""
-    orthanc = Orthanc(tmp_path / "orthanc", modalities={"reader": ("READER", 1)}).start()
-    try:
+    with Orthanc(tmp_path / "orthanc", modalities={"reader": ("READER", 1)}).start() as orthanc:
         study_uid, series_uid, files = write_ct_series(tmp_path / "series", 64, rows=256, cols=256)
         node = start_node(
             node_factory,
@@ -150,8 +149,6 @@ def test_scanner_to_node_to_orthanc_then_a_radiologist_pulls_the_derived_series(
             assert dciodvfy_errors(path) == []
         assert "PHANTOM" not in node.log_text().upper()  # no patient name or ID in the node's logs
         assert output_uid in node.log_text()  # UIDs are how the logs name what they are about
-    finally:
-        orthanc.stop()
 
 
 def test_orthanc_down_while_delivering_backs_off_and_completes_once_it_returns(
@@ -161,8 +158,7 @@ def test_orthanc_down_while_delivering_backs_off_and_completes_once_it_returns(
     """Orthanc (made slow: 0.2 s per instance) dies mid-association after storing a few; the
     delivery backs off while it is down (connection refused), and once it is back the rest
     arrives: Orthanc holds each derived instance once and what it had confirmed was not resent."""
-    orthanc = Orthanc(tmp_path / "orthanc", store_delay=0.2).start()
-    try:
+    with Orthanc(tmp_path / "orthanc", store_delay=0.2).start() as orthanc:
         _, series_uid, files = write_ct_series(tmp_path / "series", 24, rows=128, cols=128)
         node = start_node(node_factory, destination_toml("pacs", orthanc.aet, orthanc.dicom_port) + ct_route('"pacs"'))
         assert storescu(node.port, files).returncode == 0
@@ -191,8 +187,6 @@ def test_orthanc_down_while_delivering_backs_off_and_completes_once_it_returns(
         again = node.query(f"SELECT id, attempts FROM delivery_instances WHERE id IN ({ids}) ORDER BY id")
         assert again == confirmed and {a for _, a in again} == {1}  # what Orthanc had confirmed was not resent
         assert node.query("SELECT count(*) FROM events WHERE kind = 'delivery.retry'")[0][0] >= 2
-    finally:
-        orthanc.stop()
 
 
 def test_an_scp_that_aborts_mid_association_gets_only_what_it_has_not_stored(
@@ -201,9 +195,8 @@ def test_an_scp_that_aborts_mid_association_gets_only_what_it_has_not_stored(
 ) -> None:
     """The peer aborts after 5 instances: the attempt ends with 5 recorded as stored, and the
     retry sends the other 11 only, each exactly once."""
-    peer = StoreSCP("PEER").start()
-    peer.abort_after = 5
-    try:
+    with StoreSCP("PEER").start() as peer:
+        peer.abort_after = 5
         _, _series_uid, files = write_ct_series(tmp_path / "series", 16, rows=64, cols=64)
         node = start_node(node_factory, destination_toml("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
@@ -213,17 +206,14 @@ def test_an_scp_that_aborts_mid_association_gets_only_what_it_has_not_stored(
         assert len(peer.received) == 16 and len(set(peer.received)) == 16
         assert peer.requests == 17  # 5 stored, 1 aborted, 11 on the retry
         assert node.query("SELECT max(attempts), min(attempts) FROM delivery_instances") == [(2, 1)]
-    finally:
-        peer.stop()
 
 
 def test_a_destination_answering_a700_ends_failed_then_jobs_retry_delivers(
     node_factory,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    peer = StoreSCP("PEER").start()
-    peer.answer = lambda _ds: 0xA700
-    try:
+    with StoreSCP("PEER").start() as peer:
+        peer.answer = lambda _ds: 0xA700
         _, _, files = write_ct_series(tmp_path / "series", 4, rows=64, cols=64)
         node = start_node(
             node_factory, destination_toml("peer", "PEER", peer.port, max_attempts=2) + ct_route('"peer"')
@@ -247,15 +237,12 @@ def test_a_destination_answering_a700_ends_failed_then_jobs_retry_delivers(
         assert len(set(peer.received)) == 4
         again = run_cli(node.config, "jobs", "retry", str(job_id))
         assert again.returncode == 2 and "nothing failed" in again.stderr
-    finally:
-        peer.stop()
 
 
 def test_warning_statuses_count_as_stored_and_are_recorded(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    peer = StoreSCP("PEER").start()
-    answers = iter([0xB000, 0xB006, 0xB007, 0x0000])
-    peer.answer = lambda _ds: next(answers)
-    try:
+    with StoreSCP("PEER").start() as peer:
+        answers = iter([0xB000, 0xB006, 0xB007, 0x0000])
+        peer.answer = lambda _ds: next(answers)
         _, _, files = write_ct_series(tmp_path / "series", 4, rows=64, cols=64)
         node = start_node(node_factory, destination_toml("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
@@ -263,16 +250,13 @@ def test_warning_statuses_count_as_stored_and_are_recorded(node_factory, tmp_pat
         assert node.query("SELECT stored_count, warning_count, attempts FROM deliveries") == [(4, 3, 1)]
         rows = node.query("SELECT status, outcome FROM delivery_instances ORDER BY status")
         assert rows == [(0x0000, "stored"), (0xB000, "warning"), (0xB006, "warning"), (0xB007, "warning")]
-    finally:
-        peer.stop()
 
 
 def test_an_unknown_called_ae_fails_with_the_rejection_and_a_fixed_config_plus_retry_delivers(
     node_factory,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    orthanc = Orthanc(tmp_path / "orthanc", check_called_aet=True).start()
-    try:
+    with Orthanc(tmp_path / "orthanc", check_called_aet=True).start() as orthanc:
         _, series_uid, files = write_ct_series(tmp_path / "series", 3, rows=64, cols=64)
         wrong = destination_toml("pacs", "NOSUCHAE", orthanc.dicom_port, max_attempts=2) + ct_route('"pacs"')
         node = start_node(node_factory, wrong)
@@ -290,17 +274,14 @@ def test_an_unknown_called_ae_fails_with_the_rejection_and_a_fixed_config_plus_r
         assert run_cli(node.config, "jobs", "retry", str(job_id)).returncode == 0
         wait_delivered(node, 1)
         assert orthanc.instance_count(derived_uid(series_uid, "ct-denoise", VERSION)) == 3
-    finally:
-        orthanc.stop()
 
 
 def test_sigkill_of_the_node_mid_delivery_resumes_after_restart_and_loses_nothing(
     node_factory,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    peer = StoreSCP("PEER").start()
-    peer.delay = 0.1  # a slow PACS: the kill lands mid-association
-    try:
+    with StoreSCP("PEER").start() as peer:
+        peer.delay = 0.1  # a slow PACS: the kill lands mid-association
         _, _series_uid, files = write_ct_series(tmp_path / "series", 40, rows=64, cols=64)
         node = start_node(node_factory, destination_toml("peer", "PEER", peer.port) + ct_route('"peer"'))
         assert storescu(node.port, files).returncode == 0
@@ -322,8 +303,6 @@ def test_sigkill_of_the_node_mid_delivery_resumes_after_restart_and_loses_nothin
         assert len(peer.received) <= 41  # at most the one in flight at the kill is sent twice
         assert "was in flight when this node last stopped; resuming it" in node.log_text()
         assert node.query("SELECT attempts FROM deliveries") == [(1,)]  # the node failed, not the delivery
-    finally:
-        peer.stop()
 
 
 def test_send_back_stores_the_derived_series_on_the_calling_ae(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -368,8 +347,7 @@ def test_the_sender_turns_nagle_off_on_its_connection() -> None:
 
     from node.sender import _no_delay
 
-    peer = StoreSCP("PEER").start()
-    try:
+    with StoreSCP("PEER").start() as peer:
         for handlers, expected in (([], 0), ([(evt.EVT_CONN_OPEN, _no_delay)], 1)):
             ae = AE("ENHANCE")
             ae.add_requested_context(CTImageStorage)
@@ -378,5 +356,3 @@ def test_the_sender_turns_nagle_off_on_its_connection() -> None:
             sock = assoc.dul.socket.socket  # type: ignore[union-attr]
             assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) == bool(expected)
             assoc.release()
-    finally:
-        peer.stop()

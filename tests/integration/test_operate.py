@@ -13,8 +13,7 @@ from tests.peers import StoreSCP
 
 
 def test_edits_reach_a_running_node_without_a_restart(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    peer = StoreSCP("PEER").start()
-    try:
+    with StoreSCP("PEER").start() as peer:
         node = pipeline_node(node_factory)
         node.log_format = "json"
         node.start()
@@ -39,8 +38,6 @@ def test_edits_reach_a_running_node_without_a_restart(node_factory, tmp_path: Pa
         node.config.write_text(node.config.read_text().replace("idle_seconds = 0.5", "idle_seconds = 5"))
         wait_for(lambda: "restart the node to apply" in node.log_text(), timeout=30, what="a restart notice")
         assert_logs_are_json_without_patient_data(node.log_text())
-    finally:
-        peer.stop()
 
 
 def assert_logs_are_json_without_patient_data(text: str) -> None:
