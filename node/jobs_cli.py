@@ -15,7 +15,7 @@ from node.config import Config
 from node.errors import UsageError
 from storage.db import make_engine
 from storage.jobs import JobQueue
-from storage.reports import job_detail, list_jobs
+from storage.reports import job_detail, job_exists, list_jobs
 
 EXIT_OK = 0
 
@@ -101,7 +101,7 @@ def _act(
     engine: Any, job_id: int, act: Callable[[int], tuple[bool, list[int]]], job_done: str, delivery_done: str, what: str
 ) -> int:
     """An admin's action on a job and its deliveries, said line by line; exit 2 when it did nothing."""
-    if job_detail(engine, job_id) is None:
+    if not job_exists(engine, job_id):
         raise UsageError(f"no job {job_id}")
     job_changed, deliveries = act(job_id)
     if not job_changed and not deliveries:

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from storage import schema as t
-from storage.ledger import Clock, EventKind, inserted_id, oldest_due, utcnow, write_event
+from storage.ledger import Clock, EventKind, inserted_id, oldest_due, renew_heartbeat, utcnow, write_event
 from storage.schema import (
     DELIVERY_DELIVERED,
     DELIVERY_FAILED,
@@ -256,15 +256,9 @@ class DeliveryQueue:
         return True
 
     def heartbeat(self, delivery_id: int, sender: str) -> bool:
-        with self.engine.begin() as conn:
-            d = t.deliveries
-            return bool(
-                conn.execute(
-                    update(d)
-                    .where(d.c.id == delivery_id, d.c.sender == sender, d.c.state == DELIVERY_SENDING)
-                    .values(heartbeat_at=self.now())
-                ).rowcount
-            )
+        """False when the delivery is no longer this sender's (re-queued as stale, or cancelled)."""
+        d = t.deliveries
+        return renew_heartbeat(self.engine, d, delivery_id, d.c.sender, sender, DELIVERY_SENDING, self.now())
 
     def finish_attempt(self, delivery_id: int, sender: str, error: str = "") -> str | None:
         """Ends an attempt: `delivered` when every instance is stored, else `pending` with

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
 from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
-from storage.ledger import Clock, EventKind, inserted_id, oldest_due, utcnow, write_event
+from storage.ledger import Clock, EventKind, inserted_id, oldest_due, renew_heartbeat, utcnow, write_event
 from storage.schema import (
     DELIVER_DERIVED,
     DELIVER_ORIGINAL,
@@ -183,13 +183,7 @@ class JobQueue:
 
     def heartbeat(self, job_id: int, worker: str) -> bool:
         """False when the job is no longer this worker's (re-queued as stale, or cancelled)."""
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(t.jobs)
-                .where(t.jobs.c.id == job_id, t.jobs.c.worker == worker, t.jobs.c.state == JOB_RUNNING)
-                .values(heartbeat_at=self.now())
-            )
-            return bool(done.rowcount)
+        return renew_heartbeat(self.engine, t.jobs, job_id, t.jobs.c.worker, worker, JOB_RUNNING, self.now())
 
     def finish(
         self,

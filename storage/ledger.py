@@ -319,6 +319,18 @@ def oldest_due(
     return None if found is None else int(found)
 
 
+def renew_heartbeat(
+    engine: Engine, table: Table, row_id: int, owner: Column[Any], claimer: str, state: str, now: dt.datetime
+) -> bool:
+    """A claimed queue row's heartbeat, set to `now`; False when the row is no longer
+    `claimer`'s in `state` (re-queued as stale, or cancelled)."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(table).where(table.c.id == row_id, owner == claimer, table.c.state == state).values(heartbeat_at=now)
+        )
+    return bool(done.rowcount)
+
+
 def write_event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
     """An audit event, inside the caller's transaction (shared with storage.jobs)."""
     fields.setdefault("detail", "")

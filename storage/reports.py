@@ -59,6 +59,12 @@ def list_jobs(engine: Engine, state: str | None = None, limit: int = 50) -> list
         return [dict(row._mapping) for row in conn.execute(query)]
 
 
+def job_exists(engine: Engine, job_id: int) -> bool:
+    """Whether the ledger has this job (what an admin action checks before it acts)."""
+    with engine.connect() as conn:
+        return conn.execute(select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is not None
+
+
 def job_detail(engine: Engine, job_id: int) -> JobDetail | None:
     j, s, d, i = t.jobs, t.series, t.deliveries, t.delivery_instances
     with engine.connect() as conn:

@@ -243,7 +243,7 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
     def retry(request: Request, job_id: int, csrf: str = Form("")) -> Response:
         require_login(request)
         require_csrf(request, csrf)
-        if reports.job_detail(deps.engine, job_id) is None:
+        if not reports.job_exists(deps.engine, job_id):
             raise HTTPException(404, f"no job {job_id}")
         requeued, deliveries = JobQueue(deps.engine, now=deps.now).resubmit(job_id)
         if not requeued and not deliveries:

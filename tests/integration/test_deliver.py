@@ -237,6 +237,8 @@ def test_a_destination_answering_a700_ends_failed_then_jobs_retry_delivers(
         assert len(set(peer.received)) == 4
         again = run_cli(node.config, "jobs", "retry", str(job_id))
         assert again.returncode == 2 and "nothing failed" in again.stderr
+        missing = run_cli(node.config, "jobs", "retry", "999")
+        assert missing.returncode == 2 and "no job 999" in missing.stderr
 
 
 def test_warning_statuses_count_as_stored_and_are_recorded(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -82,6 +82,12 @@ def test_a_form_without_its_csrf_token_is_refused(client: TestClient) -> None:
     assert client.post("/jobs/1/retry", data={}).status_code == 403
 
 
+def test_retry_of_a_job_the_ledger_does_not_have_is_a_404_with_the_reason(client: TestClient) -> None:
+    log_in(client)
+    rsp = client.post("/jobs/999/retry", data={"csrf": csrf(client, "/config")})
+    assert rsp.status_code == 404 and "no job 999" in rsp.text
+
+
 def test_log_in_then_overview_shows_queue_and_states(
     client: TestClient, ledger: Ledger, engine: Engine, clock: Clock
 ) -> None:
