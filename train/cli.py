@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import UsageError
-from train.presets import PRESETS
+from train.presets import PRESETS, TRANSFORMS
 
 COMMANDS = ("train", "evaluate", "export")
 
@@ -56,7 +56,7 @@ def add_parsers(sub: Any) -> None:
         type=Path,
         metavar="CHECKPOINT|PACKAGE",
         help="fine-tune: start from the weights of an earlier run's checkpoint.pt or of a model package "
-        "such as models/ct-denoise (same net; an SR net may change its --base-taps)",
+        "such as models/ct-denoise (same net; an SR net may change its --base-taps, a denoiser its --transform)",
     )
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
@@ -73,6 +73,12 @@ def add_parsers(sub: Any) -> None:
         "--base-taps",
         type=int,
         help="SR: the interpolation the net adds its residual to: 0 = bilinear, A = Lanczos-A windowed sinc",
+    )
+    t.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        help="denoiser: remove the noise from the linear image or from its asinh (which compresses "
+        "air and bone so strong edges stay small beside the noise)",
     )
     t.add_argument(
         "--dose", type=float, nargs=2, metavar=("LO", "HI"), help="low-dose CT: dose fraction range, e.g. 0.25 0.25"
@@ -147,7 +153,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.self_supervised and preset.task != "denoise":
         raise UsageError("--self-supervised trains denoisers only")
     net = with_overrides(
-        preset.net, depth=args.depth, width=args.width, context_slices=args.context_slices, base_taps=args.base_taps
+        preset.net,
+        depth=args.depth,
+        width=args.width,
+        context_slices=args.context_slices,
+        base_taps=args.base_taps,
+        transform=args.transform,
     )
     deg: Degradation = with_overrides(
         preset.degradation,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.presets import NetSpec
+from train.presets import TRANSFORMS, NetSpec
 
 
 class DnCNN(nn.Module):
@@ -27,6 +27,9 @@ class DnCNN(nn.Module):
             raise ValueError("dncnn needs depth >= 2, unshuffle >= 1 and an odd number of context slices")
         if spec.base_taps:
             raise ValueError("base_taps is the base interpolation of an srnet; a dncnn has none")
+        if spec.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {spec.transform!r} (expected one of {', '.join(TRANSFORMS)})")
+        self.asinh = spec.transform == "asinh"
         self.factor = spec.unshuffle
         self.centre = spec.context_slices // 2
         self.offset, self.gain = spec.offset, spec.gain
@@ -45,12 +48,28 @@ class DnCNN(nn.Module):
         if self.factor > 1:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         z = (x - self.offset) * self.gain
+        if self.asinh:
+            z = _asinh(z)
         if self.factor > 1:
             noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(z, self.factor)), self.factor)
         else:
             noise = self.body(z)
-        out = x[:, self.centre : self.centre + 1] - noise / self.gain
+        if self.asinh:
+            out = self.offset + _sinh(z[:, self.centre : self.centre + 1] - noise) / self.gain
+        else:
+            out = x[:, self.centre : self.centre + 1] - noise / self.gain
         return out[..., :h, :w]
+
+
+# asinh and sinh from elementwise ops that every ONNX exporter and TensorRT's parser take
+# (opset 17's Asinh/Sinh have no TorchScript export); the odd form keeps asinh exact for z < 0
+def _asinh(z: torch.Tensor) -> torch.Tensor:
+    a = z.abs()
+    return torch.sign(z) * torch.log(a + torch.sqrt(a * a + 1.0))
+
+
+def _sinh(u: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.exp(u) - torch.exp(-u))
 
 
 def _init(module: nn.Module) -> None:

@@ -14,6 +14,9 @@ from engines.normalization import Normalization
 T = TypeVar("T")
 
 
+TRANSFORMS = ("linear", "asinh")  # dncnn: the domains a denoiser may remove the noise in
+
+
 @dataclass(frozen=True)
 class NetSpec:
     """Architecture of a model; stored in checkpoints and model.toml so a net can be rebuilt."""
@@ -30,6 +33,11 @@ class NetSpec:
     # windowed sinc (a = 8 comes close to exact zero-filled k-space interpolation, which is
     # what a k-space-truncated MR image calls for)
     base_taps: int = 0
+    # dncnn: the domain the noise is predicted and removed in. "linear": z = (x - offset) * gain;
+    # "asinh": u = asinh(z), linear within about one unit of the offset (soft tissue for CT) and
+    # logarithmic beyond it, so a 1000 HU air or bone edge is a step of ~2.3 units, not 5, beside
+    # 0.1 units of noise; the output is offset + sinh(u - noise) / gain
+    transform: str = "linear"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -55,7 +55,14 @@ def upscaler(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     return _export(tmp_path_factory.mktemp("mr-sr2"), "mr-sr2", net, "enhance-node train --preset mr-sr2")
 
 
-@pytest.fixture(params=["denoiser", "upscaler"])
+@pytest.fixture(scope="module")
+def asinh_denoiser(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """A denoiser that removes the noise in the asinh domain, as ct-denoise ships."""
+    net = NetSpec("dncnn", depth=3, width=8, unshuffle=2, offset=0.25, gain=20.0, transform="asinh")
+    return _export(tmp_path_factory.mktemp("asinh"), "mr-denoise", net, "enhance-node train --preset mr-denoise")
+
+
+@pytest.fixture(params=["denoiser", "asinh_denoiser", "upscaler"])
 def exported(request: pytest.FixtureRequest) -> Exported:
     return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
 

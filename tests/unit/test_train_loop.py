@@ -250,7 +250,7 @@ def test_init_from_a_model_package_starts_at_its_weights(short_run: RunConfig, t
 
 def test_init_from_may_change_only_an_sr_nets_base(tmp_path: Path) -> None:
     """The base interpolation has no weights: a bilinear-based SR net's weights start a
-    Lanczos-based one; anything else about the net must match."""
+    Lanczos-based one; anything else about the net must match (a denoiser's transform: next test)."""
     sr = tiny("mr-sr2", net=NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2), epochs=1)
     train(RunConfig(sr, tmp_path / "bilinear", workers=1))
     source = tmp_path / "bilinear" / CHECKPOINT
@@ -262,6 +262,17 @@ def test_init_from_may_change_only_an_sr_nets_base(tmp_path: Path) -> None:
     deeper = with_overrides(lanczos, net=with_overrides(lanczos.net, depth=2))
     with pytest.raises(ValueError, match="differs"):
         train(RunConfig(deeper, tmp_path / "deeper", workers=1, init_from=source))
+
+
+def test_init_from_may_change_a_denoisers_transform(tmp_path: Path) -> None:
+    """A linear denoiser's weights start an asinh one (the transform has no weights)."""
+    dn = tiny("mr-denoise", net=NetSpec("dncnn", depth=3, width=8, unshuffle=2), epochs=1)
+    train(RunConfig(dn, tmp_path / "linear", workers=1))
+    asinh = with_overrides(dn, lr=0.0, net=with_overrides(dn.net, transform="asinh"))
+    cfg = RunConfig(asinh, tmp_path / "asinh", workers=1, init_from=tmp_path / "linear" / CHECKPOINT)
+    train(cfg)
+    assert same_weights(state(cfg.out)["model"], state(tmp_path / "linear")["model"])
+    assert state(cfg.out)["net"]["transform"] == "asinh"
 
 
 # --- self-supervised (Neighbor2Neighbor) ------------------------------------------------------
