@@ -2,7 +2,8 @@
 
 Both are sized for the CPU budget (a 512x512 slice in about 0.15 s through ONNX Runtime on
 two cores), use only standard ONNX ops (Conv, Relu, Pad, DepthToSpace/SpaceToDepth, Resize,
-Add/Sub) so TensorRT's parser accepts them, and take any height and width.
+Add/Sub, and for the asinh transform Abs/Sign/Log/Sqrt/Exp/Mul/Div) so TensorRT's parser accepts
+them, and take any height and width.
 """
 
 from __future__ import annotations
