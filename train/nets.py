@@ -110,6 +110,8 @@ class SRNet(nn.Module):
         super().__init__()
         if spec.scale < 2 or spec.context_slices % 2 != 1 or spec.base_taps < 0:
             raise ValueError("srnet needs scale >= 2, an odd number of context slices and base_taps >= 0")
+        if spec.transform != "linear":
+            raise ValueError("transform is the noise domain of a dncnn; an srnet works on the linear image")
         self.scale = spec.scale
         self.taps = spec.base_taps
         kernel = lanczos_kernel(spec.scale, self.taps) if self.taps else None

@@ -221,6 +221,7 @@ def test_lanczos_base_matches_pillow_and_keeps_detail_bilinear_blurs() -> None:
     NetSpec("srnet", depth=2, width=8, scale=2, base_taps=-1),
     NetSpec("dncnn", depth=4, width=8, unshuffle=2, base_taps=3),
     NetSpec("dncnn", depth=4, width=8, unshuffle=2, transform="log"),
+    NetSpec("srnet", depth=2, width=8, scale=2, transform="asinh"),
     NetSpec("unet", depth=2, width=8),
 ])
 def test_invalid_specs_are_refused(spec: NetSpec) -> None:
