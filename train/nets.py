@@ -55,10 +55,8 @@ class DnCNN(nn.Module):
             noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(z, self.factor)), self.factor)
         else:
             noise = self.body(z)
-        if self.asinh:
-            out = self.offset + _sinh(z[:, self.centre : self.centre + 1] - noise) / self.gain
-        else:
-            out = x[:, self.centre : self.centre + 1] - noise / self.gain
+        clean = z[:, self.centre : self.centre + 1] - noise
+        out = self.offset + (_sinh(clean) if self.asinh else clean) / self.gain
         return out[..., :h, :w]
 
 
