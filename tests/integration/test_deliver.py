@@ -78,10 +78,12 @@ def findscu_series(orthanc: Orthanc, study_uid: str) -> dict[str, int]:
     for line in out.stderr.splitlines() + out.stdout.splitlines():
         if "[" not in line:  # the request's empty keys ("no value available")
             continue
+        # DCMTK prints the value as sent: Orthanc pads an odd-length UID with one NUL (PS3.5 6.2)
+        value = line.split("[", 1)[1].split("]", 1)[0].rstrip("\x00 ")
         if "(0020,000e)" in line:
-            uid = line.split("[", 1)[1].split("]", 1)[0]
+            uid = value
         elif "(0020,1209)" in line and uid is not None:
-            found[uid] = int(line.split("[", 1)[1].split("]", 1)[0].strip())
+            found[uid] = int(value)
             uid = None
     return found
 
