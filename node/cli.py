@@ -160,6 +160,8 @@ def _echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from node.sender import association_failure
+
     m = _PEER.match(args.peer)
     if not m or not 0 < int(m["port"]) < 65536:
         print(f"enhance-node: error: peer must be AE@HOST:PORT, not {args.peer!r}", file=sys.stderr)
@@ -170,8 +172,7 @@ def _echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(m["host"].strip("[]"), int(m["port"]), ae_title=m["ae"])
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        print(f"echo {args.peer}: association failed ({why})", file=sys.stderr)
+        print(f"echo {args.peer}: {association_failure(assoc, args.peer)}", file=sys.stderr)
         return EXIT_FAILURE
     rsp = assoc.send_c_echo()
     assoc.release()

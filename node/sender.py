@@ -25,11 +25,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
 from node.config import DestinationConfig, SenderConfig
 from node.heartbeat import heartbeating
-from node.status import SUCCESS, stored
+from node.status import REJECTED_PERMANENT, REJECTED_TRANSIENT, SUCCESS, stored
 from storage.deliveries import Delivery, DeliveryQueue, PendingInstance
 from storage.filestore import FileStore
 from storage.schema import INSTANCE_FAILED, INSTANCE_STORED, INSTANCE_WARNING
@@ -89,7 +90,7 @@ def send_batch(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = cfg.timeout
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     if not assoc.is_established:
-        return Attempt(0, _association_failure(assoc, where))
+        return Attempt(0, association_failure(assoc, where))
     sent = 0
     try:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
@@ -141,11 +142,25 @@ def _store(
     return int(status), "" if status == SUCCESS else f"status 0x{int(status):04X} {comment}".strip()
 
 
-def _association_failure(assoc: Association, where: str) -> str:
-    answer = assoc.acceptor.primitive  # the peer's A-ASSOCIATE response, if one came
+def peer_answer(assoc: Association) -> A_ASSOCIATE | None:
+    """The peer's A-ASSOCIATE response (accept or reject), if one came.
+
+    pynetdicom 3.0 can lose a rejection: its DUL thread reads the A-ASSOCIATE-RJ and closes the
+    socket, and when that happens before the requesting thread has checked that the socket is
+    connected, the requestor aborts as if the connection had failed and the response stays in
+    the DUL's queue (about 1 in 30 rejections by Orthanc on loopback)."""
+    if assoc.acceptor.primitive is not None:
+        return assoc.acceptor.primitive
+    queued = (p for p in list(assoc.dul.to_user_queue.queue) if isinstance(p, A_ASSOCIATE))
+    return next(queued, None)
+
+
+def association_failure(assoc: Association, where: str) -> str:
+    """Why an association that was not established failed, in one line."""
+    answer = peer_answer(assoc)
     if answer is None:
         return f"cannot connect to {where} (refused, unreachable, or no answer in time)"
-    if assoc.is_rejected:
+    if answer.result in (REJECTED_PERMANENT, REJECTED_TRANSIENT):
         return f"association rejected by {where}: {answer.result_str}, {answer.source_str}, {answer.reason_str}"
     if not assoc.accepted_contexts:
         return f"{where} accepted none of the presentation contexts proposed"

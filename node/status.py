@@ -5,10 +5,12 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
-# A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognised
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognised
-REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit
+# A-ASSOCIATE-RJ results and (result, source, reason) triples, PS3.8 9.3.4.
+REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
+REJECT_CALLING_AE = (REJECTED_PERMANENT, 0x01, 0x03)  # permanent, service-user, calling AE not recognised
+REJECT_CALLED_AE = (REJECTED_PERMANENT, 0x01, 0x07)  # permanent, service-user, called AE not recognised
+REJECT_TOO_MANY = (REJECTED_TRANSIENT, 0x03, 0x02)  # transient, service-provider (presentation), local limit
 
 # C-STORE answers we act on as a storage SCU (PS3.4 B.2.3, PS3.7 C.4.1).
 WARNING_GENERAL = 0x0001
