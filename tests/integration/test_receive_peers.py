@@ -193,6 +193,11 @@ def test_enhance_node_echo_exit_codes(node_factory) -> None:
 
     closed = _enhance_node("echo", f"ENHANCE@127.0.0.1:{free_port()}", "--calling-ae", "STORESCU", "--timeout", "5")
     assert closed.returncode == 1, closed.stdout + closed.stderr
+    assert "cannot connect" in closed.stderr
+
+    wrong = _enhance_node("echo", f"NOTTHENODE@127.0.0.1:{node.port}", "--calling-ae", "STORESCU")
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "association rejected" in wrong.stderr and "Called AE title not recognised" in wrong.stderr, wrong.stderr
 
     for bad in ("ENHANCE-127.0.0.1-11112", "ENHANCE@127.0.0.1", "ENHANCE@127.0.0.1:99999", "@127.0.0.1:104"):
         r = _enhance_node("echo", bad, "--calling-ae", "STORESCU")
