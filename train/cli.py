@@ -56,7 +56,7 @@ def add_parsers(sub: Any) -> None:
         type=Path,
         metavar="CHECKPOINT|PACKAGE",
         help="fine-tune: start from the weights of an earlier run's checkpoint.pt or of a model package "
-        "such as models/ct-denoise (same net; an SR net may change its --base-taps, a denoiser its --transform)",
+        "such as models/ct-denoise (same net; it keeps the source's --base-taps and --transform unless given)",
     )
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from train.loop import RunConfig, train
+    from train.loop import RunConfig, source_net, train
     from train.presets import Degradation, with_overrides
 
     preset = PRESETS[args.preset]
@@ -152,13 +152,23 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--self-supervised needs --data (your noisy series)")
     if args.self_supervised and preset.task != "denoise":
         raise UsageError("--self-supervised trains denoisers only")
+    if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
+        raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
+    base_taps, transform = args.base_taps, args.transform
+    if args.init_from is not None:  # a fine-tune keeps the base and transform it was trained with unless told
+        try:
+            source = source_net(args.init_from)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        base_taps = source.base_taps if base_taps is None else base_taps
+        transform = source.transform if transform is None else transform
     net = with_overrides(
         preset.net,
         depth=args.depth,
         width=args.width,
         context_slices=args.context_slices,
-        base_taps=args.base_taps,
-        transform=args.transform,
+        base_taps=base_taps,
+        transform=transform,
     )
     deg: Degradation = with_overrides(
         preset.degradation,
@@ -177,8 +187,6 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         phantoms=args.phantoms,
     )
-    if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
-        raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     device = args.device

@@ -225,6 +225,16 @@ def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.devi
     log.info("starting from the weights in %s", path)
 
 
+def source_net(path: Path) -> NetSpec:
+    """The net of the checkpoint or model package a fine-tune starts from."""
+    if path.is_dir():
+        try:
+            return NetSpec(**load_manifest(path).net)
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from None
+    return NetSpec(**torch.load(path, map_location="cpu", weights_only=False)["net"])
+
+
 def _checkpoint_weights(path: Path, device: torch.device) -> tuple[NetSpec, dict[str, torch.Tensor]]:
     state = torch.load(path, map_location=device, weights_only=False)
     return NetSpec(**state["net"]), state["model"]
@@ -232,17 +242,14 @@ def _checkpoint_weights(path: Path, device: torch.device) -> tuple[NetSpec, dict
 
 def _package_weights(path: Path, model: nn.Module) -> tuple[NetSpec, dict[str, torch.Tensor]]:
     """A model package's weights: export keeps the parameters' names as the ONNX initialisers'."""
-    try:
-        net = load_manifest(path).net  # also checks model.onnx against its sha256
-    except ManifestError as exc:
-        raise ValueError(str(exc)) from None
+    net = source_net(path)  # the manifest's load also checks model.onnx against its sha256
     initialisers = {i.name: i for i in onnx.load(str(path / "model.onnx")).graph.initializer}
     wanted = model.state_dict()
     missing = sorted(set(wanted) - set(initialisers))
     if missing:
         raise ValueError(f"{path}: model.onnx lacks the weights {', '.join(missing[:3])}")
     weights = {k: torch.from_numpy(numpy_helper.to_array(initialisers[k]).copy()) for k in wanted}
-    return NetSpec(**net), weights
+    return net, weights
 
 
 def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:

@@ -153,3 +153,27 @@ def test_in_process_train_records_the_command_it_was_given(tmp_path: Path) -> No
     assert main(argv) == 0
     state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["run"]["command"] == shlex.join(["enhance-node", *argv])
+
+
+def test_a_fine_tune_keeps_the_sources_transform_and_base_unless_told(tmp_path: Path) -> None:
+    """Fine-tuning the shipped asinh `ct-denoise` with the linear preset must not silently
+    become a linear fine-tune: --init-from carries the source's --transform (and an SR net's
+    --base-taps) over; an explicit option still wins."""
+    import torch
+
+    def net_of(run: Path) -> dict[str, object]:
+        return dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["net"])
+
+    tiny_dn = [arg if arg != "mr-sr2" else "mr-denoise" for arg in TINY_SR]
+    assert main(["train", *tiny_dn, "--transform", "asinh", "--depth", "3", "--out", str(tmp_path / "asinh")]) == 0
+    source = str(tmp_path / "asinh" / "checkpoint.pt")
+    assert main(["train", *tiny_dn, "--depth", "3", "--init-from", source, "--out", str(tmp_path / "kept")]) == 0
+    assert net_of(tmp_path / "kept")["transform"] == "asinh"
+    told = ["--transform", "linear", "--depth", "3", "--init-from", source, "--out", str(tmp_path / "told")]
+    assert main(["train", *tiny_dn, *told]) == 0
+    assert net_of(tmp_path / "told")["transform"] == "linear"
+
+    assert main(["train", *TINY_SR, "--base-taps", "3", "--out", str(tmp_path / "lanczos")]) == 0
+    sr_source = str(tmp_path / "lanczos" / "checkpoint.pt")
+    assert main(["train", *TINY_SR, "--init-from", sr_source, "--out", str(tmp_path / "sr-kept")]) == 0
+    assert net_of(tmp_path / "sr-kept")["base_taps"] == 3
