@@ -18,6 +18,7 @@ from tests.helpers import REPO
 
 TINY_SR = ["--preset", "mr-sr2", "--epochs", "1", "--steps-per-epoch", "3", "--batch", "2", "--patch", "32",
            "--phantoms", "2", "--depth", "1", "--width", "8", "--workers", "1", "--device", "cpu"]
+TINY_DN = ["--preset", "mr-denoise", *TINY_SR[2:], "--depth", "3"]  # a DnCNN: input, middle, output layer
 
 
 @pytest.fixture(autouse=True)
@@ -164,13 +165,12 @@ def test_a_fine_tune_keeps_the_sources_transform_and_base_unless_told(tmp_path: 
     def net_of(run: Path) -> dict[str, object]:
         return dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["net"])
 
-    tiny_dn = [arg if arg != "mr-sr2" else "mr-denoise" for arg in TINY_SR]
-    assert main(["train", *tiny_dn, "--transform", "asinh", "--depth", "3", "--out", str(tmp_path / "asinh")]) == 0
+    assert main(["train", *TINY_DN, "--transform", "asinh", "--out", str(tmp_path / "asinh")]) == 0
     source = str(tmp_path / "asinh" / "checkpoint.pt")
-    assert main(["train", *tiny_dn, "--depth", "3", "--init-from", source, "--out", str(tmp_path / "kept")]) == 0
+    assert main(["train", *TINY_DN, "--init-from", source, "--out", str(tmp_path / "kept")]) == 0
     assert net_of(tmp_path / "kept")["transform"] == "asinh"
-    told = ["--transform", "linear", "--depth", "3", "--init-from", source, "--out", str(tmp_path / "told")]
-    assert main(["train", *tiny_dn, *told]) == 0
+    told = ["--transform", "linear", "--init-from", source, "--out", str(tmp_path / "told")]
+    assert main(["train", *TINY_DN, *told]) == 0
     assert net_of(tmp_path / "told")["transform"] == "linear"
 
     assert main(["train", *TINY_SR, "--base-taps", "3", "--out", str(tmp_path / "lanczos")]) == 0
