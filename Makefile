@@ -11,6 +11,8 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-debian-packages dcmtk orthanc chromium sqlite3 openssl
+	# BM3D, an evaluation-only baseline: non-commercial licence, so never a dependency of the product
+	$(VENV)/bin/pip install --quiet bm3d
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
