@@ -100,7 +100,9 @@ def _list_models(cfg: Config) -> None:
         results = m.metrics.get("results", {})
         if results:
             where = ", ".join(str(m.metrics.get(k)) for k in ("degradation", "window") if m.metrics.get(k))
-            print(f"  held-out: {m.metrics.get('slices', '?')} slices ({where})")
+            draws = int(m.metrics.get("realisations", 1))
+            noise = f" x {draws} noise draws" if draws > 1 else ""
+            print(f"  held-out: {m.metrics.get('slices', '?')} slices{noise} ({where})")
         for method, r in results.items():
             figures = [f"PSNR {r['psnr']:.2f} dB", f"SSIM {r['ssim']:.3f}"]
             if "roi_bias" in r:

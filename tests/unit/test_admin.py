@@ -78,6 +78,7 @@ def test_models_list_shows_each_shipped_model_with_its_held_out_metrics() -> Non
     for name in ("ct-denoise", "ct-sr2", "mr-denoise", "mr-sr2"):
         assert any(line.startswith(f"{name} ") for line in out.stdout.splitlines())
     assert "lanczos    PSNR" in out.stdout and "ROI bias" in out.stdout
+    assert "held-out: 5 slices x 8 noise draws (simulated 25% dose" in out.stdout  # ct-denoise's manifest
 
 
 class Ticks:
