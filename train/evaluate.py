@@ -148,7 +148,7 @@ def _centre(c: Case) -> Array:
 
 def baselines(manifest: ModelManifest, bm3d: bool = False) -> dict[str, Method]:
     """The classical methods for the model's task; `bm3d` adds BM3D to the denoising ones
-    (an evaluation-only baseline: it must be installed separately, see _bm3d)."""
+    (an evaluation-only baseline: it must be installed separately, see _bm3d_function)."""
     if manifest.task == "sr":
         s = manifest.scale
         return {
