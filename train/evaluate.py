@@ -242,6 +242,8 @@ def evaluate(
         raise ValueError(f"realisations must be at least 1, got {realisations}")
     model = OnnxModel(package)
     manifest = model.manifest
+    if bm3d and manifest.task != "denoise":
+        raise ValueError(f"BM3D is a denoising baseline; {manifest.name} is a {manifest.task} model")
     modality = manifest.modalities[0]
     volumes = [v for v in read_series(data or held_out_paths(modality)) if v.modality in manifest.modalities]
     if not volumes:

@@ -216,6 +216,8 @@ def test_bias_is_measured_on_the_mean_over_noise_draws(ct_denoiser: Path, ct_ser
 
 def test_sr_degradations_are_drawn_once(ct_upscaler: Path, ct_series: Path, tmp_path: Path) -> None:
     assert evaluate(ct_upscaler, [ct_series], tmp_path, max_slices=1, realisations=4)["realisations"] == 1
+    with pytest.raises(ValueError, match="BM3D is a denoising baseline; ct-sr2 is a sr model"):
+        evaluate(ct_upscaler, [ct_series], tmp_path, max_slices=1, bm3d=True)
 
 
 def test_realisations_must_be_positive(ct_denoiser: Path, ct_series: Path, tmp_path: Path) -> None:
