@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engines.manifest import load
 from train.evaluate import evaluate, record_metrics
 
 BARS = {
@@ -31,16 +32,14 @@ BARS = {
 
 def verdict(name: str, r: dict[str, dict[str, float]]) -> str:
     m = r["model"]
+    anchor = f"; {m['psnr'] - r['bm3d']['psnr']:+.2f} dB vs BM3D" if "bm3d" in r else ""
     if name == "ct-denoise":
         gain, speed = m["psnr"] - r["nlm"]["psnr"], r["nlm"]["seconds"] / m["seconds"]
         ok = gain >= 1.0 and m["roi_bias"] <= 2.0 and speed >= 4.0
-        text = f"{gain:+.2f} dB vs NLM, bias {m['roi_bias']:.2f} HU, {speed:.1f}x faster"
-        if "bm3d" in r:
-            text += f"; {m['psnr'] - r['bm3d']['psnr']:+.2f} dB vs BM3D"
-        return f"{'PASS' if ok else 'FAIL'}: {text}"
+        figures = f"{gain:+.2f} dB vs NLM, bias {m['roi_bias']:.2f} HU, {speed:.1f}x faster"
+        return f"{'PASS' if ok else 'FAIL'}: {figures}{anchor}"
     if name == "mr-denoise":
         gain = m["psnr"] - r["nlm"]["psnr"]
-        anchor = f", {m['psnr'] - r['bm3d']['psnr']:+.2f} dB vs BM3D" if "bm3d" in r else ""
         return f"{'PASS' if gain > 0 else 'FAIL'}: {gain:+.2f} dB vs NLM{anchor}"
     gain = m["psnr"] - r["lanczos"]["psnr"]
     return f"{'PASS' if gain >= 1.0 else 'FAIL'}: {gain:+.2f} dB vs Lanczos"
@@ -70,7 +69,7 @@ def main() -> int:
             dose=args.dose,
             max_slices=args.max_slices,
             realisations=args.realisations,
-            bm3d=args.bm3d and name.endswith("denoise"),
+            bm3d=args.bm3d and load(package).task == "denoise",  # BM3D is a denoising baseline
         )
         summary[name] = result
         if args.update_manifest:

@@ -97,10 +97,17 @@ def degradation_for(manifest: ModelManifest, dose: float, sigma_percent: float) 
 
 
 def make_cases(
-    volumes: list[Volume], manifest: ModelManifest, deg: Degradation, max_slices: int, seed: int
+    volumes: list[Volume],
+    manifest: ModelManifest,
+    deg: Degradation,
+    max_slices: int,
+    seed: int,
+    sim: LowDoseCT | None = None,
 ) -> list[Case]:
+    """The held-out slices degraded with noise drawn from `seed`. Pass one `sim` to every draw of
+    the same slices: it keeps their projections, the slow part of the CT simulation."""
     rng = np.random.default_rng(seed)
-    sim = LowDoseCT()
+    sim = sim or LowDoseCT()
     half, scale = manifest.context_slices // 2, manifest.scale
     cases: list[Case] = []
     for vol in volumes:
@@ -250,7 +257,8 @@ def evaluate(
         raise ValueError(f"no {'/'.join(manifest.modalities)} images to evaluate on")
     deg = degradation_for(manifest, dose, sigma_percent)
     draws = realisations if manifest.task == "denoise" else 1
-    runs = [make_cases(volumes, manifest, deg, max_slices, seed + k) for k in range(draws)]
+    sim = LowDoseCT()  # projected once, whatever the number of draws
+    runs = [make_cases(volumes, manifest, deg, max_slices, seed + k, sim) for k in range(draws)]
     methods: dict[str, Method] = {
         **baselines(manifest, bm3d),
         "model": model,
@@ -275,7 +283,7 @@ def evaluate(
                     error, sd = metrics.roi_bias_and_sd(pred, target, rois)
                     worst[name][k] = max(worst[name][k], error)
                     r["roi_sd"].append(sd)
-                total += pred
+                    total += pred
                 if i == 0 and k == 0:
                     panel[name] = pred
             if rois:
