@@ -69,6 +69,12 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine decay)")
     t.add_argument("--loss", choices=["l1", "l2"])
     t.add_argument("--ssim-weight", type=float, default=0.0, help="add w * (1 - SSIM) to the loss")
+    t.add_argument(
+        "--mean-weight",
+        type=float,
+        default=0.0,
+        help="add w * the squared error of 15x15 local means (mean HU in uniform regions) to the loss",
+    )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
     t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
     t.add_argument("--width", type=int, help="feature channels")
@@ -162,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from train.loop import RunConfig, source_net, train
+    from train.loop import MEAN_BOX, RunConfig, source_net, train
     from train.presets import Degradation, with_overrides
 
     preset = PRESETS[args.preset]
@@ -207,6 +213,12 @@ def _train(args: argparse.Namespace) -> int:
     )
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
+    if args.mean_weight < 0 or args.ssim_weight < 0:
+        raise UsageError("--mean-weight and --ssim-weight must be >= 0")
+    if args.mean_weight > 0 and preset.patch < MEAN_BOX:
+        raise UsageError(
+            f"--mean-weight compares {MEAN_BOX}x{MEAN_BOX} local means: --patch must be at least {MEAN_BOX}"
+        )
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,6 +230,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         ssim_weight=args.ssim_weight,
+        mean_weight=args.mean_weight,
         workers=args.workers,
         command=shlex.join(["enhance-node", *args.argv]),
         init_from=args.init_from,

@@ -150,10 +150,24 @@ def test_in_process_train_records_the_command_it_was_given(tmp_path: Path) -> No
     process's sys.argv (here pytest's)."""
     import torch
 
-    argv = ["train", *TINY_SR, "--out", str(tmp_path)]
+    argv = ["train", *TINY_SR, "--mean-weight", "5", "--out", str(tmp_path)]
     assert main(argv) == 0
     state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["run"]["command"] == shlex.join(["enhance-node", *argv])
+    assert state["run"]["mean_weight"] == 5.0  # export copies the run's description into model.toml
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    (["--mean-weight", "-1"], "--mean-weight and --ssim-weight must be >= 0"),
+    (["--ssim-weight", "-0.5"], "--mean-weight and --ssim-weight must be >= 0"),
+    (["--mean-weight", "1", "--patch", "8"], "--patch must be at least 15"),
+])
+def test_loss_weights_are_checked(extra: list[str], reason: str, capsys: pytest.CaptureFixture[str],
+                                  tmp_path: Path) -> None:
+    assert main(["train", *TINY_SR, *extra, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_a_fine_tune_keeps_the_sources_transform_and_base_unless_told(tmp_path: Path) -> None:

@@ -16,7 +16,18 @@ import torch.nn.functional as F
 import train.loop as loop
 from tests.dicom_factory import write_ct_series
 from train.data import Bank, sample
-from train.loop import CHECKPOINT, CURVES_PNG, LOG_CSV, RunConfig, loss_fn, neighbour_pair, ssim, train
+from train.loop import (
+    CHECKPOINT,
+    CURVES_PNG,
+    LOG_CSV,
+    MEAN_BOX,
+    RunConfig,
+    local_means,
+    loss_fn,
+    neighbour_pair,
+    ssim,
+    train,
+)
 from train.nets import build
 from train.presets import PRESETS, NetSpec, Preset, with_overrides
 
@@ -391,6 +402,20 @@ def test_loss_with_ssim_term_is_differentiable(kind: str) -> None:
     assert pred.grad is not None and torch.isfinite(pred.grad).all() and float(pred.grad.abs().sum()) > 0
     flat = torch.full((1, 1, 16, 16), 0.3)  # a constant target: SSIM's data range falls back to 1
     assert math.isfinite(float(loss_fn(kind, 1.0)(flat + 0.01, flat)))
+
+
+def test_mean_term_penalises_a_regional_shift_not_noise_of_the_same_size() -> None:
+    """Equal pixel MSE, two kinds of error: a uniform 0.01 offset (what moves an ROI's mean HU)
+    costs the mean term its full square; a +-0.01 checkerboard (noise) averages out in a 15x15 box."""
+    target = torch.rand(2, 1, 48, 48)
+    shifted = target + 0.01
+    checker = target + 0.01 * (1 - 2 * ((torch.arange(48)[:, None] + torch.arange(48)[None, :]) % 2)).float()
+    plain, with_mean = loss_fn("l2", 0.0), loss_fn("l2", 0.0, mean_weight=10.0)
+    assert float(plain(shifted, target)) == pytest.approx(1e-4, rel=1e-3)
+    assert float(plain(checker, target)) == pytest.approx(1e-4, rel=1e-3)
+    assert float(with_mean(shifted, target)) == pytest.approx(11e-4, rel=1e-3)
+    assert float(with_mean(checker, target)) == pytest.approx(1e-4, rel=1e-3)  # 1/225 of 0.01 left, squared
+    assert local_means(target).shape == (2, 1, 48 - MEAN_BOX + 1, 48 - MEAN_BOX + 1)
 
 
 # --- the patch sampler ------------------------------------------------------------------------
