@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from train.loop import MEAN_BOX, RunConfig, source_net, train
+    from train.loop import RunConfig, source_net, train
+    from train.metrics import ROI_SIDE
     from train.presets import Degradation, with_overrides
 
     preset = PRESETS[args.preset]
@@ -215,10 +216,12 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     if args.mean_weight < 0 or args.ssim_weight < 0:
         raise UsageError("--mean-weight and --ssim-weight must be >= 0")
-    if args.mean_weight > 0 and preset.patch < MEAN_BOX:
+    if args.mean_weight > 0 and preset.patch < ROI_SIDE:
         raise UsageError(
-            f"--mean-weight compares {MEAN_BOX}x{MEAN_BOX} local means: --patch must be at least {MEAN_BOX}"
+            f"--mean-weight compares {ROI_SIDE}x{ROI_SIDE} local means: --patch must be at least {ROI_SIDE}"
         )
+    if args.self_supervised and (args.mean_weight or args.ssim_weight):
+        raise UsageError("--mean-weight and --ssim-weight apply to supervised training (no clean targets here)")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

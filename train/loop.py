@@ -25,6 +25,7 @@ from tqdm import tqdm
 from engines.manifest import load as load_manifest
 from node.errors import ManifestError
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
+from train.metrics import ROI_SIDE
 from train.nets import build, parameter_count
 from train.presets import NetSpec, Preset
 
@@ -44,7 +45,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     ssim_weight: float = 0.0
-    mean_weight: float = 0.0  # weight of the local-mean term (MEAN_BOX): keeps mean HU in uniform regions
+    mean_weight: float = 0.0  # weight of the local-mean term (ROI_SIDE): keeps mean HU in uniform regions
     workers: int = 2
     command: str = ""
     init_from: Path | None = None  # fine-tune: start from this checkpoint's or package's weights (same net)
@@ -92,10 +93,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return s.mean()
 
 
-MEAN_BOX = 15  # pixels: the side of the uniform-region ROIs whose mean HU the evaluation checks
-
-
-def local_means(x: torch.Tensor, size: int = MEAN_BOX) -> torch.Tensor:
+def local_means(x: torch.Tensor, size: int = ROI_SIDE) -> torch.Tensor:
     return F.avg_pool2d(x, size, stride=1)
 
 

@@ -45,7 +45,10 @@ class Roi:
         return image[self.top : self.top + self.size, self.left : self.left + self.size]
 
 
-def uniform_rois(target: Array, value_range: tuple[float, float], size: int = 15, count: int = 5) -> list[Roi]:
+ROI_SIDE = 15  # pixels: the uniform-region ROIs whose mean HU and noise SD are measured (~7 mm on a head CT)
+
+
+def uniform_rois(target: Array, value_range: tuple[float, float], size: int = ROI_SIDE, count: int = 5) -> list[Roi]:
     """Up to `count` non-overlapping size x size squares where the target is flattest, within
     value_range (e.g. soft tissue -50..100 HU): the regions a physicist would put an ROI on."""
     img = target.astype(np.float64)

@@ -86,6 +86,14 @@ def test_self_supervised_denoisers_only(capsys: pytest.CaptureFixture[str], tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_self_supervised_refuses_loss_terms_that_need_targets(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", "--preset", "ct-denoise", "--self-supervised", "--data", str(tmp_path),
+                                "--mean-weight", "20", "--out", str(tmp_path / "run")])
+    assert "supervised training" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("preset", "patch"), [("mr-sr2", "33"), ("ct-denoise", "31")])
 def test_patch_must_be_a_multiple_of_the_scale(preset: str, patch: str, capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path) -> None:

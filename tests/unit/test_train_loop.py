@@ -20,7 +20,6 @@ from train.loop import (
     CHECKPOINT,
     CURVES_PNG,
     LOG_CSV,
-    MEAN_BOX,
     RunConfig,
     local_means,
     loss_fn,
@@ -28,6 +27,7 @@ from train.loop import (
     ssim,
     train,
 )
+from train.metrics import ROI_SIDE
 from train.nets import build
 from train.presets import PRESETS, NetSpec, Preset, with_overrides
 
@@ -415,7 +415,7 @@ def test_mean_term_penalises_a_regional_shift_not_noise_of_the_same_size() -> No
     assert float(plain(checker, target)) == pytest.approx(1e-4, rel=1e-3)
     assert float(with_mean(shifted, target)) == pytest.approx(11e-4, rel=1e-3)
     assert float(with_mean(checker, target)) == pytest.approx(1e-4, rel=1e-3)  # 1/225 of 0.01 left, squared
-    assert local_means(target).shape == (2, 1, 48 - MEAN_BOX + 1, 48 - MEAN_BOX + 1)
+    assert local_means(target).shape == (2, 1, 48 - ROI_SIDE + 1, 48 - ROI_SIDE + 1)
 
 
 # --- the patch sampler ------------------------------------------------------------------------
