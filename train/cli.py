@@ -76,6 +76,7 @@ def add_parsers(sub: Any) -> None:
         help="add w * the squared error of 15x15 local means (mean HU in uniform regions) to the loss",
     )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
+    t.add_argument("--draws", type=int, help="degraded versions (acquisition conditions) of each clean slab")
     t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
     t.add_argument("--width", type=int, help="feature channels")
     t.add_argument("--context-slices", type=int, choices=[1, 3, 5], help="1 = 2-D, 3 or 5 = 2.5-D")
@@ -211,7 +212,10 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         loss=args.loss,
         phantoms=args.phantoms,
+        draws=args.draws,
     )
+    if preset.draws < 1:
+        raise UsageError("--draws must be at least 1")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     if args.mean_weight < 0 or args.ssim_weight < 0:

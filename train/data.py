@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from engines.normalization import Normalization
 from engines.pipeline import context_indices
-from train.degrade import LowDoseCT, ct_downsample, mr_kspace_truncate, rician
+from train.degrade import LowDoseCT, ct_downsample, kernel_blur, mr_kspace_truncate, rician, smooth_field
 from train.phantoms import ct_phantom, mr_phantom
 from train.presets import Degradation, Preset
 from train.volumes import Volume, read_series
@@ -36,20 +37,68 @@ class Slab:
     spacing: float
 
 
-def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseCT | None = None) -> Array:
-    """The degraded input (context, h, w) for a clean slab, one slice at a time."""
+def _draw(rng: np.random.Generator, bounds: tuple[float, float], log: bool = False) -> float:
+    """One value in `bounds` from exactly one random draw (so fixed bounds keep the sequence of
+    the draws that follow), log-uniform for levels that span a decade."""
+    lo, hi = bounds
+    u = float(rng.uniform())
+    if log and lo > 0 and hi > lo:
+        return float(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo))))
+    return lo + u * (hi - lo)
+
+
+def _maybe(rng: np.random.Generator, bounds: tuple[float, float], log: bool = False) -> float:
+    """A value in `bounds`, drawing only when they are a range (defaults consume no draw)."""
+    return _draw(rng, bounds, log) if bounds[1] > bounds[0] else bounds[0]
+
+
+def _pick(rng: np.random.Generator, names: tuple[str, ...]) -> str | None:
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else str(rng.choice(names))
+
+
+def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseCT | None = None) -> tuple[Array, Array]:
+    """(degraded input (context, h, w), target (H, W)) for a clean slab: one acquisition
+    condition drawn from `deg`'s ranges (docs/training.md, Ranges), applied to every slice of
+    the slab alike. The target is the centre slice, as the scanner would show it without the
+    degradation (through the same reconstruction filter and smoothing for CT)."""
+    centre = slab.pixels[slab.pixels.shape[0] // 2]
     if deg.kind == "lowdose-ct":
         sim = ct or LowDoseCT()
-        dose = float(rng.uniform(*deg.dose))
-        return np.stack([sim.simulate(s, slab.spacing, dose, rng) for s in slab.pixels])
+        dose = _draw(rng, deg.dose, log=True)
+        recon = _pick(rng, deg.recon_filters)
+        flux = _maybe(rng, deg.flux, log=True)  # photons at every dose alike: dose * flux
+        e_sd = _maybe(rng, deg.electronic_sd)
+        smooth = _maybe(rng, deg.post_smooth_px)
+        noise = np.stack([sim.noise(s, slab.spacing, min(1.0, dose * flux), rng, recon, e_sd) for s in slab.pixels])
+        clean = kernel_blur(slab.pixels, recon) if recon else slab.pixels
+        low, target = clean + noise, clean[clean.shape[0] // 2]
+        if smooth > 0:
+            low = ndimage.gaussian_filter(low, smooth, axes=(-2, -1))
+            target = ndimage.gaussian_filter(target, smooth)
+        return low.astype(np.float32), target.astype(np.float32)
     if deg.kind == "rician":
-        sigma = float(rng.uniform(*deg.sigma_percent))
-        ref = float(np.percentile(slab.pixels, 99.5))
-        return np.stack([rician(s, sigma, rng, reference=ref) for s in slab.pixels])
+        sigma = _draw(rng, deg.sigma_percent, log=True)
+        pixels = slab.pixels
+        if deg.bias_field > 0:
+            pixels = pixels * smooth_field(pixels.shape[-2:], _draw(rng, (0.0, deg.bias_field)), rng)
+        ref = float(np.percentile(pixels, 99.5))
+        low = np.stack([rician(s, sigma, rng, reference=ref) for s in pixels])
+        return low, pixels[pixels.shape[0] // 2].astype(np.float32)
     if deg.kind == "ct-sr":
-        return ct_downsample(slab.pixels, deg.scale)
+        fwhm = (_maybe(rng, deg.psf_fwhm), _maybe(rng, deg.psf_fwhm))
+        low = ct_downsample(slab.pixels, deg.scale, fwhm)
+        noise = _maybe(rng, deg.lr_noise)
+        if noise > 0:
+            low = (low + rng.normal(0.0, noise, low.shape)).astype(np.float32)
+        return low, centre
     if deg.kind == "mr-kspace":
-        return mr_kspace_truncate(slab.pixels, deg.scale)
+        window = _pick(rng, deg.apodisations) or "none"
+        alpha = _draw(rng, (0.2, 0.8)) if window == "tukey" else 0.5
+        fraction = _maybe(rng, deg.partial_fourier)
+        noise = _maybe(rng, deg.lr_noise, log=True) / 100.0 * float(np.percentile(slab.pixels, 99.5))
+        return mr_kspace_truncate(slab.pixels, deg.scale, window, fraction, noise, rng, alpha), centre
     raise ValueError(f"unknown degradation {deg.kind!r}")
 
 
@@ -103,15 +152,19 @@ def _pair(args: tuple[Slab, Preset, int, Path | None]) -> tuple[Array, Array]:
     slab, preset, seed, cache = args
     rng = np.random.default_rng(seed)
     slab = with_acquired_noise(slab, preset.degradation, rng)
-    low = degrade(slab, preset.degradation, rng, LowDoseCT(cache_dir=cache))
+    low, target = degrade(slab, preset.degradation, rng, LowDoseCT(cache_dir=cache))
     # the window comes from what the node will see at inference: the degraded series
     window = preset.normalization.window(low)
-    centre = slab.pixels[slab.pixels.shape[0] // 2][None]
-    return Normalization.forward(low, window), Normalization.forward(centre, window)
+    return Normalization.forward(low, window), Normalization.forward(target[None], window)
 
 
 def build_bank(preset: Preset, slabs: list[Slab], seed: int, workers: int = 2, cache: Path | None = None) -> Bank:
-    jobs = [(slab, preset, seed * 100003 + i, cache) for i, slab in enumerate(slabs)]
+    """preset.draws degraded pairs per slab, each drawn with its own seed (its own condition)."""
+    jobs = [
+        (slab, preset, seed * 100003 + i + d * 1_000_003, cache)
+        for i, slab in enumerate(slabs)
+        for d in range(preset.draws)
+    ]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
             pairs = list(pool.map(_pair, jobs))

@@ -19,6 +19,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from skimage.transform import iradon, radon
 
+from train.presets import APODISATIONS, RECON_FILTERS
+
 Array = NDArray[np.float32]
 
 MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy
@@ -63,8 +65,17 @@ class LowDoseCT:
         self._cache[digest] = sino
         return sino
 
-    def noise(self, hu: Array, spacing_mm: float, dose: float, rng: np.random.Generator) -> Array:
-        """The reconstructed noise (HU) that scanning `hu` at `dose` (fraction of full) adds."""
+    def noise(
+        self,
+        hu: Array,
+        spacing_mm: float,
+        dose: float,
+        rng: np.random.Generator,
+        recon_filter: str | None = None,
+        electronic_sd: float | None = None,
+    ) -> Array:
+        """The reconstructed noise (HU) that scanning `hu` at `dose` (fraction of full) adds, with
+        the scanner's reconstruction filter and electronic noise unless others are given."""
         if not 0.0 < dose <= 1.0:
             raise ValueError(f"dose must be in (0, 1], got {dose}")
         rows, cols = hu.shape
@@ -77,14 +88,45 @@ class LowDoseCT:
         sino = self.projections(hu, spacing_mm)
         blank = self.scanner.i0 * dose
         counts = rng.poisson(blank * np.exp(-sino)).astype(np.float64)
-        counts += rng.normal(0.0, self.scanner.electronic_sd, counts.shape)
+        e_sd = self.scanner.electronic_sd if electronic_sd is None else electronic_sd
+        counts += rng.normal(0.0, e_sd, counts.shape)
         noisy = -np.log(np.clip(counts, 1.0, None) / blank)
-        delta_mu = iradon(noisy - sino, self.theta, circle=True, filter_name=self.scanner.recon_filter)
+        name = recon_filter or self.scanner.recon_filter
+        delta_mu = iradon(noisy - sino, self.theta, circle=True, filter_name=name)
         delta_mu = delta_mu[top : top + rows, left : left + cols]
         return (1000.0 * delta_mu / (MU_WATER_PER_MM * spacing_mm)).astype(np.float32)
 
     def simulate(self, hu: Array, spacing_mm: float, dose: float, rng: np.random.Generator) -> Array:
         return (hu + self.noise(hu, spacing_mm, dose, rng)).astype(np.float32)
+
+
+def filter_window(name: str, f: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The apodisation window skimage.transform.iradon's filter `name` puts on the ramp, at
+    frequency f in cycles per pixel (|f| <= 0.5)."""
+    windows = {
+        "ramp": lambda: np.ones_like(f),
+        "shepp-logan": lambda: np.sinc(f),
+        "cosine": lambda: np.cos(np.pi * f),
+        "hamming": lambda: 0.54 + 0.46 * np.cos(2 * np.pi * f),
+        "hann": lambda: 0.5 + 0.5 * np.cos(2 * np.pi * f),
+    }
+    if name not in windows:
+        raise ValueError(f"unknown reconstruction filter {name!r} (expected one of {', '.join(RECON_FILTERS)})")
+    return np.asarray(windows[name](), np.float64)
+
+
+def kernel_blur(hu: Array, recon_filter: str) -> Array:
+    """The slice as FBP with `recon_filter` reconstructs it: in 2-D, a 1-D window W(|f|) on the
+    ramp gives the image the radial transfer function W(|f|). Edges are mirrored, not wrapped."""
+    if recon_filter == "ramp":
+        return hu.astype(np.float32)
+    pad = 16
+    padded = np.pad(hu.astype(np.float64), [(0, 0)] * (hu.ndim - 2) + [(pad, pad), (pad, pad)], mode="reflect")
+    fy = np.fft.fftfreq(padded.shape[-2])[:, None]
+    fx = np.fft.fftfreq(padded.shape[-1])[None, :]
+    window = filter_window(recon_filter, np.minimum(np.hypot(fy, fx), 0.5))
+    out = np.real(np.fft.ifft2(np.fft.fft2(padded) * window))
+    return np.asarray(out[..., pad:-pad, pad:-pad], np.float32)
 
 
 def _inside_circle(image: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -107,11 +149,14 @@ def rician(image: Array, sigma_percent: float, rng: np.random.Generator, referen
     return np.sqrt(real**2 + imag**2).astype(np.float32)
 
 
-def ct_downsample(hr: Array, scale: int = 2, psf_fwhm_px: float | None = None) -> Array:
-    """Low-resolution CT as a coarser detector sees it: Gaussian PSF blur, then the mean of each
-    scale x scale block, so low-resolution pixel centres lie at the block centres (DESIGN 3.6)."""
+def ct_downsample(hr: Array, scale: int = 2, psf_fwhm_px: float | tuple[float, float] | None = None) -> Array:
+    """Low-resolution CT as a coarser detector sees it: Gaussian PSF blur (FWHM in
+    high-resolution pixels, one value or one per axis; 0 = the detector's area only), then the
+    mean of each scale x scale block, so low-resolution pixel centres lie at the block centres
+    (DESIGN 3.6)."""
     fwhm = float(scale) if psf_fwhm_px is None else psf_fwhm_px
-    blurred = ndimage.gaussian_filter(hr.astype(np.float32), fwhm / 2.355, axes=(-2, -1))
+    sigma = tuple(f / 2.355 for f in fwhm) if isinstance(fwhm, tuple) else fwhm / 2.355
+    blurred = ndimage.gaussian_filter(hr.astype(np.float32), sigma, axes=(-2, -1))
     return _block_mean(blurred, scale)
 
 
@@ -122,18 +167,64 @@ def _block_mean(image: Array, scale: int) -> Array:
     return cropped.reshape(shape).mean(axis=(-3, -1)).astype(np.float32)
 
 
-def mr_kspace_truncate(hr: Array, scale: int = 2) -> Array:
-    """A faster MR acquisition: only the central 1/scale of k-space in each direction, as
-    magnitude, sampled at the centres of the high-resolution blocks (a half-pixel shift)."""
+def apodisation(n: int, kind: str, alpha: float = 0.5) -> NDArray[np.float64]:
+    """A k-space window over n samples (centred); tukey tapers the outer `alpha` of the samples."""
+    if kind == "none":
+        return np.ones(n)
+    if kind == "hamming":
+        return np.asarray(np.hamming(n), np.float64)
+    if kind == "hann":
+        return np.asarray(np.hanning(n), np.float64)
+    if kind == "tukey":
+        from scipy.signal.windows import tukey
+
+        return np.asarray(tukey(n, alpha), np.float64)
+    raise ValueError(f"unknown apodisation {kind!r} (expected one of {', '.join(APODISATIONS)})")
+
+
+def mr_kspace_truncate(
+    hr: Array,
+    scale: int = 2,
+    window: str = "none",
+    partial_fourier: float = 1.0,
+    noise_sd: float = 0.0,
+    rng: np.random.Generator | None = None,
+    tukey_alpha: float = 0.5,
+) -> Array:
+    """A faster MR acquisition: only the central 1/scale of k-space in each direction, apodised
+    by `window`, with the first (1 - partial_fourier) of the phase-encoding lines not acquired
+    (zero-filled), complex Gaussian noise of `noise_sd` (image units) added in the image domain,
+    as magnitude, sampled at the centres of the high-resolution blocks (a half-pixel shift)."""
     h, w = hr.shape[-2] // scale * scale, hr.shape[-1] // scale * scale
     k = np.fft.fftshift(np.fft.fft2(hr[..., :h, :w]), axes=(-2, -1))
     lh, lw = h // scale, w // scale
     top, left = (h - lh) // 2, (w - lw) // 2
-    kc = k[..., top : top + lh, left : left + lw]
+    kc = k[..., top : top + lh, left : left + lw] * np.outer(
+        apodisation(lh, window, tukey_alpha), apodisation(lw, window, tukey_alpha)
+    )
+    if partial_fourier < 1.0:
+        kc = kc.copy()
+        kc[..., : round(lh * (1.0 - partial_fourier)), :] = 0.0
     # shift by (scale - 1) / 2 high-resolution pixels so sample i sits at the centre of block i
     shift = (scale - 1) / 2
     fy = np.fft.fftshift(np.fft.fftfreq(lh, d=1.0 / lh))
     fx = np.fft.fftshift(np.fft.fftfreq(lw, d=1.0 / lw))
     ramp = np.exp(2j * np.pi * shift * (fy[:, None] / h + fx[None, :] / w))
-    low = np.fft.ifft2(np.fft.ifftshift(kc * ramp, axes=(-2, -1)))
-    return (np.abs(low) / scale**2).astype(np.float32)
+    low = np.fft.ifft2(np.fft.ifftshift(kc * ramp, axes=(-2, -1))) / scale**2
+    if noise_sd > 0:
+        if rng is None:
+            raise ValueError("noise needs a random generator")
+        low = low + rng.normal(0.0, noise_sd, low.shape) + 1j * rng.normal(0.0, noise_sd, low.shape)
+    return np.abs(low).astype(np.float32)
+
+
+def smooth_field(shape: tuple[int, int], strength: float, rng: np.random.Generator) -> Array:
+    """A smooth multiplicative field (a receive coil's bias) within 1 +- strength: a random
+    sum of low-frequency sinusoids."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    field = np.zeros(shape)
+    for _ in range(4):
+        fy, fx = rng.uniform(0.2, 1.2, 2) * np.pi / np.array(shape, np.float64)
+        field += rng.normal() * np.sin(fy * yy + rng.uniform(0, np.pi)) * np.sin(fx * xx + rng.uniform(0, np.pi))
+    peak = float(np.abs(field).max()) or 1.0
+    return (1.0 + strength * field / peak).astype(np.float32)

@@ -93,7 +93,8 @@ def degradation_for(manifest: ModelManifest, dose: float, sigma_percent: float) 
     ct = "CT" in manifest.modalities
     if manifest.task == "denoise":
         return Degradation("lowdose-ct" if ct else "rician", dose=(dose, dose), sigma_percent=(sigma_percent,) * 2)
-    return Degradation("ct-sr" if ct else "mr-kspace", scale=manifest.scale)
+    scale = float(manifest.scale)
+    return Degradation("ct-sr" if ct else "mr-kspace", scale=manifest.scale, psf_fwhm=(scale, scale))
 
 
 def make_cases(
@@ -115,7 +116,7 @@ def make_cases(
         count = min(vol.slices, max_slices - len(cases) + half)
         h, w = vol.pixels.shape[1] // scale * scale, vol.pixels.shape[2] // scale * scale
         clean = vol.pixels[:count, :h, :w]
-        degraded = degrade(Slab(clean, vol.spacing[0]), deg, rng, sim)
+        degraded = degrade(Slab(clean, vol.spacing[0]), deg, rng, sim)[0]
         for z in range(min(count, max_slices - len(cases))):
             idx = context_indices(z, count, manifest.context_slices)
             sigma = float(np.std(degraded[z] - clean[z])) if manifest.task == "denoise" else 0.0
@@ -135,7 +136,7 @@ def _display_window(manifest: ModelManifest, target: Array) -> tuple[float, floa
     return metrics.CT_WINDOW if _ct_denoise(manifest) else metrics.percentile_window(target)
 
 
-def _resize(image: Array, scale: int, method: Image.Resampling) -> Array:
+def resize(image: Array, scale: int, method: Image.Resampling) -> Array:
     h, w = image.shape
     return np.asarray(Image.fromarray(image.astype(np.float32)).resize((w * scale, h * scale), method), np.float32)
 
@@ -159,8 +160,8 @@ def baselines(manifest: ModelManifest, bm3d: bool = False) -> dict[str, Method]:
     if manifest.task == "sr":
         s = manifest.scale
         return {
-            "bicubic": lambda c: _timed(lambda: _resize(_centre(c), s, Image.Resampling.BICUBIC)),
-            "lanczos": lambda c: _timed(lambda: _resize(_centre(c), s, Image.Resampling.LANCZOS)),
+            "bicubic": lambda c: _timed(lambda: resize(_centre(c), s, Image.Resampling.BICUBIC)),
+            "lanczos": lambda c: _timed(lambda: resize(_centre(c), s, Image.Resampling.LANCZOS)),
         }
 
     def best_of(strengths: tuple[float, ...], run: Callable[[Array, float, float], Array]) -> Method:
@@ -175,7 +176,7 @@ def baselines(manifest: ModelManifest, bm3d: bool = False) -> dict[str, Method]:
 
     methods: dict[str, Method] = {
         "input": lambda c: (_centre(c), 0.0),
-        "nlm": best_of(NLM_H, _nlm),
+        "nlm": best_of(NLM_H, nlm),
         "tv": best_of(TV_WEIGHT, _tv),
     }
     if bm3d:
@@ -190,7 +191,7 @@ NLM_H = (0.8, 1.0, 1.3, 1.6)  # h in units of sigma; 0.8 is skimage's rule of th
 TV_WEIGHT = (0.5, 1.0, 2.0)  # weight in units of sigma
 
 
-def _nlm(image: Array, sigma: float, h: float) -> Array:
+def nlm(image: Array, sigma: float, h: float) -> Array:
     # sigma passed explicitly: estimate_sigma underestimates CT's spatially correlated noise
     return np.asarray(
         denoise_nl_means(image, h=h * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6), np.float32

@@ -60,6 +60,7 @@ class RunConfig:
             "epochs": p.epochs,
             "steps_per_epoch": p.steps_per_epoch,
             "batch": p.batch,
+            "draws": p.draws,
             "patch": p.patch,
             "lr": p.lr,
             "loss": p.loss,

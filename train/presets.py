@@ -15,6 +15,9 @@ T = TypeVar("T")
 
 
 TRANSFORMS = ("linear", "asinh")  # dncnn: the domains a denoiser may remove the noise in
+# skimage's FBP filters, sharp (ramp) to smooth (Hann), and MR k-space windows (train.degrade)
+RECON_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
+APODISATIONS = ("none", "hamming", "hann", "tukey")
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,30 @@ class NetSpec:
 
 @dataclass(frozen=True)
 class Degradation:
+    """What turns a clean slab into a model's input. Ranges are drawn once per training pair:
+    dose and noise levels log-uniformly (they span a decade), the rest uniformly, and one of
+    each tuple of names. The defaults are one fixed condition (what `evaluate` uses); the
+    presets widen them to the conditions a hospital produces (docs/training.md, Ranges)."""
+
     kind: str  # "lowdose-ct" | "rician" | "ct-sr" | "mr-kspace"
-    dose: tuple[float, float] = (0.25, 0.25)  # lowdose-ct: dose fraction, drawn uniformly
+    dose: tuple[float, float] = (0.25, 0.25)  # lowdose-ct: dose fraction of full
     sigma_percent: tuple[float, float] = (2.0, 8.0)  # rician: noise SD, % of the 99.5th percentile
     scale: int = 2  # ct-sr / mr-kspace
     # mr-kspace: Rician noise (% of signal) already in the acquired image, so input and target
     # both carry it and the net learns that noise is not detail to sharpen
     acquired_noise_percent: tuple[float, float] = (0.0, 0.0)
+    # lowdose-ct: FBP filters (train.degrade.RECON_FILTERS); empty = the scanner's own filter on
+    # the noise only, the target untouched. Given, the target is the clean slice through the
+    # drawn filter's window too (a smooth kernel blurs anatomy as well as noise)
+    recon_filters: tuple[str, ...] = ()
+    post_smooth_px: tuple[float, float] = (0.0, 0.0)  # lowdose-ct: Gaussian sigma after FBP, both images
+    flux: tuple[float, float] = (1.0, 1.0)  # lowdose-ct: full-dose photons relative to CTScanner.i0 (patient size)
+    electronic_sd: tuple[float, float] = (5.0, 5.0)  # lowdose-ct: counts
+    bias_field: float = 0.0  # rician: a smooth multiplicative field up to +- this on target and input
+    psf_fwhm: tuple[float, float] = (2.0, 2.0)  # ct-sr: Gaussian PSF FWHM in HR pixels, drawn per axis
+    lr_noise: tuple[float, float] = (0.0, 0.0)  # ct-sr: HU; mr-kspace: % of the bright signal, in the LR image
+    apodisations: tuple[str, ...] = ("none",)  # mr-kspace: k-space windows (train.degrade.APODISATIONS)
+    partial_fourier: tuple[float, float] = (1.0, 1.0)  # mr-kspace: fraction of phase-encoding lines
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class Preset:
     lr: float = 1e-3
     loss: str = "l1"
     phantoms: int = 40  # slabs generated when no data is given
+    draws: int = 1  # degraded versions of each clean slab in the bank (different conditions)
     tile: tuple[int, int] = (512, 32)
     modalities: tuple[str, ...] = field(default=())
 
@@ -86,9 +107,17 @@ PRESETS: dict[str, Preset] = {
             "CT",
             NetSpec("dncnn", depth=12, width=32, unshuffle=2, offset=0.25, gain=20.0),
             HU,
-            Degradation("lowdose-ct", dose=(0.15, 0.5)),
+            Degradation(
+                "lowdose-ct",
+                dose=(0.05, 1.0),
+                recon_filters=RECON_FILTERS,
+                post_smooth_px=(0.0, 1.2),
+                flux=(0.5, 2.0),
+                electronic_sd=(0.0, 10.0),
+            ),
             phantom_size=512,
             phantoms=48,
+            draws=2,
             epochs=24,
         ),
         Preset(
@@ -97,7 +126,7 @@ PRESETS: dict[str, Preset] = {
             "MR",
             NetSpec("dncnn", depth=12, width=32, unshuffle=2),
             PERCENTILE,
-            Degradation("rician", sigma_percent=(1.0, 8.0)),
+            Degradation("rician", sigma_percent=(1.0, 12.0), bias_field=0.3),
             phantom_size=256,
             phantoms=96,
         ),
@@ -107,7 +136,7 @@ PRESETS: dict[str, Preset] = {
             "CT",
             NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
             HU,
-            Degradation("ct-sr", scale=2),
+            Degradation("ct-sr", scale=2, psf_fwhm=(0.0, 3.5), lr_noise=(0.0, 12.0)),
             phantom_size=512,
             phantoms=48,
             tile=(256, 16),
@@ -118,7 +147,14 @@ PRESETS: dict[str, Preset] = {
             "MR",
             NetSpec("srnet", depth=6, width=32, unshuffle=1, scale=2),
             PERCENTILE,
-            Degradation("mr-kspace", scale=2, acquired_noise_percent=(0.5, 3.0)),
+            Degradation(
+                "mr-kspace",
+                scale=2,
+                acquired_noise_percent=(0.5, 3.0),
+                apodisations=APODISATIONS,
+                partial_fourier=(0.55, 1.0),
+                lr_noise=(0.0, 3.0),
+            ),
             phantom_size=256,
             phantoms=96,
             tile=(256, 16),

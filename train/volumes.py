@@ -97,5 +97,3 @@ def _files(paths: Iterable[Path]) -> Iterable[Path]:
             yield from sorted(p for p in path.rglob("*") if p.is_file())
         elif path.is_file():
             yield path
-
-

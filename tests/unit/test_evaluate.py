@@ -45,8 +45,9 @@ def ct_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _package(root: Path, name: str, net: NetSpec) -> Path:
-    preset = with_overrides(PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=2,
-                            batch=2, patch=32)
+    preset = with_overrides(
+        PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=2, batch=2, patch=32
+    )
     export(train(RunConfig(preset, root / "run", workers=1)), root / "pkg")
     return root / "pkg"
 
@@ -112,8 +113,9 @@ def test_nlm_baseline_lowers_the_noise(denoise_result: dict[str, Any]) -> None:
     assert r["tv"]["roi_sd"] < r["input"]["roi_sd"]
 
 
-def test_lower_dose_means_a_noisier_input(ct_denoiser: Path, ct_series: Path, tmp_path: Path,
-                                          denoise_result: dict[str, Any]) -> None:
+def test_lower_dose_means_a_noisier_input(
+    ct_denoiser: Path, ct_series: Path, tmp_path: Path, denoise_result: dict[str, Any]
+) -> None:
     full = evaluate(ct_denoiser, [ct_series], tmp_path, dose=1.0, max_slices=1)
     assert full["results"]["input"]["rmse"] < denoise_result["results"]["input"]["rmse"]
 
@@ -129,8 +131,9 @@ def test_sr_evaluation(ct_upscaler: Path, ct_series: Path, tmp_path: Path) -> No
     assert (tmp_path / "panel.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_record_metrics_keeps_the_package_loadable(ct_denoiser: Path, denoise_result: dict[str, Any],
-                                                   tmp_path: Path) -> None:
+def test_record_metrics_keeps_the_package_loadable(
+    ct_denoiser: Path, denoise_result: dict[str, Any], tmp_path: Path
+) -> None:
     package = tmp_path / "pkg"
     shutil.copytree(ct_denoiser, package)
     before = load(package)
@@ -155,7 +158,8 @@ def test_no_image_of_the_models_modality(ct_series: Path, tmp_path: Path) -> Non
 
 
 def test_evaluate_command_prints_the_report_and_updates_the_manifest(
-        ct_upscaler: Path, ct_series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ct_upscaler: Path, ct_series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from node.cli import main
 
     package = tmp_path / "pkg"
@@ -174,13 +178,13 @@ def test_classical_filters_get_their_best_strength(ct_denoiser: Path, ct_series:
     """The NLM and TV baselines are the best of their strength grids against the target (the
     oracle), timed as a single run; the strength matters on this image, so the choice is real."""
     from train import metrics
-    from train.evaluate import NLM_H, TV_WEIGHT, _nlm, _tv, baselines, degradation_for, make_cases
+    from train.evaluate import NLM_H, TV_WEIGHT, _tv, baselines, degradation_for, make_cases, nlm
     from train.volumes import read_series
 
     manifest = load(ct_denoiser)
     (case,) = make_cases(read_series([ct_series]), manifest, degradation_for(manifest, 0.1, 5.0), 1, seed=3)
     noisy = case.degraded[0]
-    for name, grid, run in (("nlm", NLM_H, _nlm), ("tv", TV_WEIGHT, _tv)):
+    for name, grid, run in (("nlm", NLM_H, nlm), ("tv", TV_WEIGHT, _tv)):
         scores = [metrics.psnr(run(noisy, case.sigma, k), case.target, metrics.CT_WINDOW) for k in grid]
         pred, seconds = baselines(manifest)[name](case)
         assert metrics.psnr(pred, case.target, metrics.CT_WINDOW) == pytest.approx(max(scores))
@@ -246,8 +250,9 @@ def test_bm3d_baseline(ct_denoiser: Path, ct_series: Path, tmp_path: Path) -> No
     assert "bm3d" in _table_rows((tmp_path / "report.md").read_text())
 
 
-def test_bm3d_baseline_not_installed(ct_denoiser: Path, ct_series: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bm3d_baseline_not_installed(
+    ct_denoiser: Path, ct_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A None entry in sys.modules is how Python itself makes an import fail: the package
     cannot be uninstalled for one test."""
     import sys

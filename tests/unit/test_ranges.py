@@ -1,0 +1,140 @@
+"""Training over the conditions a hospital produces (issue 17): each range of a preset's
+degradation is drawn, reaches the images, and keeps fixed conditions reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from train.data import Slab, degrade
+from train.degrade import LowDoseCT, ct_downsample, filter_window, kernel_blur, mr_kspace_truncate, smooth_field
+from train.phantoms import ct_phantom, mr_phantom
+from train.presets import APODISATIONS, PRESETS, RECON_FILTERS, Degradation
+
+
+@pytest.fixture(scope="module")
+def ct_slab() -> Slab:
+    pixels, spacing = ct_phantom(np.random.default_rng(1), size=128, slices=1)
+    return Slab(pixels, spacing)
+
+
+@pytest.fixture(scope="module")
+def mr_slab() -> Slab:
+    pixels, spacing = mr_phantom(np.random.default_rng(1), size=128, slices=1)
+    return Slab(pixels, spacing)
+
+
+def _highpass_power(image: np.ndarray) -> float:
+    return float(np.mean((image - ndimage.gaussian_filter(image, 1.0)) ** 2))
+
+
+def test_filter_windows_run_from_sharp_to_smooth() -> None:
+    f = np.linspace(0.0, 0.5, 501)
+    # the FBP noise power each passes, the integral of |f| W(f)^2: ramp the most, Hann the least
+    noise = [float(np.sum(f * filter_window(name, f) ** 2)) for name in RECON_FILTERS]
+    assert all(float(filter_window(name, f)[0]) == pytest.approx(1.0) for name in RECON_FILTERS)
+    assert noise == sorted(noise, reverse=True) and noise[0] > 5 * noise[-1]
+    assert float(filter_window("hann", f)[-1]) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="unknown reconstruction filter"):
+        filter_window("bone", f)
+
+
+def test_kernel_blur_keeps_the_mean_and_smooths_by_filter(ct_slab: Slab) -> None:
+    hu = ct_slab.pixels[0]
+    powers = [_highpass_power(kernel_blur(hu, name)) for name in RECON_FILTERS]
+    assert powers == sorted(powers, reverse=True)  # smoother filter, less fine detail
+    assert np.array_equal(kernel_blur(hu, "ramp"), hu)
+    assert float(kernel_blur(hu, "hann").mean()) == pytest.approx(float(hu.mean()), abs=0.5)
+
+
+def test_ct_noise_follows_the_filter_and_the_target_is_blurred_alike(ct_slab: Slab) -> None:
+    sim = LowDoseCT()
+    sds, targets = {}, {}
+    for name in ("ramp", "hann"):
+        deg = Degradation("lowdose-ct", dose=(0.25, 0.25), recon_filters=(name,))
+        low, target = degrade(ct_slab, deg, np.random.default_rng(3), sim)
+        sds[name], targets[name] = float(np.std(low[0] - target)), target
+    assert sds["ramp"] > 1.5 * sds["hann"]  # a sharp kernel passes more noise
+    assert np.array_equal(targets["ramp"], ct_slab.pixels[0])
+    assert np.allclose(targets["hann"], kernel_blur(ct_slab.pixels[0], "hann"), atol=1e-3)
+
+
+def test_dose_range_is_drawn_log_uniformly_and_fixed_bounds_reproduce(ct_slab: Slab) -> None:
+    sim = LowDoseCT()
+    wide = Degradation("lowdose-ct", dose=(0.05, 1.0))
+    sds = [float(np.std(np.subtract(*degrade(ct_slab, wide, np.random.default_rng(s), sim)))) for s in range(8)]
+    assert max(sds) > 2.5 * min(sds)  # a decade of dose is ~3x in noise SD
+    fixed = Degradation("lowdose-ct")
+    a = degrade(ct_slab, fixed, np.random.default_rng(5), sim)[0]
+    b = degrade(ct_slab, fixed, np.random.default_rng(5), sim)[0]
+    assert np.array_equal(a, b)
+
+
+def test_post_smoothing_applies_to_input_and_target(ct_slab: Slab) -> None:
+    deg = Degradation("lowdose-ct", recon_filters=("ramp",), post_smooth_px=(1.0, 1.0 + 1e-9))
+    low, target = degrade(ct_slab, deg, np.random.default_rng(0), LowDoseCT())
+    assert _highpass_power(target) < 0.5 * _highpass_power(ct_slab.pixels[0])
+    sharp = degrade(ct_slab, Degradation("lowdose-ct", recon_filters=("ramp",)), np.random.default_rng(0))
+    assert np.std(low[0] - target) < 0.6 * np.std(sharp[0][0] - sharp[1])
+
+
+def test_bias_field_multiplies_input_and_target(mr_slab: Slab) -> None:
+    deg = Degradation("rician", sigma_percent=(0.001, 0.001), bias_field=0.3)
+    low, target = degrade(mr_slab, deg, np.random.default_rng(2), None)
+    ratio = target[mr_slab.pixels[0] > 50] / mr_slab.pixels[0][mr_slab.pixels[0] > 50]
+    assert ratio.max() - ratio.min() > 0.02 and ratio.min() > 0.69 and ratio.max() < 1.31  # strength in [0, 0.3]
+    assert np.allclose(low[0], target, atol=0.01 * float(np.percentile(target, 99.5)))
+    field = smooth_field((64, 64), 0.2, np.random.default_rng(0))
+    assert float(np.abs(field - 1).max()) == pytest.approx(0.2, rel=1e-5)
+
+
+def test_anisotropic_psf_blurs_one_axis_more() -> None:
+    hr = np.random.default_rng(0).normal(0.0, 100.0, (128, 128)).astype(np.float32)
+    low = ct_downsample(hr, 2, (0.0, 4.0))
+    rows_detail = float(np.mean(np.diff(low, axis=0) ** 2))
+    cols_detail = float(np.mean(np.diff(low, axis=1) ** 2))
+    assert cols_detail < 0.7 * rows_detail
+
+
+def test_sr_noise_is_added_to_the_low_resolution_input(ct_slab: Slab) -> None:
+    deg = Degradation("ct-sr", psf_fwhm=(2.0, 2.0), lr_noise=(10.0, 10.0 + 1e-9))
+    low, target = degrade(ct_slab, deg, np.random.default_rng(0))
+    clean = ct_downsample(ct_slab.pixels, 2, (2.0, 2.0))
+    assert float(np.std(low - clean)) == pytest.approx(10.0, rel=0.1)
+    assert np.array_equal(target, ct_slab.pixels[0])
+
+
+@pytest.mark.parametrize("window", APODISATIONS)
+def test_apodisation_keeps_the_mean_and_smooths(mr_slab: Slab, window: str) -> None:
+    hr = mr_slab.pixels[0]
+    plain = mr_kspace_truncate(hr, 2)
+    low = mr_kspace_truncate(hr, 2, window)
+    assert low.shape == plain.shape
+    if window != "none":
+        assert _highpass_power(low) < _highpass_power(plain)
+        assert float(low.mean()) == pytest.approx(float(plain.mean()), rel=0.1)
+
+
+def test_partial_fourier_and_noise(mr_slab: Slab) -> None:
+    hr = mr_slab.pixels[0]
+    full = mr_kspace_truncate(hr, 2)
+    partial = mr_kspace_truncate(hr, 2, partial_fourier=0.6)
+    assert not np.allclose(full, partial) and np.corrcoef(full.ravel(), partial.ravel())[0, 1] > 0.9
+    with pytest.raises(ValueError, match="random generator"):
+        mr_kspace_truncate(hr, 2, noise_sd=1.0)
+    noisy = mr_kspace_truncate(hr, 2, noise_sd=5.0, rng=np.random.default_rng(0))
+    background = full < 1.0
+    assert float(noisy[background].mean()) > 3.0  # Rician: the noise floor of a magnitude image
+
+
+def test_presets_cover_the_ranges_of_issue_17() -> None:
+    ct = PRESETS["ct-denoise"].degradation
+    assert ct.dose[0] <= 0.05 and ct.dose[1] == 1.0 and set(ct.recon_filters) == set(RECON_FILTERS)
+    assert ct.post_smooth_px[1] > 0 and ct.flux[1] / ct.flux[0] >= 4 and ct.electronic_sd[1] > 0
+    mr = PRESETS["mr-denoise"].degradation
+    assert mr.sigma_percent[1] / mr.sigma_percent[0] >= 10 and mr.bias_field > 0
+    sr = PRESETS["ct-sr2"].degradation
+    assert sr.psf_fwhm[0] == 0.0 and sr.psf_fwhm[1] >= 3.0 and sr.lr_noise[1] > 0
+    msr = PRESETS["mr-sr2"].degradation
+    assert set(msr.apodisations) == set(APODISATIONS) and msr.partial_fourier[0] < 0.6 and msr.lr_noise[1] > 0
