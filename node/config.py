@@ -24,6 +24,10 @@ ENV_ADMIN_PASSWORD_HASH = "ENHANCE_NODE_ADMIN_PASSWORD_HASH"
 
 _AE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
+# a denoising route's strength: the share of what the model removes that is taken away
+# (GE's TrueFidelity offers Low/Medium/High the same way); "high" is the model's full output
+STRENGTHS = {"low": 0.5, "medium": 0.75, "high": 1.0}
+QA_POLICIES = ("fail", "deliver-with-warning")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,37 @@ class RouteConfig:
     match: RouteMatch = RouteMatch()
     send_back: bool = False  # also to the destination whose ae_title is the series' calling AE
     forward_original: bool = False  # also send the source series as received (node inline)
+    strength: str = "high"  # denoising: a key of STRENGTHS
+    on_qa_fail: str = "fail"  # a key of QA_POLICIES: what a series the QA gate rejects becomes
+
+
+@dataclass(frozen=True)
+class QALimits:
+    """The worker's QA gate (engines/qa.py, docs/processing.md): a series whose worst slice
+    exceeds any limit is handled by its route's on_qa_fail. The defaults let every shipped
+    model pass on the held-out images of bench/robustness.py and stop gross failures (a blur
+    of 2 pixels, a 10 HU shift, halos round every edge)."""
+
+    max_residual_mean_hu: float = 12.0  # CT: 99th percentile of the 31x31 local mean of what was removed
+    max_removed_ratio: float = 2.0  # SD of what was removed / the input's estimated noise SD
+    max_edge_ratio: float = 3.0  # what was removed at the strongest edges / the noise SD
+    max_inconsistency_percent: float = 3.0  # SR: output averaged back to the input grid vs the input
+    max_overshoot_percent: float = 8.0  # SR: pixels beyond the range of the input around them
+
+    def failures(self, figures: dict[str, float], ct: bool) -> list[str]:
+        """One line per limit the figures exceed (empty: the series passes)."""
+        checks = [
+            ("residual_mean", self.max_residual_mean_hu if ct else None, "HU"),
+            ("removed_ratio", self.max_removed_ratio, "x noise"),
+            ("edge_ratio", self.max_edge_ratio, "x noise"),
+            ("inconsistency", self.max_inconsistency_percent, "%"),
+            ("overshoot", self.max_overshoot_percent, "%"),
+        ]
+        return [
+            f"{name} {figures[name]:.2f} {unit} > {limit:g}"
+            for name, limit, unit in checks
+            if limit is not None and name in figures and figures[name] > limit
+        ]
 
 
 @dataclass(frozen=True)
@@ -103,6 +138,8 @@ class WorkerConfig:
     max_attempts: int = 3
     series_number_offset: int = 1000  # derived SeriesNumber = source + offset
     series_description_suffix: str = " enhanced"  # derived SeriesDescription = source + suffix
+    qa_warning_suffix: str = " QA WARNING"  # added when a route delivers a series its QA failed
+    qa: QALimits = QALimits()
 
 
 @dataclass(frozen=True)
@@ -182,6 +219,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         max_attempts=worker_t.integer("max_attempts", 3, minimum=1, maximum=100),
         series_number_offset=worker_t.integer("series_number_offset", 1000, minimum=0, maximum=2**31 - 1),
         series_description_suffix=worker_t.string("series_description_suffix", " enhanced", pattern=r"[^\\]{0,32}"),
+        qa_warning_suffix=worker_t.string("qa_warning_suffix", " QA WARNING", pattern=r"[^\\]{1,24}"),
+        qa=_parse_qa(reader.table("qa")),
     )
     if worker.stale_after_seconds <= 2 * worker.heartbeat_seconds:
         raise ConfigError(worker_t.key("stale_after_seconds"), "must be more than twice heartbeat_seconds")
@@ -254,6 +293,19 @@ def _parse_destination(t: _Table) -> DestinationConfig:
     return d
 
 
+def _parse_qa(t: _Table) -> QALimits:
+    d = QALimits()
+    limits = QALimits(
+        max_residual_mean_hu=t.number("max_residual_mean_hu", d.max_residual_mean_hu, minimum=0.0),
+        max_removed_ratio=t.number("max_removed_ratio", d.max_removed_ratio, minimum=0.0),
+        max_edge_ratio=t.number("max_edge_ratio", d.max_edge_ratio, minimum=0.0),
+        max_inconsistency_percent=t.number("max_inconsistency_percent", d.max_inconsistency_percent, minimum=0.0),
+        max_overshoot_percent=t.number("max_overshoot_percent", d.max_overshoot_percent, minimum=0.0),
+    )
+    t.done()
+    return limits
+
+
 def _parse_sender(t: _Table) -> SenderConfig:
     cfg = SenderConfig(
         processes=t.integer("processes", 1, minimum=0, maximum=16),
@@ -295,6 +347,8 @@ def _parse_route(t: _Table, destinations: set[str]) -> RouteConfig:
         match=match,
         send_back=t.boolean("send_back", False),
         forward_original=t.boolean("forward_original", False),
+        strength=t.choice("strength", "high", tuple(STRENGTHS)),
+        on_qa_fail=t.choice("on_qa_fail", "fail", QA_POLICIES),
     )
     if r.forward_original and not (r.destinations or r.send_back):
         raise ConfigError(t.key("forward_original"), "needs destinations or send_back")

@@ -75,10 +75,17 @@ class Processing:
     backend: str
     at: dt.datetime  # aware; written in the node's local time zone
     device_uid: str = ""
+    strength: str = ""  # denoising: the route's strength (config STRENGTHS), recorded in the description
+    qa_warning: str = ""  # what the QA gate found, when the route delivers a series it failed
 
     @property
     def description(self) -> str:
-        return f"{self.model} {self.version} ({self.backend})"
+        text = f"{self.model} {self.version} ({self.backend})"
+        if self.strength:
+            text += f", strength {self.strength}"
+        if self.qa_warning:
+            text += f"; QA WARNING: {self.qa_warning}"
+        return text
 
 
 def derived_uid(source_uid: str, model: str, version: str) -> UID:

@@ -40,5 +40,14 @@ class EngineFailure(EnhanceNodeError):
     """An engine returned output that cannot be written (non-finite values): a model fault."""
 
 
+class QAFailed(EnhanceNodeError):
+    """The worker's QA gate rejected a series and its route says fail (permanent); `figures`
+    are what was measured, for the ledger."""
+
+    def __init__(self, reason: str, figures: dict[str, object]) -> None:
+        super().__init__(reason)
+        self.figures = figures
+
+
 class UsageError(EnhanceNodeError):
     """A command was asked for something it cannot do with these arguments; the CLI exits 2."""

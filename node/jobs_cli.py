@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,12 @@ def _show(engine: Any, job_id: int) -> int:
         print(f"  output     {j['output_series_uid']} ({j['output_count']} instances, {j['backend']})")
     if j["timings"]:
         print(f"  timings    {j['timings']}")
+    print(f"  strength   {j['strength']}, on QA failure: {j['on_qa_fail']}")
+    if j["qa"]:
+        qa = json.loads(j["qa"])
+        figures = ", ".join(f"{k} {v:.2f}" for k, v in qa["figures"].items())
+        verdict = "passed" if qa["passed"] else "FAILED: " + "; ".join(qa["failures"])
+        print(f"  qa         {verdict} ({figures})")
     if j["error"]:
         print(f"  error      {j['error']}")
     for d in detail.deliveries:

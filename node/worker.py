@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pydicom
@@ -25,12 +25,14 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
+from engines import qa
 from engines.base import Engine
 from engines.pipeline import enhance_volume
+from engines.qa import apply_strength
 from engines.registry import EngineOptions, open_engine
-from node.config import WorkerConfig
+from node.config import STRENGTHS, WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
-from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError
+from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from node.heartbeat import heartbeating
 from node.series import Frame, frames, ordered
 from storage.deliveries import Outgoing
@@ -52,6 +54,8 @@ class Result:
     backend: str
     timings: dict[str, float] = field(default_factory=dict)
     outputs: list[Outgoing] = field(default_factory=list)  # what the deliveries will send
+    qa: dict[str, object] = field(default_factory=dict)  # figures, failures, verdict (engines/qa.py)
+    qa_failures: list[str] = field(default_factory=list)  # the limits exceeded (delivered with a warning)
 
 
 def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
@@ -121,19 +125,43 @@ def process(
     modality = str(items[0].dataset.get("Modality", ""))
     if modality not in manifest.modalities:
         raise InvalidDataset(0xC000, f"model {manifest.name} takes {'/'.join(manifest.modalities)}, not {modality}")
-    proc = Processing(
-        manifest.name, manifest.version, manifest.task, manifest.scale, engine.backend, now(), device_uid()
-    )
     output_uid = derived_uid(job.series_instance_uid, manifest.name, manifest.version)
     groups: dict[tuple[int, ...], list[Frame]] = defaultdict(list)
     for item in items:  # a series may mix matrix sizes (e.g. a localizer): each size is a volume
         groups[item.pixels.shape].append(item)
+    denoise, ct = manifest.task == "denoise", modality == "CT"
+    strength = STRENGTHS[job.strength] if denoise else 1.0
     enhanced: dict[tuple[int, int], NDArray[np.float32]] = {}  # (object, frame) -> pixels
+    figures: dict[str, float] = {}  # the worst of each QA figure over the groups
     for group in groups.values():
         group = ordered(group)  # slices (or frames of enhanced objects) along the slice normal
+        source = np.stack([f.pixels for f in group])
         with _timed(timings, "infer"):
-            volume = enhance_volume(engine, np.stack([f.pixels for f in group]), engines.cfg.max_batch)
+            volume = enhance_volume(engine, source, engines.cfg.max_batch)
+            if strength < 1.0:
+                volume = apply_strength(source, volume, strength)
+        with _timed(timings, "qa"):
+            for name, value in qa.measure(source, volume, manifest.task, manifest.scale, ct).items():
+                figures[name] = max(figures.get(name, value), value)
         enhanced.update({(id(f.dataset), f.index): v for f, v in zip(group, volume, strict=True)})
+    failures = engines.cfg.qa.failures(figures, ct)
+    report: dict[str, object] = {"figures": figures, "failures": failures, "passed": not failures}
+    if failures and job.on_qa_fail == "fail":
+        raise QAFailed(f"QA failed: {'; '.join(failures)}", report)
+    warning = "; ".join(failures)
+    proc = Processing(
+        manifest.name,
+        manifest.version,
+        manifest.task,
+        manifest.scale,
+        engine.backend,
+        now(),
+        device_uid(),
+        job.strength if denoise else "",
+        warning,
+    )
+    if warning:
+        settings = replace(settings, description_suffix=settings.description_suffix + engines.cfg.qa_warning_suffix)
     written: list[Outgoing] = []
     for ds in {id(f.dataset): f.dataset for f in items}.values():  # one output object per source object
         frame_count = int(ds.get("NumberOfFrames", 1) or 1)
@@ -146,7 +174,7 @@ def process(
         with _timed(timings, "write"):
             store.write(path, buffer.getvalue())
         written.append(Outgoing(out.SOPInstanceUID, out.SOPClassUID, out.file_meta.TransferSyntaxUID, path))
-    return Result(output_uid, len(written), manifest.version, engine.backend, dict(timings), written)
+    return Result(output_uid, len(written), manifest.version, engine.backend, dict(timings), written, report, failures)
 
 
 @contextmanager
@@ -158,7 +186,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] += time.perf_counter() - started
 
 
-PERMANENT = (InvalidDataset, ManifestError, EngineUnavailable, EngineFailure)
+PERMANENT = (InvalidDataset, ManifestError, EngineUnavailable, EngineFailure, QAFailed)
 
 
 class Worker:
@@ -190,6 +218,8 @@ class Worker:
             with heartbeating(beat, self.cfg.heartbeat_seconds, f"job {job.id}"):
                 result = process(job, self.queue, self.store, self.engines, self.settings)
         except PERMANENT as exc:
+            if isinstance(exc, QAFailed):
+                self.queue.record_qa(job.id, self.ident, exc.figures, None)
             self.queue.fail(job.id, self.ident, str(exc), permanent=True)
             log.error("job %d failed: %s", job.id, exc)
             return True
@@ -197,6 +227,10 @@ class Worker:
             state = self.queue.fail(job.id, self.ident, f"{type(exc).__name__}: {exc}", permanent=False)
             log.exception("job %d error (now %s)", job.id, state or "no longer ours")
             return True
+        warning = "; ".join(result.qa_failures)
+        self.queue.record_qa(
+            job.id, self.ident, result.qa, f"delivered with a QA warning: {warning}" if warning else None
+        )
         if self.queue.finish(
             job.id,
             self.ident,
@@ -225,4 +259,3 @@ class Worker:
                     stop.wait(IDLE_POLL_S)
         finally:
             self.engines.close()
-

@@ -69,6 +69,8 @@ class Job:
     model: str
     attempts: int
     max_attempts: int
+    strength: str = "high"
+    on_qa_fail: str = "fail"
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,37 @@ class JobQueue:
                 series_instance_uid=row.series_instance_uid,
                 detail=f"job {job_id} attempt {row.attempts} on {worker}",
             )
-        return Job(row.id, row.series_id, row.series_instance_uid, row.route, row.model, row.attempts, row.max_attempts)
+        return Job(
+            row.id,
+            row.series_id,
+            row.series_instance_uid,
+            row.route,
+            row.model,
+            row.attempts,
+            row.max_attempts,
+            row.strength,
+            row.on_qa_fail,
+        )
+
+    def record_qa(self, job_id: int, worker: str, qa: dict[str, object], warning: str | None) -> bool:
+        """Keeps the QA figures of this run of the job; a series delivered although its QA
+        failed (the route's policy) leaves a `job.qa_warning` event saying why."""
+        now = self.now()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.worker == worker, t.jobs.c.state == JOB_RUNNING)
+                .values(qa=json.dumps(qa))
+            )
+            if changed.rowcount and warning:
+                uid = conn.execute(
+                    select(t.series.c.series_instance_uid)
+                    .join(t.jobs, t.jobs.c.series_id == t.series.c.id)
+                    .where(t.jobs.c.id == job_id)
+                ).scalar_one()
+                detail = f"job {job_id}: {warning}"
+                write_event(conn, now, EventKind.JOB_QA_WARNING, series_instance_uid=uid, detail=detail)
+            return bool(changed.rowcount)
 
     def heartbeat(self, job_id: int, worker: str) -> bool:
         """False when the job is no longer this worker's (re-queued as stale, or cancelled)."""
@@ -394,6 +426,9 @@ def _insert_job(
                 output_count=0,
                 timings="",
                 destinations=json.dumps([{"name": x.name, "max_attempts": x.max_attempts} for x in targets]),
+                strength=route.strength,
+                on_qa_fail=route.on_qa_fail,
+                qa="",
             )
         )
     )

@@ -53,6 +53,7 @@ class EventKind(enum.StrEnum):
     JOB_DONE = "job.done"
     JOB_RETRY = "job.retry"
     JOB_FAILED = "job.failed"
+    JOB_QA_WARNING = "job.qa_warning"  # delivered although the QA gate failed it (route policy)
     JOB_REQUEUED = "job.requeued"
     JOB_RESUBMITTED = "job.resubmitted"  # by an admin: `enhance-node jobs retry`
     DELIVERY_QUEUED = "delivery.queued"

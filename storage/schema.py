@@ -173,6 +173,9 @@ jobs = Table(
     Column("output_count", Integer, nullable=False, default=0),
     Column("timings", Text, nullable=False, default=""),  # JSON: seconds per stage
     Column("destinations", Text, nullable=False, default="[]"),  # JSON: where the output goes (routing)
+    Column("strength", String(16), nullable=False, default="high"),  # the route's, at routing
+    Column("on_qa_fail", String(32), nullable=False, default="fail"),  # the route's QA policy, at routing
+    Column("qa", Text, nullable=False, default=""),  # JSON: the worker's QA figures, failures and verdict
     Index("ix_jobs_state", "state", "id"),
     Index("ux_jobs_series_route_generation", "series_id", "route", "generation", unique=True),
 )

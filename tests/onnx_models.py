@@ -69,3 +69,12 @@ def nearest_upscale(folder: Path, scale: int = 2, **manifest: object) -> Path:
     node = helper.make_node("Resize", ["input", "", "scales"], ["output"], mode="nearest")
     graph = helper.make_graph([node], "nearest", [x], [y], initializer=[scales])
     return _save(folder, graph, {"task": "sr", "scale": scale, **manifest})
+
+
+def shift(folder: Path, hu: float, **manifest: object) -> Path:
+    """output = input + `hu` Hounsfield units (in the HU normalisation): a denoiser that moves
+    mean HU, which the worker's QA gate must catch."""
+    x, y = _io(1)
+    offset = helper.make_tensor("offset", TensorProto.FLOAT, [1], [hu / (HU.hi - HU.lo)])
+    graph = helper.make_graph([helper.make_node("Add", ["input", "offset"], ["output"])], "shift", [x], [y], [offset])
+    return _save(folder, graph, manifest)

@@ -89,16 +89,16 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
     if deg.kind == "ct-sr":
         fwhm = (_maybe(rng, deg.psf_fwhm), _maybe(rng, deg.psf_fwhm))
         low = ct_downsample(slab.pixels, deg.scale, fwhm)
-        noise = _maybe(rng, deg.lr_noise)
-        if noise > 0:
-            low = (low + rng.normal(0.0, noise, low.shape)).astype(np.float32)
+        lr_sd = _maybe(rng, deg.lr_noise)
+        if lr_sd > 0:
+            low = (low + rng.normal(0.0, lr_sd, low.shape)).astype(np.float32)
         return low, centre
     if deg.kind == "mr-kspace":
         window = _pick(rng, deg.apodisations) or "none"
         alpha = _draw(rng, (0.2, 0.8)) if window == "tukey" else 0.5
         fraction = _maybe(rng, deg.partial_fourier)
-        noise = _maybe(rng, deg.lr_noise, log=True) / 100.0 * float(np.percentile(slab.pixels, 99.5))
-        return mr_kspace_truncate(slab.pixels, deg.scale, window, fraction, noise, rng, alpha), centre
+        lr_sd = _maybe(rng, deg.lr_noise, log=True) / 100.0 * float(np.percentile(slab.pixels, 99.5))
+        return mr_kspace_truncate(slab.pixels, deg.scale, window, fraction, lr_sd, rng, alpha), centre
     raise ValueError(f"unknown degradation {deg.kind!r}")
 
 

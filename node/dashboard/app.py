@@ -8,6 +8,7 @@ made with (ledger engine, live configuration, file store), never from module glo
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -211,6 +212,7 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
             region=region,
             unavailable=unavailable,
             per_delivery=per_delivery,
+            qa=json.loads(detail.job["qa"]) if detail.job["qa"] else None,
         )
 
     @app.get("/jobs/{job_id}/{kind}.png")

@@ -23,11 +23,16 @@ BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 REFUSALS = ("association.rejected", "store.refused")
 
 
-def _histogram(name: str, doc: str, samples: dict[str, list[float]]) -> HistogramMetricFamily:
-    h = HistogramMetricFamily(name, doc, labels=["stage"])
-    for stage, values in sorted(samples.items()):
-        counts = [sum(1 for v in values if v <= b) for b in BUCKETS]
-        h.add_metric([stage], [*((str(b), c) for b, c in zip(BUCKETS, counts, strict=True)), ("+Inf", len(values))],
+QA_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 8, 12, 20, 50)
+
+
+def _histogram(
+    name: str, doc: str, samples: dict[str, list[float]], label: str = "stage", buckets: tuple[float, ...] = BUCKETS
+) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=[label])
+    for key, values in sorted(samples.items()):
+        counts = [sum(1 for v in values if v <= b) for b in buckets]
+        h.add_metric([key], [*((str(b), c) for b, c in zip(buckets, counts, strict=True)), ("+Inf", len(values))],
                      sum(values))  # fmt: skip
     return h
 
@@ -77,6 +82,13 @@ class LedgerCollector(Collector):
             for text in timings:
                 for stage, seconds in json.loads(text).items():
                     stages.setdefault(stage, []).append(float(seconds))
+            qa_figures: dict[str, list[float]] = {}
+            qa_verdicts = {"passed": 0, "failed": 0}
+            for text in conn.execute(select(j.c.qa).where(j.c.qa != "")).scalars():
+                report = json.loads(text)
+                qa_verdicts["passed" if report["passed"] else "failed"] += 1
+                for figure, value in report["figures"].items():
+                    qa_figures.setdefault(figure, []).append(float(value))
             deliveries = conn.execute(select(d.c.state, func.count()).group_by(d.c.state)).all()
             sends = conn.execute(select(d.c.started_at, d.c.finished_at).where(d.c.state == t.DELIVERY_DELIVERED)).all()
             outcomes = conn.execute(select(di.c.outcome, func.count()).group_by(di.c.outcome)).all()
@@ -97,6 +109,17 @@ class LedgerCollector(Collector):
             by_state.add_metric([state], job_counts.get(state, 0))
         yield by_state
         yield _histogram("enhance_stage_seconds", "Seconds per processing stage (done jobs) and per delivery", stages)
+        verdicts = CounterMetricFamily("enhance_qa_jobs", "Job runs checked by the QA gate", labels=["verdict"])
+        for verdict, n in qa_verdicts.items():
+            verdicts.add_metric([verdict], n)
+        yield verdicts
+        yield _histogram(
+            "enhance_qa_figure",
+            "QA figures of checked jobs (worst slice; engines/qa.py)",
+            qa_figures,
+            "figure",
+            QA_BUCKETS,
+        )
         out = GaugeMetricFamily("enhance_deliveries", "Deliveries by state", labels=["state"])
         for state in (t.DELIVERY_PENDING, t.DELIVERY_SENDING, t.DELIVERY_DELIVERED, t.DELIVERY_FAILED):
             out.add_metric([state], delivery_counts.get(state, 0))

@@ -67,6 +67,11 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
             '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nforward_original = true',
             "routes[0].forward_original",
         ),
+        ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nstrength = "max"', "routes[0].strength"),
+        ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\non_qa_fail = "ignore"', "routes[0].on_qa_fail"),
+        ("[qa]\nmax_removed_ratio = -1", "qa.max_removed_ratio"),
+        ("[qa]\nmax_hu = 3", "qa.max_hu"),
+        ('[worker]\nqa_warning_suffix = ""', "worker.qa_warning_suffix"),
         ("[sender]\nprocesses = -1", "sender.processes"),
         ('[dashboard]\nhost = "localhost"', "dashboard.host"),
         ("[dashboard]\nport = 70000", "dashboard.port"),
@@ -152,3 +157,17 @@ def test_ae_add_list_remove_keeps_comments(tmp_path: Path) -> None:
     assert "# my site" in text and "# keep me" in text
     assert "CT01" not in text and "MR01" in text
     assert run("remove", "CT01").returncode == 2
+
+
+def test_route_strength_policy_and_qa_limits(tmp_path: Path) -> None:
+    cfg = parse(
+        '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nstrength = "low"\non_qa_fail = "deliver-with-warning"\n'
+        "[qa]\nmax_residual_mean_hu = 4\nmax_overshoot_percent = 1.5",
+        tmp_path,
+    )
+    route = cfg.routes[0]
+    assert (route.strength, route.on_qa_fail) == ("low", "deliver-with-warning")
+    assert cfg.worker.qa.max_residual_mean_hu == 4.0 and cfg.worker.qa.max_overshoot_percent == 1.5
+    assert cfg.worker.qa.max_removed_ratio == 2.0  # left out: the default
+    defaults = parse('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []', tmp_path).routes[0]
+    assert (defaults.strength, defaults.on_qa_fail) == ("high", "fail")

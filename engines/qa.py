@@ -1,0 +1,133 @@
+"""What an engine did to a series, measured from its own input and output (issue 17): the noise
+level of the input, and per slice the figures the worker's QA gate compares with the limits in
+config.toml ([qa]). Nothing here knows the truth; every figure is one a physicist could take
+from the two series.
+
+Noise level (`noise_sd`): the standard deviation of the input in its flattest places. The
+local SD is taken in 9x9 windows over the object (CT: -300..300 HU after a light smoothing, so
+soft tissue; otherwise above a tenth of the bright signal), and the estimate is the 25th
+percentile of those local SDs divided by 0.92: structure only raises a window's SD, so the
+flattest quarter measures the noise, and the factor corrects the lower quantile of a window
+SD of pure noise (calibrated on white and correlated Gaussian noise, tests/unit/test_qa.py).
+
+Denoising, per slice, over the object (residual r = input - output):
+- `residual_mean`: the 99th percentile of |local mean of r| in 31x31 windows, in image units
+  (HU for CT): a regional shift of the mean, which is what moves Hounsfield units; noise
+  averages out over 961 pixels.
+- `removed_ratio`: SD of r over SD of the noise estimate: about 1 when the engine removed the
+  noise and nothing else; well above 1, it removed anatomy too.
+- `edge_ratio`: RMS of r at the output's strongest edges (the top 10% of its gradient magnitude
+  within the object) over the noise SD: noise does not know where edges are, so removing noise
+  alone leaves this near or below 1, while blurring edges drives it far above (a 2-pixel
+  Gaussian blur of real CT: 1.1-28; the shipped denoiser: 0.15-1.9).
+- `edge_correlation`: the correlation of |r| with the output's gradient magnitude (reported; at
+  low noise it is high even for a good denoiser, since |r| is tiny everywhere).
+
+Super-resolution, per slice:
+- `inconsistency`: RMS of (output averaged back over each scale x scale block - input), in
+  percent of the input's 0.5-99.5 percentile range: the output must explain the input.
+- `overshoot`: the percentage of output pixels outside the range of the 3x3 input pixels around
+  them by more than 2% of that range: halos and ringing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+Array = NDArray[np.float32]
+
+LOCAL_SD_WINDOW = 9
+LOCAL_SD_QUANTILE = 25.0
+LOCAL_SD_CORRECTION = 0.92
+MEAN_WINDOW = 31
+EDGE_PERCENT = 10.0
+CT_TISSUE = (-300.0, 300.0)
+
+
+def object_mask(image: NDArray[np.floating], ct: bool) -> NDArray[np.bool_]:
+    """Where the figures are taken: soft tissue for CT, the object (not the background) otherwise."""
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float64), 2.0)
+    if ct:
+        mask = (smooth > CT_TISSUE[0]) & (smooth < CT_TISSUE[1])
+    else:
+        mask = smooth > 0.1 * float(np.percentile(smooth, 99.5))
+    return np.asarray(ndimage.binary_erosion(mask, iterations=2), np.bool_)
+
+
+def _local_sd(image: NDArray[np.floating], size: int) -> NDArray[np.float64]:
+    x = np.asarray(image, np.float64)
+    mean = ndimage.uniform_filter(x, size)
+    return np.asarray(np.sqrt(np.clip(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0, None)), np.float64)
+
+
+def noise_sd(image: NDArray[np.floating], ct: bool) -> float:
+    """The noise SD of one slice in image units (module docstring); 0 when no object is found."""
+    mask = object_mask(image, ct)
+    if mask.sum() < LOCAL_SD_WINDOW**2:
+        return 0.0
+    local = _local_sd(image, LOCAL_SD_WINDOW)[mask]
+    return float(np.percentile(local, LOCAL_SD_QUANTILE) / LOCAL_SD_CORRECTION)
+
+
+def series_noise_sd(volume: NDArray[np.floating], ct: bool) -> float:
+    """The median of the slices' estimates: one figure for the series."""
+    values = [noise_sd(s, ct) for s in volume]
+    return float(np.median(values)) if values else 0.0
+
+
+def denoise_figures(before: Array, after: Array, sd: float, ct: bool) -> dict[str, float]:
+    mask = object_mask(before, ct)
+    if mask.sum() < MEAN_WINDOW**2:
+        return {}
+    r = np.asarray(before, np.float64) - after
+    local_mean = ndimage.uniform_filter(r, MEAN_WINDOW)
+    gradient = ndimage.gaussian_gradient_magnitude(np.asarray(after, np.float64), 1.0)
+    a, g = np.abs(r[mask]), gradient[mask]
+    corr = float(np.corrcoef(a, g)[0, 1]) if a.std() > 0 and g.std() > 0 else 0.0
+    edges = r[mask][g >= np.percentile(g, 100.0 - EDGE_PERCENT)]
+    return {
+        "residual_mean": float(np.percentile(np.abs(local_mean[mask]), 99.0)),
+        "removed_ratio": float(r[mask].std() / sd) if sd > 0 else 0.0,
+        "edge_ratio": float(np.sqrt(np.mean(edges**2)) / sd) if sd > 0 else 0.0,
+        "edge_correlation": corr,
+    }
+
+
+def sr_figures(low: Array, high: Array, scale: int) -> dict[str, float]:
+    h, w = low.shape[0] * scale, low.shape[1] * scale
+    blocks = np.asarray(high[:h, :w], np.float64).reshape(low.shape[0], scale, low.shape[1], scale).mean(axis=(1, 3))
+    p_lo, p_hi = np.percentile(low, [0.5, 99.5])
+    span = float(p_hi - p_lo) or 1.0
+    lo = np.repeat(np.repeat(ndimage.minimum_filter(low, 3), scale, 0), scale, 1)
+    hi = np.repeat(np.repeat(ndimage.maximum_filter(low, 3), scale, 0), scale, 1)
+    out = np.asarray(high[:h, :w], np.float64)
+    beyond = (out < lo - 0.02 * span) | (out > hi + 0.02 * span)
+    return {
+        "inconsistency": float(100.0 * np.sqrt(np.mean((blocks - low) ** 2)) / span),
+        "overshoot": float(100.0 * beyond.mean()),
+    }
+
+
+def measure(
+    before: NDArray[np.floating], after: NDArray[np.floating], task: str, scale: int, ct: bool
+) -> dict[str, float]:
+    """The series' figures: each the worst over its slices (largest; for `edge_correlation`
+    too), plus `noise_sd` of the input. `before` and `after` are (slices, h, w) in image units."""
+    before = np.asarray(before, np.float32)
+    after = np.asarray(after, np.float32)
+    sd = series_noise_sd(before, ct)
+    worst: dict[str, float] = {"noise_sd": sd}
+    for b, a in zip(before, after, strict=True):
+        figures = denoise_figures(b, a, sd, ct) if task == "denoise" else sr_figures(b, a, scale)
+        for k, v in figures.items():
+            worst[k] = max(worst.get(k, -np.inf), v)
+    return {k: round(v, 4) for k, v in worst.items()}
+
+
+def apply_strength(before: NDArray[np.floating], after: NDArray[np.floating], strength: float) -> Array:
+    """A denoiser's output with only `strength` (0..1] of what it removed taken away: 1 is the
+    model's full output, less keeps part of the original noise texture."""
+    b = np.asarray(before, np.float32)
+    return np.asarray(b - np.float32(strength) * (b - np.asarray(after, np.float32)), np.float32)
