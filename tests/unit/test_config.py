@@ -161,7 +161,8 @@ def test_ae_add_list_remove_keeps_comments(tmp_path: Path) -> None:
 
 def test_route_strength_policy_and_qa_limits(tmp_path: Path) -> None:
     cfg = parse(
-        '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nstrength = "low"\non_qa_fail = "deliver-with-warning"\n'
+        '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nstrength = "low"\n'
+        'on_qa_fail = "deliver-with-warning"\n'
         "[qa]\nmax_residual_mean_hu = 4\nmax_overshoot_percent = 1.5",
         tmp_path,
     )
