@@ -178,7 +178,8 @@ def main() -> int:
             rows.append(row)
             gain = row["node_psnr"] - row["baseline_psnr"]
             print(
-                f"  {item['model']:<10} {item['cell']:<38} node {row['node_psnr']:6.2f}  library {row['library_psnr']:6.2f}"
+                f"  {item['model']:<10} {item['cell']:<38} node {row['node_psnr']:6.2f}"
+                f"  library {row['library_psnr']:6.2f}"
                 f"  {base} {row['baseline_psnr']:6.2f}  gain {gain:+6.2f} dB  p99.9 |node - library| {worst_diff:.1f}"
                 f"{'  QA WARNING' if qa_warning else ''}"
             )
