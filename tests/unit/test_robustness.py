@@ -1,0 +1,64 @@
+"""bench/robustness.py and bench/robustness_node.py: the matrices cover issue 17's conditions,
+a cell scores the model against its baseline on held-out real images, and a series written for
+the node round-trips its pixels."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.pixels import apply_rescale
+
+from bench import robustness
+from bench.robustness_node import write_series
+from engines.manifest import load
+from engines.registry import EngineOptions, open_engine
+from tests.helpers import REPO
+
+
+def test_matrices_cover_the_conditions() -> None:
+    names = {m: [c.name for c in robustness.cells_for(load(REPO / "models" / m))] for m in robustness.HELD_OUT_MODELS}
+    assert len(names["ct-denoise"]) == 16 and {"sharp 5%", "very-smooth 100%"} <= set(names["ct-denoise"])
+    assert any("bias" in n for n in names["mr-denoise"]) and any("1%" in n for n in names["mr-denoise"])
+    assert "area only, noise 0 HU" in names["ct-sr2"] and any("1x3" in n for n in names["ct-sr2"])
+    assert any("pf 5/8" in n for n in names["mr-sr2"]) and any("tukey" in n for n in names["mr-sr2"])
+
+
+@pytest.mark.parametrize("model", ["ct-denoise", "ct-sr2"])
+def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
+    engine = open_engine(REPO / "models" / model, EngineOptions(backend="onnxruntime", device="cpu", threads=1))
+    manifest = engine.manifest
+    held = robustness.held_out_slices("CT", 1)
+    cell = robustness.cells_for(manifest)[5]
+    result = robustness.run_cell(engine, manifest, cell, held, realisations=1, seed=0)
+    base = robustness.baseline_name(manifest, result)
+    row = result.summary(base)
+    assert math.isfinite(row["gain"]) and row["gain"] == pytest.approx(row["model_psnr"] - row[f"{base}_psnr"], abs=1e-3)
+    if manifest.task == "denoise":
+        assert row["input_psnr"] < row["nlm_psnr"] and "model_bias" in row
+    else:
+        assert base in ("lanczos", "bicubic") and "model_bias" not in row
+
+
+def test_verdict_needs_worst_cell_mean_and_bias() -> None:
+    good = {"worst_gain": 0.1, "mean_gain": 1.2, "max_bias": 1.5}
+    assert robustness.verdict(good) == "PASS"
+    assert robustness.verdict({**good, "worst_gain": -0.1}) == "FAIL"
+    assert robustness.verdict({**good, "mean_gain": 0.9}) == "FAIL"
+    assert robustness.verdict({**good, "max_bias": 2.5}) == "FAIL"
+
+
+def test_series_for_the_node_keep_their_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ct = [rng.normal(0, 300, (32, 32)).astype(np.float32) - 200, np.full((32, 32), -3024.0, np.float32)]
+    paths = write_series(tmp_path / "ct", "CT", ct, 0.5, "ct-denoise sharp 5%")
+    for path, image in zip(paths, ct, strict=True):
+        ds = dcmread(path)
+        assert np.array_equal(apply_rescale(ds.pixel_array, ds), np.round(image + 1024) - 1024)
+        assert ds.SeriesDescription == "ct-denoise sharp 5%" and float(ds.PixelSpacing[0]) == 0.5
+    mr = [rng.uniform(0, 3000, (16, 16)).astype(np.float32)]
+    ds = dcmread(write_series(tmp_path / "mr", "MR", mr, 1.0, "mr-denoise")[0])
+    assert np.array_equal(ds.pixel_array, np.round(mr[0]).astype(np.uint16))
