@@ -186,3 +186,34 @@ def test_bad_paths_and_values_get_an_html_message_not_json(client: TestClient) -
     token = csrf(client, "/config")
     port = client.post("/config/dest/add", data={"csrf": token, "name": "p", "ae_title": "P", "host": "h", "port": "x"})
     assert port.status_code == 400 and "port: must be a whole number" in port.text
+
+
+def test_job_page_and_metrics_show_the_qa_figures(
+    client: TestClient, ledger: Ledger, engine: Engine, clock: Clock
+) -> None:
+    from node.config import RouteConfig
+    from storage.jobs import JobQueue
+
+    add_instance(ledger, "1.2.3.100", "1.2.3.100.1")
+    complete(ledger, clock)
+    queue = JobQueue(engine, now=clock)
+    queue.route_complete_series([RouteConfig("r", "ct-denoise", (), strength="medium")], 3)
+    job = queue.claim("w")
+    assert job is not None
+    report = {
+        "figures": {"noise_sd": 18.5, "residual_mean": 14.2, "removed_ratio": 0.9},
+        "failures": ["residual_mean 14.20 HU > 12"],
+        "passed": False,
+    }
+    queue.record_qa(job.id, "w", report, None)
+    queue.fail(job.id, "w", "QA failed: residual_mean 14.20 HU > 12", permanent=True)
+    log_in(client)
+    page = client.get(f"/jobs/{job.id}").text
+    assert 'id="qa-verdict" class="failed">failed<' in page
+    assert "<li>residual_mean 14.20 HU &gt; 12</li>" in page and "<td>noise_sd</td><td>18.500</td>" in page
+    assert "Strength <b>medium</b>" in page
+    metrics = client.get("/metrics").text
+    assert 'enhance_qa_jobs_total{verdict="failed"} 1.0' in metrics
+    assert 'enhance_qa_jobs_total{verdict="passed"} 0.0' in metrics
+    assert 'enhance_qa_figure_count{figure="residual_mean"} 1.0' in metrics
+    assert 'enhance_qa_figure_bucket{figure="residual_mean",le="12"} 0.0' in metrics

@@ -684,3 +684,22 @@ def test_instance_paths_are_the_series_instances(ledger: Ledger, queue: JobQueue
     assert queue.instance_paths(by_uid["1.2.3.4"]) == mine
     assert queue.instance_paths(by_uid["1.2.3.5"]) == [other]
     assert queue.instance_paths(10_000) == []
+
+
+def test_routing_records_strength_and_qa_policy_and_a_run_keeps_its_qa(
+    ledger: Ledger, queue: JobQueue, engine: Engine, clock: Clock
+) -> None:
+    add_series(ledger, "1.2.3.300")
+    complete(ledger, clock)
+    gentle = RouteConfig("gentle", "m", (), strength="low", on_qa_fail="deliver-with-warning")
+    (routed,) = queue.route_complete_series([gentle], MAX_ATTEMPTS)
+    job = queue.claim("w1")
+    assert job is not None and job.id == routed.job_id
+    assert (job.strength, job.on_qa_fail) == ("low", "deliver-with-warning")
+    report = {"figures": {"removed_ratio": 3.1}, "failures": ["removed_ratio 3.10 x noise > 2"], "passed": False}
+    assert not queue.record_qa(job.id, "w2", report, "x")  # not this worker's: nothing changes
+    assert job_row(engine, job.id).qa == ""
+    assert queue.record_qa(job.id, "w1", report, "delivered with a QA warning: removed_ratio 3.10 x noise > 2")
+    assert json.loads(job_row(engine, job.id).qa) == report
+    (warning,) = events(engine, EventKind.JOB_QA_WARNING)
+    assert "removed_ratio 3.10" in warning
