@@ -50,10 +50,10 @@ def check_signature(
     (_, in_shape), (_, out_shape) = inputs[0], outputs[0]
     if len(in_shape) != 4 or len(out_shape) != 4:
         raise ManifestError(f"{where}: input and output must be NCHW (rank 4), got {in_shape} -> {out_shape}")
-    if in_shape[1] != manifest.context_slices:
+    if in_shape[1] != manifest.input_channels:
         raise ManifestError(
-            f"{where}: model.toml says context_slices = {manifest.context_slices}, "
-            f"the ONNX input has {in_shape[1]} channels"
+            f"{where}: model.toml says context_slices = {manifest.context_slices}"
+            f"{' plus a noise map' if manifest.noise_map else ''}, the ONNX input has {in_shape[1]} channels"
         )
     if out_shape[1] not in (1, None) and not isinstance(out_shape[1], str):
         raise ManifestError(f"{where}: the output must have 1 channel, the ONNX graph has {out_shape[1]}")
@@ -65,7 +65,7 @@ def check_signature(
 def check_probe(manifest: ModelManifest, infer: Callable[[Array], Array]) -> None:
     """Runs a tiny batch and checks the output shape against the manifest's task and scale."""
     side = PROBE_SIDE
-    probe = np.zeros((2, manifest.context_slices, side, side + 2), np.float32)
+    probe = np.zeros((2, manifest.input_channels, side, side + 2), np.float32)
     out = infer(probe)
     expected = (2, 1, side * manifest.scale, (side + 2) * manifest.scale)
     if tuple(out.shape) != expected:

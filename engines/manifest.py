@@ -40,6 +40,13 @@ class ModelManifest:
     net: dict[str, Any] = field(default_factory=dict)  # architecture, so the trainer can rebuild it
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # a denoiser told each series' noise level: one more input channel after the context slices,
+    # the series' estimated noise SD in normalised units times the route's strength (DESIGN 3.4)
+    noise_map: bool = False
+
+    @property
+    def input_channels(self) -> int:
+        return self.context_slices + int(self.noise_map)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -50,6 +57,8 @@ class ModelManifest:
             raise ManifestError("an sr model has scale >= 2")
         if self.context_slices < 1 or self.context_slices % 2 != 1:
             raise ManifestError(f"context_slices must be odd and >= 1, got {self.context_slices}")
+        if self.noise_map and self.task != "denoise":
+            raise ManifestError("noise_map is for denoise models")
         if not self.modalities:
             raise ManifestError("modalities must list at least one modality")
         if self.tile.size < 16 or not 0 <= self.tile.overlap < self.tile.size // 2:
@@ -76,6 +85,7 @@ class ModelManifest:
                 net=dict(data.get("net", {})),
                 training=dict(data.get("training", {})),
                 metrics=dict(data.get("metrics", {})),
+                noise_map=_boolean(data.get("noise_map", False)),
             )
         except KeyError as exc:
             raise ManifestError(f"model.toml lacks {exc.args[0]!r}") from None
@@ -90,6 +100,7 @@ class ModelManifest:
             "modalities": list(self.modalities),
             "scale": self.scale,
             "context_slices": self.context_slices,
+            "noise_map": self.noise_map,
             "normalization": self.normalization.as_dict(),
             "tile": {"size": self.tile.size, "overlap": self.tile.overlap},
             "onnx_sha256": self.onnx_sha256,
@@ -97,6 +108,12 @@ class ModelManifest:
             "training": self.training,
             "metrics": self.metrics,
         }
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"noise_map must be true or false, got {value!r}")
+    return value
 
 
 def load(package: Path) -> ModelManifest:

@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 
 from engines.base import Engine
 from engines.normalization import Normalization
+from engines.qa import noise_level
 from engines.tiling import run_tiled
 
 Array = NDArray[np.float32]
@@ -58,8 +59,17 @@ def context_indices(z: int, slices: int, context: int) -> NDArray[np.intp]:
     return np.clip(np.arange(z - half, z + half + 1), 0, slices - 1)
 
 
-def enhance_volume(engine: Engine, pixels: NDArray[np.floating], max_batch: int = 8) -> Array:
-    """(Z, H, W) image units -> (Z, H * scale, W * scale) image units, float32."""
+def enhance_volume(
+    engine: Engine,
+    pixels: NDArray[np.floating],
+    max_batch: int = 8,
+    noise_scale: float = 1.0,
+    noise_sd: float | None = None,
+) -> Array:
+    """(Z, H, W) image units -> (Z, H * scale, W * scale) image units, float32. A model with a
+    noise map gets the series' noise level times `noise_scale` (the route's strength): `noise_sd`
+    in image units when the caller knows it (a benchmark giving the model what it gives NLM),
+    otherwise estimated from the series itself (engines.qa.noise_level), as the node does."""
     m = engine.manifest
     norm, scale = m.normalization, m.scale
     values = np.asarray(pixels, np.float32)
@@ -70,6 +80,9 @@ def enhance_volume(engine: Engine, pixels: NDArray[np.floating], max_batch: int 
         values = np.maximum(values, np.float32(norm.lo))  # noisy air may dip below lo: the net sees lo
     window = norm.window(values)  # per series for percentile normalisation
     x = Normalization.forward(values, window)
+    level = None
+    if m.noise_map:
+        level = (noise_level(x, norm) if noise_sd is None else noise_sd / window[1]) * noise_scale
     z_count = x.shape[0]
     out = _upscale(x, scale)  # what air outside the content box becomes
     rows, cols = content_box(values, norm) if m.task == "denoise" else (slice(0, x.shape[1]), slice(0, x.shape[2]))
@@ -79,6 +92,8 @@ def enhance_volume(engine: Engine, pixels: NDArray[np.floating], max_batch: int 
         for first in range(0, z_count, max_batch):
             zs = range(first, min(z_count, first + max_batch))
             stack = np.stack([crop[context_indices(z, z_count, m.context_slices)] for z in zs])
+            if level is not None:
+                stack = np.concatenate([stack, np.full_like(stack[:, :1], level)], axis=1)
             out[first : first + len(zs), box[0], box[1]] = run_tiled(engine.infer, stack, m.tile, scale, max_batch)[
                 :, 0
             ]

@@ -36,12 +36,16 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from engines.normalization import Normalization
+
 Array = NDArray[np.float32]
 
 LOCAL_SD_WINDOW = 9
 LOCAL_SD_QUANTILE = 25.0
 LOCAL_SD_CORRECTION = 0.92
 MEAN_WINDOW = 31
+NOISE_SLICES = 16  # the series' noise level is the median over at most this many slices, evenly spread
+QA_SLICES = 64  # the figures are taken on at most this many slices, evenly spread (every slice of a short series)
 EDGE_PERCENT = 10.0
 CT_TISSUE = (-300.0, 300.0)
 
@@ -71,9 +75,14 @@ def noise_sd(image: NDArray[np.floating], ct: bool) -> float:
     return float(np.percentile(local, LOCAL_SD_QUANTILE) / LOCAL_SD_CORRECTION)
 
 
+def spread(count: int, most: int) -> list[int]:
+    """At most `most` indices evenly spread over range(count), first and last included."""
+    return sorted(set(np.linspace(0, count - 1, min(count, most)).round().astype(int).tolist())) if count else []
+
+
 def series_noise_sd(volume: NDArray[np.floating], ct: bool) -> float:
-    """The median of the slices' estimates: one figure for the series."""
-    values = [noise_sd(s, ct) for s in volume]
+    """The median of the slices' estimates (NOISE_SLICES of them at most): one figure for the series."""
+    values = [noise_sd(volume[i], ct) for i in spread(len(volume), NOISE_SLICES)]
     return float(np.median(values)) if values else 0.0
 
 
@@ -113,17 +122,28 @@ def sr_figures(low: Array, high: Array, scale: int) -> dict[str, float]:
 def measure(
     before: NDArray[np.floating], after: NDArray[np.floating], task: str, scale: int, ct: bool
 ) -> dict[str, float]:
-    """The series' figures: each the worst over its slices (largest; for `edge_correlation`
-    too), plus `noise_sd` of the input. `before` and `after` are (slices, h, w) in image units."""
+    """The series' figures: each the worst over its slices (QA_SLICES of them at most, evenly
+    spread: a 300-slice series is checked on every fifth), plus `noise_sd` of the input.
+    `before` and `after` are (slices, h, w) in image units."""
     before = np.asarray(before, np.float32)
     after = np.asarray(after, np.float32)
     sd = series_noise_sd(before, ct)
     worst: dict[str, float] = {"noise_sd": sd}
-    for b, a in zip(before, after, strict=True):
+    for i in spread(len(before), QA_SLICES):
+        b, a = before[i], after[i]
         figures = denoise_figures(b, a, sd, ct) if task == "denoise" else sr_figures(b, a, scale)
         for k, v in figures.items():
             worst[k] = max(worst.get(k, -np.inf), v)
     return {k: round(v, 4) for k, v in worst.items()}
+
+
+def noise_level(x: NDArray[np.floating], norm: Normalization) -> float:
+    """The noise map's value for a normalised series (slices, h, w): its estimated noise SD
+    in normalised units. CT is measured in HU (the soft-tissue mask is in HU)."""
+    if norm.kind == "hu":
+        span = norm.hi - norm.lo
+        return series_noise_sd(Normalization.inverse(x, (norm.lo, span)), ct=True) / span
+    return series_noise_sd(x, ct=False)
 
 
 def apply_strength(before: NDArray[np.floating], after: NDArray[np.floating], strength: float) -> Array:

@@ -76,6 +76,11 @@ def add_parsers(sub: Any) -> None:
         help="add w * the squared error of 15x15 local means (mean HU in uniform regions) to the loss",
     )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
+    t.add_argument(
+        "--noise-map",
+        action="store_true",
+        help="denoisers: give the net each series' estimated noise level as an extra input (FFDNet-style)",
+    )
     t.add_argument("--draws", type=int, help="degraded versions (acquisition conditions) of each clean slab")
     t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
     t.add_argument("--width", type=int, help="feature channels")
@@ -180,7 +185,9 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--self-supervised trains denoisers only")
     if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
         raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
-    base_taps, transform = args.base_taps, args.transform
+    base_taps, transform, noise_map = args.base_taps, args.transform, args.noise_map
+    if noise_map and preset.task != "denoise":
+        raise UsageError("--noise-map is for denoisers")
     if args.init_from is not None:  # a fine-tune keeps the base and transform it was trained with unless told
         try:
             source = source_net(args.init_from)
@@ -188,6 +195,7 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         base_taps = source.base_taps if base_taps is None else base_taps
         transform = source.transform if transform is None else transform
+        noise_map = noise_map or source.noise_map
     net = with_overrides(
         preset.net,
         depth=args.depth,
@@ -195,6 +203,7 @@ def _train(args: argparse.Namespace) -> int:
         context_slices=args.context_slices,
         base_taps=base_taps,
         transform=transform,
+        noise_map=noise_map or None,
     )
     deg: Degradation = with_overrides(
         preset.degradation,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from engines.normalization import Normalization
 from engines.pipeline import context_indices
+from engines.qa import noise_level
 from train.degrade import LowDoseCT, ct_downsample, kernel_blur, mr_kspace_truncate, rician, smooth_field
 from train.phantoms import ct_phantom, mr_phantom
 from train.presets import Degradation, Preset
@@ -131,18 +132,28 @@ def volume_slabs(volumes: list[Volume], context: int) -> Iterator[Slab]:
 @dataclass
 class Bank:
     """Normalised full slices: inputs (N, context, h, w) and targets (N, 1, H, W); targets are
-    empty in self-supervised mode."""
+    empty in self-supervised mode. levels (N,): each input's estimated noise SD in normalised
+    units, as the node measures it (engines.qa.noise_level), for nets with a noise map."""
 
     inputs: Array
     targets: Array
+    levels: Array = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def save(self, path: Path) -> None:
-        np.savez(path, inputs=self.inputs, targets=self.targets)
+        np.savez(path, inputs=self.inputs, targets=self.targets, levels=self.levels)
 
     @classmethod
     def load(cls, path: Path) -> Bank:
         with np.load(path) as data:
-            return cls(data["inputs"], data["targets"])
+            levels = data["levels"] if "levels" in data else np.zeros(0, np.float32)
+            return cls(data["inputs"], data["targets"], levels)
+
+    def with_levels(self, norm: Normalization) -> Bank:
+        """The bank with its noise levels (measured now when an older bank lacks them)."""
+        if len(self.levels) == len(self):
+            return self
+        levels = np.array([noise_level(x, norm) for x in self.inputs], np.float32)
+        return Bank(self.inputs, self.targets, levels)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -202,10 +213,11 @@ def load_volumes(paths: list[Path], modality: str) -> list[Volume]:
 
 
 def sample(
-    bank: Bank, rng: np.random.Generator, batch: int, patch: int, scale: int
+    bank: Bank, rng: np.random.Generator, batch: int, patch: int, scale: int, noise_map: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of aligned random patches with random flips and 90-degree rotations; patches that
-    are mostly background (air is near 0 in both normalisations) are redrawn a few times."""
+    are mostly background (air is near 0 in both normalisations) are redrawn a few times. With
+    `noise_map`, each input gets its slice's noise level as one more, constant channel."""
     lo = patch // scale
     xs, ys = [], []
     supervised = bank.targets.shape[0] > 0
@@ -223,6 +235,8 @@ def sample(
             else x
         )
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        if noise_map:
+            x = np.concatenate([x, np.full_like(x[:1], bank.levels[n])])
         xs.append(_augment(x, k, flip))
         ys.append(_augment(y, k, flip))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))

@@ -19,7 +19,7 @@ from engines.manifest import ModelManifest, Tile, dump, sha256_file
 from engines.normalization import Normalization
 from node.errors import EnhanceNodeError, UsageError
 from train.loop import CHECKPOINT, net_from_checkpoint
-from train.presets import PRESETS
+from train.presets import PRESETS, NetSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
     model = net_from_checkpoint(state)
     preset = PRESETS[state["preset"]]
     run = state["run"]
-    context = int(state["net"]["context_slices"])
-    data = onnx_bytes(model, context)
-    error = check_round_trip(model, data, context)
+    spec = NetSpec(**state["net"])
+    context = spec.context_slices
+    data = onnx_bytes(model, spec.input_channels)
+    error = check_round_trip(model, data, spec.input_channels)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.onnx").write_bytes(data)
     history = state["history"]
@@ -90,6 +91,7 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
         modalities=(preset.modality,),
         scale=int(state["net"]["scale"]),
         context_slices=context,
+        noise_map=spec.noise_map,
         normalization=Normalization.from_dict(run["normalization"]),
         tile=Tile(*preset.tile),
         onnx_sha256=sha256_file(out / "model.onnx"),

@@ -183,7 +183,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             dynamic_ncols=True,
         )
         for _ in bar:
-            x, y = sample(bank, rng, preset.batch, preset.patch, scale)
+            x, y = sample(bank, rng, preset.batch, preset.patch, scale, preset.net.noise_map)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 loss = _neighbour_loss(model, x, gen) if cfg.self_supervised else criterion(model(x), y)
@@ -232,8 +232,15 @@ def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.devi
     interpolation and a denoiser's transform, which have no weights (training then adapts the
     weights to the new base or domain)."""
     source, weights = _package_weights(path, model) if path.is_dir() else _checkpoint_weights(path, device)
-    if replace(source, base_taps=net.base_taps, transform=net.transform) != net:
+    if replace(source, base_taps=net.base_taps, transform=net.transform, noise_map=net.noise_map) != net:
         raise ValueError(f"{path}: its net {source.as_dict()} differs from this run's {net.as_dict()}")
+    if net.noise_map and not source.noise_map:  # a blind denoiser gains the map's inputs, weighted 0 to start
+        first = "body.0.weight"
+        old = weights[first]
+        extra = torch.zeros(old.shape[0], net.unshuffle**2, *old.shape[2:], dtype=old.dtype, device=old.device)
+        weights = {**weights, first: torch.cat([old, extra], dim=1)}
+    elif source.noise_map and not net.noise_map:
+        raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")
     model.load_state_dict(weights)
     log.info("starting from the weights in %s", path)
 
@@ -289,11 +296,14 @@ def _banks(cfg: RunConfig, reuse: bool) -> tuple[Bank, Bank]:
         bank = build_bank(preset, slabs, cfg.seed, cfg.workers, cache)
     else:
         bank = build_bank(preset, list(phantom_slabs(preset, preset.phantoms, cfg.seed)), cfg.seed, cfg.workers, cache)
+    if preset.net.noise_map:
+        bank = bank.with_levels(preset.normalization)
     bank.save(path)
     if cfg.self_supervised:
         return bank, bank
     val_slabs = list(phantom_slabs(preset, 4, seed=cfg.seed + 10_000))  # phantoms never seen in training
-    return bank, build_bank(preset, val_slabs, cfg.seed + 10_000, cfg.workers, cache)
+    val = build_bank(preset, val_slabs, cfg.seed + 10_000, cfg.workers, cache)
+    return bank, val.with_levels(preset.normalization) if preset.net.noise_map else val
 
 
 @torch.no_grad()
@@ -304,6 +314,8 @@ def _validate(model: nn.Module, val: Bank, cfg: RunConfig, device: torch.device)
     mse, base = [], []
     for i in range(len(val)):
         x = torch.from_numpy(val.inputs[i : i + 1]).to(device)
+        if cfg.preset.net.noise_map:
+            x = torch.cat([x, torch.full_like(x[:, :1], float(val.levels[i]))], dim=1)
         y = torch.from_numpy(val.targets[i : i + 1]).to(device)
         pred = model(x)
         ref = F.interpolate(_centre(x), size=y.shape[-2:], mode="bicubic") if cfg.preset.net.scale > 1 else _centre(x)

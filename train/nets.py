@@ -33,8 +33,10 @@ class DnCNN(nn.Module):
         self.asinh = spec.transform == "asinh"
         self.factor = spec.unshuffle
         self.centre = spec.context_slices // 2
+        self.context = spec.context_slices
+        self.noise_map = spec.noise_map
         self.offset, self.gain = spec.offset, spec.gain
-        c_in = spec.context_slices * self.factor**2
+        c_in = spec.input_channels * self.factor**2
         c_out = self.factor**2
         layers: list[nn.Module] = [nn.Conv2d(c_in, spec.width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(spec.depth - 2):
@@ -48,16 +50,22 @@ class DnCNN(nn.Module):
         pad_h, pad_w = (-h) % self.factor, (-w) % self.factor
         if self.factor > 1:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        z = (x - self.offset) * self.gain
+        level = x[:, self.context :] * (self.gain * NOISE_MAP_GAIN) if self.noise_map else None
+        z = (x[:, : self.context] - self.offset) * self.gain
         if self.asinh:
             z = _asinh(z)
+        features = z if level is None else torch.cat([z, level], dim=1)
         if self.factor > 1:
-            noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(z, self.factor)), self.factor)
+            noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(features, self.factor)), self.factor)
         else:
-            noise = self.body(z)
+            noise = self.body(features)
         clean = z[:, self.centre : self.centre + 1] - noise
         out = self.offset + (_sinh(clean) if self.asinh else clean) / self.gain
         return out[..., :h, :w]
+
+
+# the noise map enters as SD x gain x this: 20 HU of CT noise (0.005 of the HU window, gain 20) is ~1
+NOISE_MAP_GAIN = 10.0
 
 
 # asinh and sinh from elementwise ops that every ONNX exporter and TensorRT's parser take
@@ -110,6 +118,8 @@ class SRNet(nn.Module):
             raise ValueError("srnet needs scale >= 2, an odd number of context slices and base_taps >= 0")
         if spec.transform != "linear":
             raise ValueError("transform is the noise domain of a dncnn; an srnet works on the linear image")
+        if spec.noise_map:
+            raise ValueError("a noise map is a denoiser's input; an srnet has none")
         self.scale = spec.scale
         self.taps = spec.base_taps
         kernel = lanczos_kernel(spec.scale, self.taps) if self.taps else None

@@ -41,6 +41,13 @@ class NetSpec:
     # logarithmic beyond it, so a 1000 HU air or bone edge is a step of ~2.3 units, not 5, beside
     # 0.1 units of noise; the output is offset + sinh(u - noise) / gain
     transform: str = "linear"
+    # dncnn: one more input channel, the series' estimated noise SD (normalised), as FFDNet's
+    # noise map: the net is told how much to remove instead of guessing it (DESIGN 3.4)
+    noise_map: bool = False
+
+    @property
+    def input_channels(self) -> int:
+        return self.context_slices + int(self.noise_map)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

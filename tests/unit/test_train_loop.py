@@ -40,8 +40,9 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 def tiny(name: str = "mr-denoise", **overrides: Any) -> Preset:
     """A preset small enough for a unit test: 64x64 phantoms, a 3-layer net, a few steps."""
-    settings: dict[str, Any] = dict(net=TINY, phantoms=2, phantom_size=64, epochs=2, steps_per_epoch=3, batch=2,
-                                    patch=32)
+    settings: dict[str, Any] = dict(
+        net=TINY, phantoms=2, phantom_size=64, epochs=2, steps_per_epoch=3, batch=2, patch=32
+    )
     settings.update(overrides)
     return with_overrides(PRESETS[name], **settings)
 
@@ -194,8 +195,9 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
     assert state(tmp_path)["epoch"] == 1
 
 
-def test_resumed_run_equals_an_uninterrupted_one(short_run: RunConfig, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resumed_run_equals_an_uninterrupted_one(
+    short_run: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = RunConfig(short_run.preset, tmp_path, workers=1)
     interrupted(cfg, monkeypatch)
     train(cfg, resume=True)
@@ -355,8 +357,9 @@ def test_self_supervised_needs_images_of_the_presets_modality(tmp_path: Path, no
         train(cfg)
 
 
-def test_self_supervised_resume_equals_an_uninterrupted_run(self_supervised_run: RunConfig, noisy_series: Path,
-                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_self_supervised_resume_equals_an_uninterrupted_run(
+    self_supervised_run: RunConfig, noisy_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = self_supervised(tmp_path, noisy_series)
     interrupted(cfg, monkeypatch)
     train(cfg, resume=True)
@@ -379,7 +382,8 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise() -> None:
     values = [float(ssim(x + sd * torch.randn(x.shape, generator=gen), x)) for sd in (0.01, 0.05, 0.2)]
     assert 1.0 > values[0] > values[1] > values[2]
     assert float(ssim(x, x + 0.1 * torch.randn(x.shape, generator=gen))) == pytest.approx(
-        float(ssim(x + 0.1 * torch.randn(x.shape, generator=gen), x)), abs=0.05)
+        float(ssim(x + 0.1 * torch.randn(x.shape, generator=gen), x)), abs=0.05
+    )
 
 
 def test_ssim_handles_several_channels() -> None:
@@ -423,8 +427,10 @@ def test_mean_term_penalises_a_regional_shift_not_noise_of_the_same_size() -> No
 
 def test_sample_denoise_shapes() -> None:
     rng = np.random.default_rng(0)
-    bank = Bank(rng.uniform(0.2, 1.0, (4, 3, 40, 50)).astype(np.float32),
-                rng.uniform(0.2, 1.0, (4, 1, 40, 50)).astype(np.float32))
+    bank = Bank(
+        rng.uniform(0.2, 1.0, (4, 3, 40, 50)).astype(np.float32),
+        rng.uniform(0.2, 1.0, (4, 1, 40, 50)).astype(np.float32),
+    )
     x, y = sample(bank, rng, 5, 16, 1)
     assert x.shape == (5, 3, 16, 16) and y.shape == (5, 1, 16, 16)
     assert x.dtype == y.dtype == torch.float32
@@ -470,3 +476,45 @@ def test_sample_prefers_patches_with_signal() -> None:
     x, _ = sample(bank, np.random.default_rng(0), 200, 16, 1)
     bright = (x.mean(dim=(1, 2, 3)) > 0.05).float().mean()
     assert float(bright) > 0.7
+
+
+def test_a_blind_denoiser_gains_a_noise_map_that_starts_unused(short_run: RunConfig, tmp_path: Path) -> None:
+    """--noise-map on a blind net's weights: the map's inputs start at weight 0, so the new net
+    gives the blind net's output whatever level it is told; training then learns to use it,
+    and export writes a package whose ONNX input has the extra channel."""
+    from engines.manifest import load
+    from train.export import export
+
+    mapped = with_overrides(short_run.preset, lr=0.0, epochs=1, net=with_overrides(TINY, noise_map=True))
+    cfg = RunConfig(mapped, tmp_path / "mapped", workers=1, init_from=short_run.out / CHECKPOINT)
+    train(cfg)
+    weights = state(cfg.out)["model"]
+    blind = state(short_run.out)["model"]
+    first = weights["body.0.weight"]
+    assert first.shape[1] == blind["body.0.weight"].shape[1] + TINY.unshuffle**2
+    assert torch.equal(first[:, : blind["body.0.weight"].shape[1]], blind["body.0.weight"])
+    assert not first[:, blind["body.0.weight"].shape[1] :].any()
+    net = loop.net_from_checkpoint(state(cfg.out)).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        quiet = net(torch.cat([x, torch.full_like(x, 0.001)], 1))
+        loud = net(torch.cat([x, torch.full_like(x, 0.05)], 1))
+        assert torch.equal(quiet, loud)
+        assert torch.allclose(quiet, loop.net_from_checkpoint(state(short_run.out)).eval()(x))
+    bank = Bank.load(cfg.out / "bank.npz")
+    assert len(bank.levels) == len(bank) and (bank.levels > 0).all()
+    manifest = export(cfg.out / CHECKPOINT, tmp_path / "package")
+    assert manifest.noise_map and load(tmp_path / "package").input_channels == 2
+    with pytest.raises(ValueError, match="noise map"):  # and back: a mapped net's weights fit no blind net
+        train(RunConfig(short_run.preset, tmp_path / "blind", workers=1, init_from=cfg.out / CHECKPOINT))
+
+
+def test_sampled_patches_carry_their_slices_noise_level() -> None:
+    rng = np.random.default_rng(0)
+    inputs = rng.uniform(0.2, 0.4, (3, 1, 48, 48)).astype(np.float32)
+    bank = Bank(inputs, inputs[:, :1].copy(), np.array([0.01, 0.02, 0.03], np.float32))
+    x, _ = sample(bank, rng, 6, 16, 1, noise_map=True)
+    assert x.shape == (6, 2, 16, 16)
+    for patch in x.numpy():
+        level = patch[1, 0, 0]
+        assert np.all(patch[1] == level) and np.isclose(level, [0.01, 0.02, 0.03]).any()

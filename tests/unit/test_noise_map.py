@@ -1,0 +1,70 @@
+"""A denoiser with a noise map (DESIGN 3.4): the manifest declares it and the ONNX graph must
+take the extra channel; the pipeline fills it with the series' noise level (estimated, or
+given), scaled by the route's strength."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import qa
+from engines.manifest import ModelManifest, load
+from engines.pipeline import enhance_volume
+from engines.registry import EngineOptions, open_engine
+from node.errors import ManifestError
+from tests.onnx_models import HU, identity, pick_channel
+
+SPAN = HU.hi - HU.lo
+
+
+def _series(sd: float) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128] - 63.5
+    body = np.where(np.hypot(yy, xx) < 55, 40.0, -1000.0)
+    return (body + rng.normal(0.0, sd, (3, 128, 128))).astype(np.float32)
+
+
+@pytest.fixture
+def level_model(tmp_path: Path) -> Path:
+    """output = the noise-map channel: the pipeline's level comes back as the image."""
+    return pick_channel(tmp_path / "level", 2, 1, context_slices=1, noise_map=True)
+
+
+def _engine(package: Path):  # type: ignore[no-untyped-def]
+    return open_engine(package, EngineOptions(backend="onnxruntime", device="cpu", threads=1))
+
+
+def test_the_pipeline_fills_the_map_with_the_estimated_level(level_model: Path) -> None:
+    engine = _engine(level_model)
+    assert engine.manifest.input_channels == 2
+    series = _series(20.0)
+    out = enhance_volume(engine, series)
+    estimated = qa.series_noise_sd(series, ct=True)
+    assert estimated == pytest.approx(20.0, rel=0.1)
+    body = np.abs(series[0] - 40) < 200
+    assert np.allclose(out[0][body], estimated + HU.lo, atol=0.05)  # the level, de-normalised like an image
+
+
+def test_strength_scales_the_level_and_a_known_sd_replaces_the_estimate(level_model: Path) -> None:
+    engine = _engine(level_model)
+    series = _series(20.0)
+    body = np.abs(series[0] - 40) < 200
+    half = enhance_volume(engine, series, noise_scale=0.5)
+    assert np.allclose(half[0][body], 0.5 * qa.series_noise_sd(series, ct=True) + HU.lo, atol=0.05)
+    told = enhance_volume(engine, series, noise_sd=7.0)
+    assert np.allclose(told[0][body], 7.0 + HU.lo, atol=0.05)
+
+
+def test_the_manifest_and_the_graph_must_agree_on_the_map(tmp_path: Path) -> None:
+    blind_graph = identity(tmp_path / "blind")
+    toml = blind_graph / "model.toml"
+    toml.write_text(toml.read_text().replace("noise_map = false", "noise_map = true"))
+    with pytest.raises(ManifestError, match="plus a noise map, the ONNX input has 1 channels"):
+        _engine(blind_graph)
+    data = load(tmp_path / "blind").as_dict()
+    with pytest.raises(ManifestError, match="noise_map is for denoise"):
+        ModelManifest.from_dict({**data, "task": "sr", "scale": 2})
+    with pytest.raises(ManifestError, match="true or false"):
+        ModelManifest.from_dict({**data, "noise_map": "yes"})
