@@ -242,9 +242,9 @@ def baseline_name(manifest: ModelManifest, result: CellResult) -> str:
 
 
 def evaluate_model(
-    package: Path, slices: int, realisations: int, seed: int, log: Callable[[str], None]
+    package: Path, slices: int, realisations: int, seed: int, log: Callable[[str], None], threads: int = 0
 ) -> dict[str, Any]:
-    engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu"))
+    engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu", threads=threads))
     manifest = engine.manifest
     modality = manifest.modalities[0]
     held = held_out_slices(modality, slices)
@@ -301,11 +301,14 @@ def main() -> int:
     ap.add_argument("--realisations", type=int, default=2, help="noise draws per slice and cell (denoisers)")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
     ap.add_argument("--update-manifest", action="store_true", help="record the matrix in each model.toml")
     args = ap.parse_args()
     results = {}
     for package in _models(args.models, args.only):
-        summary = evaluate_model(package, args.slices, args.realisations, args.seed, lambda s: print(s, flush=True))
+        summary = evaluate_model(
+            package, args.slices, args.realisations, args.seed, lambda s: print(s, flush=True), args.threads
+        )
         results[package.name] = summary
         if args.update_manifest:
             manifest = load(package)

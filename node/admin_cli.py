@@ -81,7 +81,13 @@ def _list_routes(cfg: Config) -> None:
     for n, r in enumerate(cfg.routes):
         m = r.match
         to = ", ".join(r.destinations) or "outbox only"
-        extras = "".join([", send back" if r.send_back else "", ", forward original" if r.forward_original else ""])
+        extras = "".join(
+            [
+                ", send back" if r.send_back else "",
+                ", forward original" if r.forward_original else "",
+                f", strength {r.strength}, on QA failure {r.on_qa_fail}",
+            ]
+        )
         print(
             f"{n}: {r.name:<16} modality {m.modality}, calling AE {m.calling_ae}, description /{m.series_description}/"
             f" -> {r.model} -> {to}{extras}"
@@ -96,7 +102,15 @@ def _list_models(cfg: Config) -> None:
         print(f"(no models under {cfg.worker.models_dir})")
     for package in packages:
         m = load(package)
-        print(f"{m.name} {m.version}: {m.task} x{m.scale} {'/'.join(m.modalities)} ({package})")
+        noise_map = ", told the noise level" if m.noise_map else ""
+        print(f"{m.name} {m.version}: {m.task} x{m.scale} {'/'.join(m.modalities)}{noise_map} ({package})")
+        matrix = m.metrics.get("robustness")
+        if matrix:
+            bias = f", largest ROI bias {matrix['max_bias']:.2f} HU" if "max_bias" in matrix else ""
+            print(
+                f"  robustness ({len(matrix['cells'])} conditions, {matrix['simulator']}): worst "
+                f"{matrix['worst_cell']} {matrix['worst_gain']:+.2f} dB, mean {matrix['mean_gain']:+.2f} dB{bias}"
+            )
         results = m.metrics.get("results", {})
         if results:
             where = ", ".join(str(m.metrics.get(k)) for k in ("degradation", "window") if m.metrics.get(k))

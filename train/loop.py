@@ -314,11 +314,11 @@ def _validate(model: nn.Module, val: Bank, cfg: RunConfig, device: torch.device)
     mse, base = [], []
     for i in range(len(val)):
         x = torch.from_numpy(val.inputs[i : i + 1]).to(device)
+        y = torch.from_numpy(val.targets[i : i + 1]).to(device)
+        ref = F.interpolate(_centre(x), size=y.shape[-2:], mode="bicubic") if cfg.preset.net.scale > 1 else _centre(x)
         if cfg.preset.net.noise_map:
             x = torch.cat([x, torch.full_like(x[:, :1], float(val.levels[i]))], dim=1)
-        y = torch.from_numpy(val.targets[i : i + 1]).to(device)
         pred = model(x)
-        ref = F.interpolate(_centre(x), size=y.shape[-2:], mode="bicubic") if cfg.preset.net.scale > 1 else _centre(x)
         mse.append(float(F.mse_loss(pred, y)))
         base.append(float(F.mse_loss(ref, y)))
     psnr = lambda m: 10 * math.log10(1.0 / max(m, 1e-12))  # noqa: E731

@@ -503,6 +503,9 @@ def test_a_blind_denoiser_gains_a_noise_map_that_starts_unused(short_run: RunCon
         assert torch.allclose(quiet, loop.net_from_checkpoint(state(short_run.out)).eval()(x))
     bank = Bank.load(cfg.out / "bank.npz")
     assert len(bank.levels) == len(bank) and (bank.levels > 0).all()
+    # validation compares with the noisy input, not with the map channel (same validation phantoms)
+    val_input = state(cfg.out)["history"][-1]["val_psnr_input"]
+    assert val_input == pytest.approx(state(short_run.out)["history"][-1]["val_psnr_input"])
     manifest = export(cfg.out / CHECKPOINT, tmp_path / "package")
     assert manifest.noise_map and load(tmp_path / "package").input_channels == 2
     with pytest.raises(ValueError, match="noise map"):  # and back: a mapped net's weights fit no blind net
