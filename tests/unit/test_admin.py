@@ -39,6 +39,7 @@ def test_dest_and_route_edits_keep_every_comment_and_validate(cfg: Path) -> None
     assert [(d.name, d.max_attempts) for d in loaded.destinations] == [("pacs", 5)]
     listed = run_cli(cfg, "route", "list").stdout
     assert listed.splitlines()[0].startswith("0: ct-sr") and "-> ct-sr2 -> pacs, send back" in listed
+    assert "strength high, on QA failure fail" in listed.splitlines()[0]
     assert "PACS@10.0.0.20:104" in run_cli(cfg, "dest", "list").stdout
 
     in_use = run_cli(cfg, "dest", "remove", "pacs")
