@@ -242,7 +242,13 @@ def baseline_name(manifest: ModelManifest, result: CellResult) -> str:
 
 
 def evaluate_model(
-    package: Path, slices: int, realisations: int, seed: int, log: Callable[[str], None], threads: int = 0
+    package: Path,
+    slices: int,
+    realisations: int,
+    seed: int,
+    log: Callable[[str], None],
+    threads: int = 0,
+    bias_draws: int = BIAS_DRAWS,
 ) -> dict[str, Any]:
     engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu", threads=threads))
     manifest = engine.manifest
@@ -251,7 +257,7 @@ def evaluate_model(
     rows: dict[str, dict[str, float]] = {}
     log(f"\n## {manifest.name} {manifest.version}: {len(held)} held-out slices ({', '.join(s.name for s in held)})")
     for cell in cells_for(manifest):
-        result = run_cell(engine, manifest, cell, held, realisations, seed)
+        result = run_cell(engine, manifest, cell, held, realisations, seed, bias_draws)
         base = baseline_name(manifest, result)
         row = result.summary(base)
         row["baseline"] = base  # type: ignore[assignment]
@@ -268,6 +274,11 @@ def evaluate_model(
         "simulator": "bench/acquisition.py",
         "slices": len(held),
         "realisations": realisations if manifest.task == "denoise" else 1,
+        **(
+            {"bias_draws": max(realisations, bias_draws)}
+            if "CT" in manifest.modalities and manifest.task == "denoise"
+            else {}
+        ),
         "images": sorted({s.name.rsplit("#", 1)[0] for s in held}),
         "worst_cell": worst,
         "worst_gain": gains[worst],
@@ -302,12 +313,19 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
+    ap.add_argument("--bias-draws", type=int, default=BIAS_DRAWS, help="CT denoising: draws for the HU bias")
     ap.add_argument("--update-manifest", action="store_true", help="record the matrix in each model.toml")
     args = ap.parse_args()
     results = {}
     for package in _models(args.models, args.only):
         summary = evaluate_model(
-            package, args.slices, args.realisations, args.seed, lambda s: print(s, flush=True), args.threads
+            package,
+            args.slices,
+            args.realisations,
+            args.seed,
+            lambda s: print(s, flush=True),
+            args.threads,
+            args.bias_draws,
         )
         results[package.name] = summary
         if args.update_manifest:
