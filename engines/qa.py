@@ -52,7 +52,7 @@ CT_TISSUE = (-300.0, 300.0)
 
 def object_mask(image: NDArray[np.floating], ct: bool) -> NDArray[np.bool_]:
     """Where the figures are taken: soft tissue for CT, the object (not the background) otherwise."""
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float64), 2.0)
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), 2.0)  # a mask: float32 is enough
     if ct:
         mask = (smooth > CT_TISSUE[0]) & (smooth < CT_TISSUE[1])
     else:
