@@ -17,7 +17,7 @@ from pydicom.pixels import apply_rescale
 from tests.dicom_factory import write_ct_series
 from tests.helpers import REPO, storescu, wait_for
 from tests.integration.test_worker import derived_and_sources, start_node, wait_job_done
-from tests.onnx_models import shift
+from tests.onnx_models import HU, pick_channel, shift
 
 
 def ct_route(model: str, **options: str) -> str:
@@ -84,3 +84,20 @@ def test_strength_scales_what_the_model_removes_and_is_recorded(node_factory, tm
     assert node.query("SELECT strength, on_qa_fail FROM jobs") == [("low", "fail")]
     report = json.loads(node.query("SELECT qa FROM jobs")[0][0])
     assert report["passed"] is True and set(report["figures"]) >= {"noise_sd", "residual_mean", "edge_ratio"}
+
+
+def test_a_noise_map_model_is_told_the_series_noise_level_scaled_by_strength(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A stand-in model whose output is its noise-map channel: the derived pixels are the level
+    the worker gave it, the series' estimated noise SD (20 HU in these phantoms) times 0.5 at
+    strength low, in HU above the window's floor. (Its output fails the QA gate, so the route
+    delivers with a warning.)"""
+    pick_channel(tmp_path / "models" / "level", 2, 1, context_slices=1, noise_map=True)
+    _, _, files = write_ct_series(tmp_path / "series", 2, rows=128, cols=128)
+    routes = ct_route("level", strength="low", on_qa_fail="deliver-with-warning")
+    node = start_node(node_factory, tmp_path / "models", routes)
+    assert storescu(node.port, files).returncode == 0
+    output_uid, _, _ = wait_job_done(node)
+    for path, out, _ in derived_and_sources(node, output_uid, files):
+        told = apply_rescale(dcmread(path).pixel_array, out)[40:88, 40:88] - HU.lo
+        assert np.abs(np.median(told) - 10.0) <= 2.0  # half of ~20 HU
+        assert "strength low" in out.DerivationDescription
