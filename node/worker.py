@@ -46,16 +46,26 @@ OUTBOX_DIR = "outbox"
 IDLE_POLL_S = 0.5
 
 
+@dataclass(frozen=True)
+class QAReport:
+    """What the QA gate measured (the worst of each engines.qa figure) and the limits exceeded."""
+
+    figures: dict[str, float]
+    failures: list[str]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"figures": self.figures, "failures": self.failures, "passed": not self.failures}
+
+
 @dataclass
 class Result:
     output_series_uid: str
     count: int
     model_version: str
     backend: str
+    qa: QAReport
     timings: dict[str, float] = field(default_factory=dict)
     outputs: list[Outgoing] = field(default_factory=list)  # what the deliveries will send
-    qa: dict[str, object] = field(default_factory=dict)  # figures, failures, verdict (engines/qa.py)
-    qa_failures: list[str] = field(default_factory=list)  # the limits exceeded (delivered with a warning)
 
 
 def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
@@ -137,21 +147,15 @@ def process(
         group = ordered(group)  # slices (or frames of enhanced objects) along the slice normal
         source = np.stack([f.pixels for f in group])
         with _timed(timings, "infer"):
-            if manifest.noise_map:  # the model is told a lower noise level: it removes less
-                volume = enhance_volume(engine, source, engines.cfg.max_batch, noise_scale=strength)
-            else:
-                volume = enhance_volume(engine, source, engines.cfg.max_batch)
-                if strength < 1.0:
-                    volume = apply_strength(source, volume, strength)
+            volume = _infer(engine, source, strength, engines.cfg.max_batch)
         with _timed(timings, "qa"):
             for name, value in qa.measure(source, volume, manifest.task, manifest.scale, ct).items():
                 figures[name] = max(figures.get(name, value), value)
         enhanced.update({(id(f.dataset), f.index): v for f, v in zip(group, volume, strict=True)})
-    failures = engines.cfg.qa.failures(figures, ct)
-    report: dict[str, object] = {"figures": figures, "failures": failures, "passed": not failures}
-    if failures and job.on_qa_fail == "fail":
-        raise QAFailed(f"QA failed: {'; '.join(failures)}", report)
-    warning = "; ".join(failures)
+    report = QAReport(figures, engines.cfg.qa.failures(figures, ct))
+    warning = "; ".join(report.failures)
+    if warning and job.on_qa_fail == "fail":
+        raise QAFailed(f"QA failed: {warning}", report.as_dict())
     proc = Processing(
         manifest.name,
         manifest.version,
@@ -177,7 +181,16 @@ def process(
         with _timed(timings, "write"):
             store.write(path, buffer.getvalue())
         written.append(Outgoing(out.SOPInstanceUID, out.SOPClassUID, out.file_meta.TransferSyntaxUID, path))
-    return Result(output_uid, len(written), manifest.version, engine.backend, dict(timings), written, report, failures)
+    return Result(output_uid, len(written), manifest.version, engine.backend, report, dict(timings), written)
+
+
+def _infer(engine: Engine, source: NDArray[np.float32], strength: float, max_batch: int) -> NDArray[np.float32]:
+    """The engine's output at the route's strength: a noise-map model is told a lower noise
+    level (it removes less by its own judgement); a blind one's removal is scaled."""
+    if engine.manifest.noise_map:
+        return enhance_volume(engine, source, max_batch, noise_scale=strength)
+    volume = enhance_volume(engine, source, max_batch)
+    return apply_strength(source, volume, strength) if strength < 1.0 else volume
 
 
 @contextmanager
@@ -230,10 +243,9 @@ class Worker:
             state = self.queue.fail(job.id, self.ident, f"{type(exc).__name__}: {exc}", permanent=False)
             log.exception("job %d error (now %s)", job.id, state or "no longer ours")
             return True
-        warning = "; ".join(result.qa_failures)
-        self.queue.record_qa(
-            job.id, self.ident, result.qa, f"delivered with a QA warning: {warning}" if warning else None
-        )
+        warning = "; ".join(result.qa.failures)
+        note = f"delivered with a QA warning: {warning}" if warning else None
+        self.queue.record_qa(job.id, self.ident, result.qa.as_dict(), note)
         if self.queue.finish(
             job.id,
             self.ident,
