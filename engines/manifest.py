@@ -43,6 +43,9 @@ class ModelManifest:
     # a denoiser told each series' noise level: one more input channel after the context slices,
     # the series' estimated noise SD in normalised units times the route's strength (DESIGN 3.4)
     noise_map: bool = False
+    # a denoiser's output gets the regional mean of what it removed put back (Gaussian sigma in
+    # pixels; engines.pipeline.restore_mean): it may remove noise, not shift mean HU. 0 = off
+    restore_mean_px: float = 0.0
 
     @property
     def input_channels(self) -> int:
@@ -57,6 +60,8 @@ class ModelManifest:
             raise ManifestError("an sr model has scale >= 2")
         if self.context_slices < 1 or self.context_slices % 2 != 1:
             raise ManifestError(f"context_slices must be odd and >= 1, got {self.context_slices}")
+        if self.restore_mean_px < 0 or (self.restore_mean_px and self.task != "denoise"):
+            raise ManifestError("restore_mean_px is a denoiser's, and >= 0")
         if self.noise_map and self.task != "denoise":
             raise ManifestError("noise_map is for denoise models")
         if not self.modalities:
@@ -86,6 +91,7 @@ class ModelManifest:
                 training=dict(data.get("training", {})),
                 metrics=dict(data.get("metrics", {})),
                 noise_map=_boolean(data.get("noise_map", False)),
+                restore_mean_px=float(data.get("restore_mean_px", 0.0)),
             )
         except KeyError as exc:
             raise ManifestError(f"model.toml lacks {exc.args[0]!r}") from None
@@ -101,6 +107,7 @@ class ModelManifest:
             "scale": self.scale,
             "context_slices": self.context_slices,
             "noise_map": self.noise_map,
+            "restore_mean_px": self.restore_mean_px,
             "normalization": self.normalization.as_dict(),
             "tile": {"size": self.tile.size, "overlap": self.tile.overlap},
             "onnx_sha256": self.onnx_sha256,

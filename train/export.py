@@ -92,6 +92,7 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
         scale=int(state["net"]["scale"]),
         context_slices=context,
         noise_map=spec.noise_map,
+        restore_mean_px=preset.restore_mean_px,
         normalization=Normalization.from_dict(run["normalization"]),
         tile=Tile(*preset.tile),
         onnx_sha256=sha256_file(out / "model.onnx"),

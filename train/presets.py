@@ -100,6 +100,7 @@ class Preset:
     draws: int = 1  # degraded versions of each clean slab in the bank (different conditions)
     tile: tuple[int, int] = (512, 32)
     modalities: tuple[str, ...] = field(default=())
+    restore_mean_px: float = 0.0  # the package's restore_mean_px (engines.pipeline.restore_mean)
 
 
 HU = Normalization("hu", -1024.0, 3071.0)
@@ -126,6 +127,7 @@ PRESETS: dict[str, Preset] = {
             phantoms=48,
             draws=2,
             epochs=24,
+            restore_mean_px=16.0,
         ),
         Preset(
             "mr-denoise",

@@ -68,3 +68,21 @@ def test_the_manifest_and_the_graph_must_agree_on_the_map(tmp_path: Path) -> Non
         ModelManifest.from_dict({**data, "task": "sr", "scale": 2})
     with pytest.raises(ManifestError, match="true or false"):
         ModelManifest.from_dict({**data, "noise_map": "yes"})
+
+
+def test_restore_mean_puts_back_a_regional_shift_and_leaves_noise_removal_alone() -> None:
+    from engines.pipeline import restore_mean
+
+    rng = np.random.default_rng(0)
+    clean = _series(0.0)
+    noisy = clean + rng.normal(0.0, 30.0, clean.shape).astype(np.float32)
+    inside = clean > -900
+    shifted = restore_mean(noisy, clean - 10.0, inside, 16.0)  # a denoiser that also moved HU by -10
+    assert abs(float((shifted - clean)[inside].mean())) < 0.5
+    kept = restore_mean(noisy, clean, inside, 16.0)  # one that removed only the noise
+    assert float(np.abs(kept - clean)[inside].std()) < 1.5  # what comes back is the noise's regional mean
+    assert np.array_equal(kept[~inside], clean[~inside])  # air is left alone
+    with pytest.raises(ManifestError, match="restore_mean_px"):
+        ModelManifest.from_dict(
+            {**load(Path(__file__).resolve().parents[2] / "models" / "ct-sr2").as_dict(), "restore_mean_px": 8}
+        )
