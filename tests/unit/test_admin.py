@@ -80,6 +80,8 @@ def test_models_list_shows_each_shipped_model_with_its_held_out_metrics() -> Non
         assert any(line.startswith(f"{name} ") for line in out.stdout.splitlines())
     assert "lanczos    PSNR" in out.stdout and "ROI bias" in out.stdout
     assert "held-out: 5 slices x 8 noise draws (simulated 25% dose" in out.stdout  # ct-denoise's manifest
+    assert "robustness (16 conditions, bench/acquisition.py): worst" in out.stdout
+    assert "ct-denoise 2.0.0: denoise x1 CT, told the noise level" in out.stdout
 
 
 class Ticks:

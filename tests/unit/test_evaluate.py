@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from engines.manifest import load, sha256_file
+from engines.manifest import ModelManifest, dump, load, sha256_file
 from tests.dicom_factory import UID_ROOT, ct_slice
 from train.evaluate import evaluate, record_metrics
 from train.export import export
@@ -148,6 +148,12 @@ def test_record_metrics_keeps_the_package_loadable(
             assert after.metrics["results"][name][key] == pytest.approx(value, abs=1e-4)
     record_metrics(package, denoise_result)  # recording twice replaces, does not nest
     assert load(package).metrics == after.metrics
+    # bench/robustness.py's matrix is kept beside the held-out figures
+    data = load(package).as_dict()
+    data["metrics"] = {**data["metrics"], "robustness": {"worst_gain": -1.0}}
+    dump(ModelManifest.from_dict(data), package / "model.toml")
+    record_metrics(package, denoise_result)
+    assert load(package).metrics["robustness"] == {"worst_gain": -1.0} and load(package).metrics["slices"] == 2
 
 
 def test_no_image_of_the_models_modality(ct_series: Path, tmp_path: Path) -> None:
