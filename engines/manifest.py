@@ -46,6 +46,9 @@ class ModelManifest:
     # a denoiser's output gets the regional mean of what it removed put back (Gaussian sigma in
     # pixels; engines.pipeline.restore_mean): it may remove noise, not shift mean HU. 0 = off
     restore_mean_px: float = 0.0
+    # super-resolution: each output pixel is kept within the range of the 3x3 input pixels round
+    # it (engines.pipeline.clamp_to_input): no halo or overshoot beyond what the input shows
+    clamp_to_input: bool = False
 
     @property
     def input_channels(self) -> int:
@@ -62,6 +65,8 @@ class ModelManifest:
             raise ManifestError(f"context_slices must be odd and >= 1, got {self.context_slices}")
         if self.restore_mean_px < 0 or (self.restore_mean_px and self.task != "denoise"):
             raise ManifestError("restore_mean_px is a denoiser's, and >= 0")
+        if self.clamp_to_input and self.task != "sr":
+            raise ManifestError("clamp_to_input is for sr models")
         if self.noise_map and self.task != "denoise":
             raise ManifestError("noise_map is for denoise models")
         if not self.modalities:
@@ -92,6 +97,7 @@ class ModelManifest:
                 metrics=dict(data.get("metrics", {})),
                 noise_map=_boolean(data.get("noise_map", False)),
                 restore_mean_px=float(data.get("restore_mean_px", 0.0)),
+                clamp_to_input=_boolean(data.get("clamp_to_input", False)),
             )
         except KeyError as exc:
             raise ManifestError(f"model.toml lacks {exc.args[0]!r}") from None
@@ -108,6 +114,7 @@ class ModelManifest:
             "context_slices": self.context_slices,
             "noise_map": self.noise_map,
             "restore_mean_px": self.restore_mean_px,
+            "clamp_to_input": self.clamp_to_input,
             "normalization": self.normalization.as_dict(),
             "tile": {"size": self.tile.size, "overlap": self.tile.overlap},
             "onnx_sha256": self.onnx_sha256,
@@ -119,7 +126,7 @@ class ModelManifest:
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"noise_map must be true or false, got {value!r}")
+        raise TypeError(f"noise_map and clamp_to_input must be true or false, got {value!r}")
     return value
 
 

@@ -102,9 +102,20 @@ def enhance_volume(
     if m.task == "denoise" and m.restore_mean_px > 0:
         inside = values > AIR_HU if norm.kind == "hu" else np.ones(values.shape, bool)
         result = restore_mean(values, result, inside, m.restore_mean_px)
+    if m.task == "sr" and m.clamp_to_input:
+        result = clamp_to_input(values, result, scale)
     if padding is not None:
         result = np.where(_upscale(padding, scale), _upscale(np.asarray(pixels, np.float32), scale), result)
     return result
+
+
+def clamp_to_input(low: Array, high: Array, scale: int) -> Array:
+    """Each output pixel within [min, max] of the 3x3 input pixels round the one it lies in:
+    the anti-ringing guard of image scalers. What the net adds cannot overshoot an edge (halos)
+    or push noise beyond the input's local range; real detail inside the range is kept."""
+    lo = _upscale(ndimage.minimum_filter(low, size=(1, 3, 3), mode="nearest"), scale)
+    hi = _upscale(ndimage.maximum_filter(low, size=(1, 3, 3), mode="nearest"), scale)
+    return np.clip(high, lo, hi).astype(np.float32)
 
 
 RESTORE_STEP = 4  # the regional mean is taken on a grid this many times coarser (it is smooth)

@@ -66,6 +66,8 @@ def test_the_manifest_and_the_graph_must_agree_on_the_map(tmp_path: Path) -> Non
     data = load(tmp_path / "blind").as_dict()
     with pytest.raises(ManifestError, match="noise_map is for denoise"):
         ModelManifest.from_dict({**data, "task": "sr", "scale": 2})
+    with pytest.raises(ManifestError, match="clamp_to_input is for sr"):
+        ModelManifest.from_dict({**data, "clamp_to_input": True})
     with pytest.raises(ManifestError, match="true or false"):
         ModelManifest.from_dict({**data, "noise_map": "yes"})
 
@@ -86,3 +88,20 @@ def test_restore_mean_puts_back_a_regional_shift_and_leaves_noise_removal_alone(
         ModelManifest.from_dict(
             {**load(Path(__file__).resolve().parents[2] / "models" / "ct-sr2").as_dict(), "restore_mean_px": 8}
         )
+
+
+def test_clamp_to_input_removes_halos_and_keeps_what_lies_within_the_input(tmp_path: Path) -> None:
+    from engines.pipeline import clamp_to_input
+
+    low = np.zeros((1, 8, 8), np.float32)
+    low[:, :, 4:] = 100.0
+    high = np.kron(low, np.ones((1, 2, 2), np.float32))
+    ringing = high.copy()
+    ringing[:, :, 7] = -30.0  # undershoot before the edge
+    ringing[:, :, 8] = 130.0  # overshoot after it
+    ringing[:, :, 2] = 50.0  # inside a flat region: beyond the range of its neighbours
+    clamped = clamp_to_input(low, ringing, 2)
+    assert clamped[0, 0, 7] == 0.0 and clamped[0, 0, 8] == 100.0 and clamped[0, 0, 2] == 0.0
+    smooth_edge = high.copy()
+    smooth_edge[:, :, 7:9] = 50.0  # an edge drawn at half height: within the input's range there
+    assert np.array_equal(clamp_to_input(low, smooth_edge, 2), smooth_edge)
