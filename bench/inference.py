@@ -57,7 +57,7 @@ def conv_flops(model: Path) -> float:
         if isinstance(m, torch.nn.Conv2d):
             m.register_forward_hook(hook)
     with torch.inference_mode():
-        net(torch.zeros(1, load(model).context_slices, SIDE, SIDE))
+        net(torch.zeros(1, load(model).input_channels, SIDE, SIDE))
     return total
 
 
@@ -92,8 +92,9 @@ def torch_eager(model: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def throughput(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: float = 8.0) -> float:
-    x = np.random.default_rng(0).uniform(0.2, 0.3, (batch, 1, SIDE, SIDE)).astype(np.float32)
+def throughput(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: float = 8.0, channels: int = 1) -> float:
+    """Slices per second; `channels` = the model's input channels (a noise map is one more)."""
+    x = np.random.default_rng(0).uniform(0.2, 0.3, (batch, channels, SIDE, SIDE)).astype(np.float32)
     infer(x)  # warm-up (CUDA graph capture, allocator, ORT first run)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds or done < 2 * batch:
@@ -173,7 +174,8 @@ def main() -> int:
     print(f"model {manifest.name} {manifest.version}: {flops / 1e9:.2f} GFLOP per {SIDE}x{SIDE} slice")
     print(f"device {device} ({platform.processor() or platform.machine()}); peak: {peak_note}\n")
     rows: list[tuple[str, Engine | None, float, str]] = []
-    baseline = throughput(torch_eager(args.model, device), args.batch, args.seconds)
+    channels = manifest.input_channels
+    baseline = throughput(torch_eager(args.model, device), args.batch, args.seconds, channels)
     rows.append(("torch eager FP32", None, baseline, "fp32"))
     for name in ["onnxruntime", "torch"] if device == "cpu" else ["torch", "tensorrt"]:
         try:
@@ -183,7 +185,7 @@ def main() -> int:
             continue
         precision = "fp32" if device == "cpu" else "fp16"
         label = name if name != "torch" else "torch backend " + ("FP32" if device == "cpu" else "FP16 + CUDA graphs")
-        rows.append((label, engine, throughput(engine.infer, args.batch, args.seconds), precision))
+        rows.append((label, engine, throughput(engine.infer, args.batch, args.seconds, channels), precision))
     print(f"| backend | slices/s | vs torch eager | % of peak ({device}) | {args.slices}-slice series s |")
     print("|---|---:|---:|---:|---:|")
     for label, engine, rate, precision in rows:

@@ -25,9 +25,10 @@ pytestmark = [
 def test_cuda_fp16_matches_onnxruntime(name: str) -> None:
     """FP16 on the GPU within 2e-3 of FP32 on the CPU (normalised units; ~8 HU worst pixel for
     CT over a 4095-HU window, far below the noise the models remove)."""
-    x = np.random.default_rng(0).uniform(0.2, 0.35, (4, 1, 128, 96)).astype(np.float32)
     gpu = open_engine(MODELS / name, EngineOptions(backend="torch", device="cuda:0"))
     cpu = open_engine(MODELS / name, EngineOptions(backend="onnxruntime", device="cpu"))
+    channels = cpu.manifest.input_channels  # a noise-map denoiser takes its level as a channel
+    x = np.random.default_rng(0).uniform(0.2, 0.35, (4, channels, 128, 96)).astype(np.float32)
     assert (gpu.backend, gpu.device) == ("torch", "cuda:0")
     np.testing.assert_allclose(gpu.infer(x), cpu.infer(x), atol=2e-3)
 
@@ -35,10 +36,11 @@ def test_cuda_fp16_matches_onnxruntime(name: str) -> None:
 def test_auto_picks_a_gpu_backend_and_replays_cuda_graphs() -> None:
     engine = open_engine(MODELS / "ct-denoise")
     assert engine.device.startswith("cuda") and engine.backend in ("tensorrt", "torch")
-    x = np.random.default_rng(1).uniform(0.2, 0.3, (8, 1, 512, 512)).astype(np.float32)
+    c = engine.manifest.input_channels
+    x = np.random.default_rng(1).uniform(0.2, 0.3, (8, c, 512, 512)).astype(np.float32)
     first, second = engine.infer(x), engine.infer(x)  # the second call replays the captured graph
     np.testing.assert_array_equal(first, second)
-    y = np.random.default_rng(2).uniform(0.2, 0.3, (8, 1, 512, 512)).astype(np.float32)
+    y = np.random.default_rng(2).uniform(0.2, 0.3, (8, c, 512, 512)).astype(np.float32)
     assert not np.array_equal(engine.infer(y), first)  # the graph reads the new input
 
 

@@ -87,9 +87,10 @@ def test_tensorrt_matches_onnxruntime() -> None:  # pragma: no cover - needs Ten
 @pytest.mark.skipif(not HAS_TORCH, reason="torch/onnx not installed (gpu extra)")
 @pytest.mark.parametrize("name", ["ct-denoise", "mr-sr2"])
 def test_torch_backend_runs_the_onnx_weights(name: str) -> None:
-    x = np.random.default_rng(1).uniform(0.0, 0.6, (2, 1, 48, 40)).astype(np.float32)
     torch_engine = open_engine(MODELS / name, EngineOptions(backend="torch", device="cpu"))
     ort_engine = open_engine(MODELS / name, EngineOptions(backend="onnxruntime", device="cpu"))
+    channels = ort_engine.manifest.input_channels  # ct-denoise: its slice and the noise map
+    x = np.random.default_rng(1).uniform(0.0, 0.6, (2, channels, 48, 40)).astype(np.float32)
     np.testing.assert_allclose(torch_engine.infer(x), ort_engine.infer(x), atol=1e-4)
     assert torch_engine.infer(x).shape == (2, 1, 48 * ort_engine.manifest.scale, 40 * ort_engine.manifest.scale)
 
@@ -104,13 +105,13 @@ def test_torch_backend_needs_the_net_table(tmp_path: Path) -> None:
 
 
 def test_context_slices_must_match_the_graph(tmp_path: Path) -> None:
-    package = edit_manifest(MODELS / "ct-denoise", tmp_path / "pkg", context_slices=3)
+    package = edit_manifest(MODELS / "ct-sr2", tmp_path / "pkg", context_slices=3)
     with pytest.raises(ManifestError, match=r"context_slices = 3.*1 channels"):
         open_engine(package)
 
 
 def test_scale_must_match_the_graph(tmp_path: Path) -> None:
-    package = edit_manifest(MODELS / "ct-denoise", tmp_path / "pkg", task="sr", scale=2)
+    package = identity(tmp_path / "pkg", task="sr", scale=2)  # a graph that keeps the size
     with pytest.raises(ManifestError, match="sr x2"):
         open_engine(package)
 
@@ -122,11 +123,12 @@ def test_a_fixed_size_graph_is_refused(tmp_path: Path) -> None:
 
 def test_tensor_names_are_checked() -> None:
     manifest = load(MODELS / "ct-denoise")
+    c = manifest.input_channels
     with pytest.raises(ManifestError, match="'input'"):
-        check_signature(manifest, [("x", ["n", 1, "h", "w"])], [("output", ["n", 1, "h", "w"])])
+        check_signature(manifest, [("x", ["n", c, "h", "w"])], [("output", ["n", 1, "h", "w"])])
     with pytest.raises(ManifestError, match="1 channel"):
-        check_signature(manifest, [("input", ["n", 1, "h", "w"])], [("output", ["n", 3, "h", "w"])])
-    check_signature(manifest, [("input", ["n", 1, "h", "w"])], [("output", ["n", 1, "h", "w"])])
+        check_signature(manifest, [("input", ["n", c, "h", "w"])], [("output", ["n", 3, "h", "w"])])
+    check_signature(manifest, [("input", ["n", c, "h", "w"])], [("output", ["n", 1, "h", "w"])])
 
 
 # --- tiling ------------------------------------------------------------------------------------
@@ -182,10 +184,11 @@ def test_tiled_denoiser_matches_the_whole_slice() -> None:
     engine = open_engine(MODELS / "ct-denoise")
     rng = np.random.default_rng(3)
     x = (0.25 + 0.005 * rng.standard_normal((1, 1, 256, 256))).astype(np.float32)
+    x = np.concatenate([x, np.full_like(x, 0.005)], axis=1)  # the noise map: 20 HU
     whole = engine.infer(x)
     tiled = run_tiled(engine.infer, x, Tile(128, 32), 1, 4)
     assert float(np.abs(tiled - whole).max()) * 4095 < 2.0
-    assert float(np.std(whole - x)) * 4095 > 10.0
+    assert float(np.std(whole - x[:, :1])) * 4095 > 10.0
 
 
 # --- the series pipeline ----------------------------------------------------------------------
@@ -322,7 +325,8 @@ def test_denoising_only_the_content_box_changes_nothing_inside_it() -> None:
     """The shipped denoiser on the cropped box gives, inside the body, what it gives on the
     whole slice (the margin is wider than its receptive field); air outside is passed through,
     and the net saw the smaller box."""
-    from engines.pipeline import content_box
+    from engines.pipeline import content_box, restore_mean
+    from engines.qa import noise_level
     from engines.tiling import run_tiled as whole_slice
 
     engine = open_engine(MODELS / "ct-denoise")
@@ -334,8 +338,12 @@ def test_denoising_only_the_content_box_changes_nothing_inside_it() -> None:
     engine.infer = infer  # type: ignore[method-assign]
     rows, cols = content_box(v, engine.manifest.normalization)
     assert seen and all(shape[2:] == (rows.stop - rows.start, cols.stop - cols.start) for shape in seen)
-    x = ((np.maximum(v, -1024) + 1024) / 4095).astype(np.float32)[:, None]
+    clipped = np.maximum(v, -1024).astype(np.float32)
+    x = ((clipped + 1024) / 4095).astype(np.float32)[:, None]
+    level = noise_level(x[:, 0], engine.manifest.normalization)  # the noise map, as the pipeline fills it
+    x = np.concatenate([x, np.full_like(x, level)], axis=1)
     reference = whole_slice(engine.infer, x, engine.manifest.tile, 1, 8)[:, 0] * 4095 - 1024
+    reference = restore_mean(clipped, reference, clipped > -900, engine.manifest.restore_mean_px)
     inside = (slice(None), slice(rows.start + 32, rows.stop - 32), slice(cols.start + 32, cols.stop - 32))
     assert float(np.abs(out[inside] - reference[inside]).max()) < 0.01
     outside = np.ones(v.shape[1:], bool)
