@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.robustness import _window, cells_for, held_out_slices  # noqa: E402
+from bench.robustness import _best_nlm, _window, cells_for, held_out_slices  # noqa: E402
 from engines.manifest import load  # noqa: E402
 from engines.pipeline import enhance_volume  # noqa: E402
 from engines.registry import EngineOptions, open_engine  # noqa: E402
@@ -37,7 +37,7 @@ from node.derive import derived_uid  # noqa: E402
 from tests.dicom_factory import UID_ROOT, ct_slice, mr_slice  # noqa: E402
 from tests.helpers import NodeProcess, free_port, storescu, toml_config, wait_for  # noqa: E402
 from train import metrics  # noqa: E402
-from train.evaluate import nlm, resize  # noqa: E402
+from train.evaluate import resize  # noqa: E402
 
 
 def write_series(folder: Path, modality: str, images: list[np.ndarray], spacing: float, description: str) -> list[Path]:
@@ -161,7 +161,7 @@ def main() -> int:
                 # rounding and clipping to the stored range (e.g. MR below 0) aside, the same pixels
                 worst_diff = max(worst_diff, float(np.percentile(np.abs(out - np.round(lib)), 99.9)))
                 if m.task == "denoise":
-                    psnr_base.append(max(metrics.psnr(nlm(low, sigma, h), target, window) for h in (1.0, 1.3)))
+                    psnr_base.append(_best_nlm(low, target, sigma, window))
                 else:
                     up = resize(low, m.scale, Image.Resampling.LANCZOS)
                     psnr_base.append(metrics.psnr(up, target, window))

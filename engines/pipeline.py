@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from engines.base import Engine
 from engines.normalization import Normalization
-from engines.qa import noise_level
+from engines.qa import input_range, noise_level
 from engines.tiling import run_tiled
 
 Array = NDArray[np.float32]
@@ -113,8 +113,7 @@ def clamp_to_input(low: Array, high: Array, scale: int) -> Array:
     """Each output pixel within [min, max] of the 3x3 input pixels round the one it lies in:
     the anti-ringing guard of image scalers. What the net adds cannot overshoot an edge (halos)
     or push noise beyond the input's local range; real detail inside the range is kept."""
-    lo = _upscale(ndimage.minimum_filter(low, size=(1, 3, 3), mode="nearest"), scale)
-    hi = _upscale(ndimage.maximum_filter(low, size=(1, 3, 3), mode="nearest"), scale)
+    lo, hi = input_range(low, scale)
     return np.clip(high, lo, hi).astype(np.float32)
 
 

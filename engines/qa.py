@@ -104,13 +104,22 @@ def denoise_figures(before: Array, after: Array, sd: float, ct: bool) -> dict[st
     }
 
 
+def input_range(low: NDArray[np.floating], scale: int) -> tuple[Array, Array]:
+    """(min, max) of the 3x3 input pixels round the one each output pixel lies in, on the
+    output grid, for (h, w) or (slices, h, w): what SR output may span without overshooting."""
+    size = (1,) * (low.ndim - 2) + (3, 3)
+    lo = ndimage.minimum_filter(low, size=size, mode="nearest")
+    hi = ndimage.maximum_filter(low, size=size, mode="nearest")
+    up = (lambda a: np.repeat(np.repeat(a, scale, -2), scale, -1)) if scale > 1 else (lambda a: a)
+    return np.asarray(up(lo), np.float32), np.asarray(up(hi), np.float32)
+
+
 def sr_figures(low: Array, high: Array, scale: int) -> dict[str, float]:
     h, w = low.shape[0] * scale, low.shape[1] * scale
     blocks = np.asarray(high[:h, :w], np.float64).reshape(low.shape[0], scale, low.shape[1], scale).mean(axis=(1, 3))
     p_lo, p_hi = np.percentile(low, [0.5, 99.5])
     span = float(p_hi - p_lo) or 1.0
-    lo = np.repeat(np.repeat(ndimage.minimum_filter(low, 3), scale, 0), scale, 1)
-    hi = np.repeat(np.repeat(ndimage.maximum_filter(low, 3), scale, 0), scale, 1)
+    lo, hi = input_range(low, scale)
     out = np.asarray(high[:h, :w], np.float64)
     beyond = (out < lo - 0.02 * span) | (out > hi + 0.02 * span)
     return {
@@ -120,14 +129,20 @@ def sr_figures(low: Array, high: Array, scale: int) -> dict[str, float]:
 
 
 def measure(
-    before: NDArray[np.floating], after: NDArray[np.floating], task: str, scale: int, ct: bool
+    before: NDArray[np.floating],
+    after: NDArray[np.floating],
+    task: str,
+    scale: int,
+    ct: bool,
+    sd: float | None = None,
 ) -> dict[str, float]:
     """The series' figures: each the worst over its slices (QA_SLICES of them at most, evenly
-    spread: a 300-slice series is checked on every fifth), plus `noise_sd` of the input.
-    `before` and `after` are (slices, h, w) in image units."""
+    spread: a 300-slice series is checked on every fifth), plus `noise_sd` of the input (`sd`
+    when the caller has estimated it already). `before` and `after` are (slices, h, w) in image
+    units."""
     before = np.asarray(before, np.float32)
     after = np.asarray(after, np.float32)
-    sd = series_noise_sd(before, ct)
+    sd = series_noise_sd(before, ct) if sd is None else sd
     worst: dict[str, float] = {"noise_sd": sd}
     for i in spread(len(before), QA_SLICES):
         b, a = before[i], after[i]

@@ -146,10 +146,12 @@ def process(
     for group in groups.values():
         group = ordered(group)  # slices (or frames of enhanced objects) along the slice normal
         source = np.stack([f.pixels for f in group])
+        with _timed(timings, "qa"):  # once a series: the noise map's level and the QA gate's
+            sd = qa.series_noise_sd(source, ct)
         with _timed(timings, "infer"):
-            volume = _infer(engine, source, strength, engines.cfg.max_batch)
+            volume = _infer(engine, source, strength, sd, engines.cfg.max_batch)
         with _timed(timings, "qa"):
-            for name, value in qa.measure(source, volume, manifest.task, manifest.scale, ct).items():
+            for name, value in qa.measure(source, volume, manifest.task, manifest.scale, ct, sd).items():
                 figures[name] = max(figures.get(name, value), value)
         enhanced.update({(id(f.dataset), f.index): v for f, v in zip(group, volume, strict=True)})
     report = QAReport(figures, engines.cfg.qa.failures(figures, ct))
@@ -184,11 +186,14 @@ def process(
     return Result(output_uid, len(written), manifest.version, engine.backend, report, dict(timings), written)
 
 
-def _infer(engine: Engine, source: NDArray[np.float32], strength: float, max_batch: int) -> NDArray[np.float32]:
+def _infer(
+    engine: Engine, source: NDArray[np.float32], strength: float, noise_sd: float, max_batch: int
+) -> NDArray[np.float32]:
     """The engine's output at the route's strength: a noise-map model is told a lower noise
-    level (it removes less by its own judgement); a blind one's removal is scaled."""
+    level (`noise_sd`, the series' estimate, times the strength: it removes less by its own
+    judgement); a blind one's removal is scaled."""
     if engine.manifest.noise_map:
-        return enhance_volume(engine, source, max_batch, noise_scale=strength)
+        return enhance_volume(engine, source, max_batch, noise_scale=strength, noise_sd=noise_sd)
     volume = enhance_volume(engine, source, max_batch)
     return apply_strength(source, volume, strength) if strength < 1.0 else volume
 

@@ -405,5 +405,8 @@ def record_metrics(package: Path, result: dict[str, Any]) -> None:
     manifest = load(package)
     metrics_ = {k: v for k, v in result.items() if k != "results"}
     metrics_["results"] = {name: {k: round(v, 4) for k, v in m.items()} for name, m in result["results"].items()}
-    kept = {k: v for k, v in manifest.metrics.items() if k == "robustness"}  # bench/robustness.py's, not ours
-    dump(ModelManifest.from_dict({**manifest.as_dict(), "metrics": {**kept, **metrics_}}), package / "model.toml")
+    # replaces this evaluation's keys and keeps the rest (bench/robustness.py's matrix)
+    dump(
+        ModelManifest.from_dict({**manifest.as_dict(), "metrics": {**manifest.metrics, **metrics_}}),
+        package / "model.toml",
+    )
