@@ -14,16 +14,111 @@ from typing import Any
 
 import tomlkit
 
+from core.images import ImageFacts
 from engines.normalization import Normalization
 from node.errors import ManifestError
 
 TASKS = ("denoise", "sr")
+PLANES = ("any", "axial")
+# |slice normal . patient z| at least this is axial: gantry tilts and oblique axials up to ~35 deg
+AXIAL_MIN_COSINE = 0.8
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
 @dataclass(frozen=True)
 class Tile:
     size: int = 512
     overlap: int = 32
+
+
+@dataclass(frozen=True)
+class AppliesTo:
+    """The images a model is made for (model.toml's [applies_to]); the node processes nothing
+    else, whatever a route says. Each check is on header facts (core.images.ImageFacts)."""
+
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER",)  # any of these values in ImageType
+    photometric: tuple[str, ...] = MONOCHROME
+    min_matrix: int = 32  # rows and columns at least
+    max_matrix: int = 4096
+    plane: str = "any"  # "axial": the slice normal within ~37 deg of the patient's z axis
+    pixel_spacing_mm: tuple[float, float] = (0.0, 100.0)
+    sop_classes: tuple[str, ...] = ()  # empty: any image SOP class
+
+    def __post_init__(self) -> None:
+        if self.plane not in PLANES:
+            raise ManifestError(f"applies_to.plane must be one of {PLANES}, got {self.plane!r}")
+        if not 1 <= self.min_matrix <= self.max_matrix:
+            raise ManifestError("applies_to needs 1 <= min_matrix <= max_matrix")
+        lo, hi = self.pixel_spacing_mm
+        if not 0 <= lo <= hi:
+            raise ManifestError("applies_to.pixel_spacing_mm must be [low, high] with 0 <= low <= high")
+
+    def refusal(self, facts: ImageFacts, model: str, modalities: tuple[str, ...]) -> str | None:
+        """Why `model` does not apply to an object with these facts, or None when it does."""
+        if not facts.is_image:
+            return "not an image"
+        if facts.modality.upper() not in (m.upper() for m in modalities):
+            return f"modality {facts.modality or '(none)'} is not {'/'.join(modalities)} ({model})"
+        if self.sop_classes and facts.sop_class_uid not in self.sop_classes:
+            return f"SOP class {facts.sop_class_uid} is not one {model} takes"
+        excluded = [v for v in facts.image_type if v in self.exclude_image_types]
+        if excluded:
+            return f"image type {excluded[0]} ({model} excludes {', '.join(self.exclude_image_types)})"
+        if facts.photometric not in self.photometric:
+            return f"photometric interpretation {facts.photometric or '(none)'} is not {'/'.join(self.photometric)}"
+        small, large = min(facts.rows, facts.columns), max(facts.rows, facts.columns)
+        if small < self.min_matrix or large > self.max_matrix:
+            return f"matrix {facts.rows}x{facts.columns} outside {self.min_matrix}..{self.max_matrix}"
+        if self.plane == "axial":
+            normal = facts.normal
+            if normal is None:
+                return "no image orientation: cannot tell the plane"
+            if abs(normal[2]) < AXIAL_MIN_COSINE:
+                return f"not axial (slice normal {normal[0]:.2f}, {normal[1]:.2f}, {normal[2]:.2f})"
+        lo, hi = self.pixel_spacing_mm
+        if (lo > 0 or hi < 100) and facts.pixel_spacing is None:
+            return "no pixel spacing"
+        if facts.pixel_spacing is not None and not all(lo <= v <= hi for v in facts.pixel_spacing):
+            spacing = "x".join(f"{v:g}" for v in facts.pixel_spacing)
+            return f"pixel spacing {spacing} mm outside {lo:g}..{hi:g} mm"
+        return None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AppliesTo:
+        d = cls()
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise TypeError(f"applies_to: unknown key(s) {', '.join(sorted(unknown))}")
+        spacing = data.get("pixel_spacing_mm", d.pixel_spacing_mm)
+        if not isinstance(spacing, list | tuple) or len(spacing) != 2:
+            raise TypeError("applies_to.pixel_spacing_mm must be [low, high]")
+        return cls(
+            exclude_image_types=tuple(str(v).upper() for v in _strings(data, "exclude_image_types", d)),
+            photometric=tuple(str(v) for v in _strings(data, "photometric", d)),
+            min_matrix=int(data.get("min_matrix", d.min_matrix)),
+            max_matrix=int(data.get("max_matrix", d.max_matrix)),
+            plane=str(data.get("plane", d.plane)),
+            pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
+            sop_classes=tuple(str(v) for v in _strings(data, "sop_classes", d)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exclude_image_types": list(self.exclude_image_types),
+            "photometric": list(self.photometric),
+            "min_matrix": self.min_matrix,
+            "max_matrix": self.max_matrix,
+            "plane": self.plane,
+            "pixel_spacing_mm": list(self.pixel_spacing_mm),
+            "sop_classes": list(self.sop_classes),
+        }
+
+
+def _strings(data: dict[str, Any], key: str, default: AppliesTo) -> tuple[Any, ...]:
+    value = data.get(key, getattr(default, key))
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"applies_to.{key} must be a list")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -49,6 +144,11 @@ class ModelManifest:
     # super-resolution: each output pixel is kept within the range of the 3x3 input pixels round
     # it (engines.pipeline.clamp_to_input): no halo or overshoot beyond what the input shows
     clamp_to_input: bool = False
+    applies_to: AppliesTo = AppliesTo()
+
+    def refusal(self, facts: ImageFacts) -> str | None:
+        """Why this model does not apply to an object (AppliesTo.refusal), or None."""
+        return self.applies_to.refusal(facts, self.name, self.modalities)
 
     @property
     def input_channels(self) -> int:
@@ -78,8 +178,7 @@ class ModelManifest:
     def from_dict(cls, data: dict[str, Any]) -> ModelManifest:
         try:
             tile = data.get("tile", {})
-            if not isinstance(tile, dict):
-                raise TypeError("tile must be a table {size, overlap}")
+            tile = _table(tile, "tile")
             if not isinstance(data["modalities"], list):
                 raise TypeError('modalities must be a list, e.g. ["CT"]')
             return cls(
@@ -98,6 +197,7 @@ class ModelManifest:
                 noise_map=_boolean(data.get("noise_map", False)),
                 restore_mean_px=float(data.get("restore_mean_px", 0.0)),
                 clamp_to_input=_boolean(data.get("clamp_to_input", False)),
+                applies_to=AppliesTo.from_dict(_table(data.get("applies_to", {}), "applies_to")),
             )
         except KeyError as exc:
             raise ManifestError(f"model.toml lacks {exc.args[0]!r}") from None
@@ -115,6 +215,7 @@ class ModelManifest:
             "noise_map": self.noise_map,
             "restore_mean_px": self.restore_mean_px,
             "clamp_to_input": self.clamp_to_input,
+            "applies_to": self.applies_to.as_dict(),
             "normalization": self.normalization.as_dict(),
             "tile": {"size": self.tile.size, "overlap": self.tile.overlap},
             "onnx_sha256": self.onnx_sha256,
@@ -122,6 +223,12 @@ class ModelManifest:
             "training": self.training,
             "metrics": self.metrics,
         }
+
+
+def _table(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a table")
+    return value
 
 
 def _boolean(value: Any) -> bool:

@@ -57,6 +57,9 @@ class NodeConfig:
     receive_processes: int = 0  # SCP processes sharing the port; 0 = one per CPU core (max 8)
     allowed: tuple[AllowedAE, ...] = ()
     tls: TLSConfig | None = None
+    # accept private and unknown SOP classes as storage (pynetdicom's unrestricted storage
+    # service); the standard's storage classes are always accepted
+    accept_unknown_sop_classes: bool = False
 
     def allowed_ae(self, calling_ae: str) -> AllowedAE | None:
         return next((a for a in self.allowed if a.ae_title == calling_ae), None)
@@ -81,6 +84,8 @@ class RouteMatch:
     modality: str = "*"
     calling_ae: str = "*"
     series_description: str = ".*"
+    image_type: tuple[str, ...] = ()  # values every image's ImageType must hold, e.g. ("AXIAL",)
+    sop_classes: tuple[str, ...] = ()  # UIDs; every instance's SOP class must be one; () = any
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ class RouteConfig:
     forward_original: bool = False  # also send the source series as received (node inline)
     strength: str = "high"  # denoising: a key of STRENGTHS
     on_qa_fail: str = "fail"  # a key of QA_POLICIES: what a series the QA gate rejects becomes
+    # models whose output this route may process (a deliberate chain, e.g. ct-sr2 after
+    # ct-denoise); any other enhance-node output is skipped as own output (node/routing.py)
+    chain_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -275,6 +283,7 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
         receive_processes=t.integer("receive_processes", 0, minimum=0, maximum=64),
         allowed=tuple(allowed),
         tls=tls,
+        accept_unknown_sop_classes=t.boolean("accept_unknown_sop_classes", False),
     )
     _check_ip(cfg.host, t.key("host"))
     t.done()
@@ -330,6 +339,8 @@ def _parse_route(t: _Table, destinations: set[str]) -> RouteConfig:
         modality=m.string("modality", "*"),
         calling_ae=m.string("calling_ae", "*"),
         series_description=m.string("series_description", ".*"),
+        image_type=tuple(v.strip().upper() for v in m.optional_string_list("image_type")),
+        sop_classes=tuple(_sop_class(v, m.key("sop_classes")) for v in m.optional_string_list("sop_classes")),
     )
     try:
         re.compile(match.series_description)
@@ -349,11 +360,26 @@ def _parse_route(t: _Table, destinations: set[str]) -> RouteConfig:
         forward_original=t.boolean("forward_original", False),
         strength=t.choice("strength", "high", tuple(STRENGTHS)),
         on_qa_fail=t.choice("on_qa_fail", "fail", QA_POLICIES),
+        chain_from=tuple(t.optional_string_list("chain_from")),
     )
+    if r.model in r.chain_from:
+        raise ConfigError(t.key("chain_from"), f"a model never processes its own output ({r.model!r})")
     if r.forward_original and not (r.destinations or r.send_back):
         raise ConfigError(t.key("forward_original"), "needs destinations or send_back")
     t.done()
     return r
+
+
+def _sop_class(value: str, key: str) -> str:
+    """A SOP Class UID, given as the UID or as its keyword (CTImageStorage)."""
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) and len(value) <= 64:
+        return value
+    from pydicom._uid_dict import UID_dictionary
+
+    for uid, entry in UID_dictionary.items():
+        if entry[4] == value:
+            return uid
+    raise ConfigError(key, f"{value!r} is neither a UID nor a SOP class keyword such as CTImageStorage")
 
 
 def _ae_title(t: _Table, name: str, default: str | None = None, required: bool = False) -> str:
@@ -492,6 +518,12 @@ class _Table:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(self.key(name), "must be a list of strings")
         return value
+
+    def optional_string_list(self, name: str) -> list[str]:
+        if self._data.get(name) is None:
+            self._used.add(name)
+            return []
+        return self.string_list(name)
 
     def table(self, name: str) -> _Table:
         value = self._get(name, False)

@@ -7,12 +7,13 @@ Information header (PS3.10 7.1) and reads identifiers from the header, never pix
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 
 from pydicom import dcmread
 
 import node
+from core.images import ImageFacts, image_facts
 from node import status
 from node.errors import InvalidDataset
 
@@ -32,6 +33,7 @@ class InstanceHeader:
     series_description: str
     instance_number: int | None
     source_ae: str = ""  # from the File Meta Information, when present
+    facts: ImageFacts = field(default_factory=lambda: ImageFacts(""))  # what routing decides on (core/images.py)
 
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -87,6 +89,7 @@ def parse_header(part10: bytes) -> InstanceHeader:
         instance_number = int(number) if number not in (None, "") else None
         ts = str(meta.TransferSyntaxUID)
         source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        facts = image_facts(ds)
     except Exception as exc:  # pydicom raises many kinds on corrupt input; all mean "cannot parse"
         raise InvalidDataset(status.CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}") from None
     for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
@@ -104,6 +107,7 @@ def parse_header(part10: bytes) -> InstanceHeader:
         series_description=description[:64],
         instance_number=instance_number,
         source_ae=source_ae,
+        facts=facts,
     )
 
 

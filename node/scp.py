@@ -14,6 +14,7 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -88,6 +89,13 @@ def quiet_pydicom() -> None:
 
 
 def build_ae(cfg: NodeConfig) -> AE:
+    """The SCP's AE: every storage SOP class pynetdicom knows (the standard's, images, SR, SEG,
+    RT, KO, PR, encapsulated documents, waveforms, raw data) in every transfer syntax, and
+    Verification. With node.accept_unknown_sop_classes, also any private or unknown abstract
+    syntax a peer proposes (pynetdicom's unrestricted storage service, a setting of the SCP
+    process: no other AE runs there); other services' classes (query/retrieve, worklist) are
+    still refused."""
+    pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept_unknown_sop_classes
     ae = AE(ae_title=cfg.ae_title)
     ae.maximum_associations = cfg.max_associations  # per process; OpenAssociations is node-wide
     ae.maximum_pdu_size = cfg.max_pdu_size

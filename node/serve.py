@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -27,9 +28,11 @@ from sqlalchemy.engine import make_url
 
 from node.completion import CompletionLoop
 from node.config import Config
+from node.derive import device_uid
 from node.handlers import OpenAssociations
 from node.live import LiveConfig
 from node.logs import LogSettings, configure_logging, current_settings
+from node.routing import ManifestCache, Router
 from node.scp import StorageSCP
 from node.sender import Sender
 from node.worker import Worker
@@ -99,9 +102,13 @@ def serve(cfg: Config, role: str = "all") -> int:
         dashboard = DashboardServer(Deps(ledger.engine, live, store), cfg.dashboard.host, cfg.dashboard.port)
         dashboard.start()
 
+    manifests: dict[Path, ManifestCache] = {}
+
     def route() -> None:
-        now = live.current()  # routes and destinations as config.toml says now
-        queue.route_complete_series(now.routes, now.worker.max_attempts, now.destinations)
+        now = live.current()  # routes, destinations and models as config.toml says now
+        cache = manifests.setdefault(now.worker.models_dir, ManifestCache(now.worker.models_dir))
+        router = Router(cache, device_uid())
+        queue.route_complete_series(now.routes, now.worker.max_attempts, now.destinations, router.decide)
 
     completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
     completion.start()

@@ -25,8 +25,10 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
+from core.images import image_facts
 from engines import qa
 from engines.base import Engine
+from engines.manifest import ModelManifest
 from engines.pipeline import enhance_volume
 from engines.qa import apply_strength
 from engines.registry import EngineOptions, open_engine
@@ -34,7 +36,8 @@ from node.config import STRENGTHS, WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
 from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from node.heartbeat import heartbeating
-from node.series import Frame, frames, ordered
+from node.routing import applicable, summary
+from node.series import Frame, UnsplittableSeries, frames, stacks
 from storage.deliveries import Outgoing
 from storage.filestore import FileStore
 from storage.jobs import Job, JobQueue
@@ -99,19 +102,32 @@ class Engines:
         self._loaded.clear()
 
 
-def read_frames(store: FileStore, paths: list[str]) -> list[Frame]:
+def read_frames(store: FileStore, paths: list[str], manifest: ModelManifest) -> list[Frame]:
+    """The frames of every object in the series that the model applies to (routing checked
+    the series; objects it does not apply to, such as a localizer in an axial series, are
+    left out); InvalidDataset when none is left, with the reasons."""
     items: list[Frame] = []
+    reasons: list[str] = []
     for rel in paths:
         try:
             ds = pydicom.dcmread(store.abspath(rel))
         except (InvalidDicomError, OSError) as exc:
             raise InvalidDataset(0xC000, f"{rel}: cannot read: {exc}") from None
-        if "PixelData" not in ds:
-            raise InvalidDataset(0xC000, f"{rel}: no pixel data")
+        facts = image_facts(ds)
+        why = applicable(manifest, facts, chained=bool(facts.producers))  # routing let only chains through
+        if why is None and "PixelData" not in ds:
+            why = "no pixel data"
+        if why is not None:
+            reasons.append(why)
+            continue
         try:
             items.extend(frames(ds))
         except (ValueError, NotImplementedError, RuntimeError) as exc:  # pixel decoding
             raise InvalidDataset(0xC000, f"{ds.SOPInstanceUID}: cannot decode pixel data: {exc}") from None
+    if not items:
+        raise InvalidDataset(0xC000, f"{manifest.name} applies to none of the series: {summary(reasons) or 'empty'}")
+    if reasons:
+        log.info("%d object(s) of the series left out: %s", len(reasons), summary(reasons))
     return items
 
 
@@ -129,22 +145,18 @@ def process(
         engine = engines.get(job.model)
     manifest = engine.manifest
     with _timed(timings, "decode"):
-        items = read_frames(store, queue.instance_paths(job.series_id))
-    if not items:
-        raise InvalidDataset(0xC000, f"series {job.series_instance_uid} has no images")
+        items = read_frames(store, queue.instance_paths(job.series_id), manifest)
     modality = str(items[0].dataset.get("Modality", ""))
-    if modality not in manifest.modalities:
-        raise InvalidDataset(0xC000, f"model {manifest.name} takes {'/'.join(manifest.modalities)}, not {modality}")
     output_uid = derived_uid(job.series_instance_uid, manifest.name, manifest.version)
-    groups: dict[tuple[int, ...], list[Frame]] = defaultdict(list)
-    for item in items:  # a series may mix matrix sizes (e.g. a localizer): each size is a volume
-        groups[item.pixels.shape].append(item)
+    try:
+        groups = stacks(items)  # parallel slices, one per position, no gap (docs/processing.md)
+    except UnsplittableSeries as exc:
+        raise InvalidDataset(0xC000, f"series {job.series_instance_uid}: {exc}") from None
     denoise, ct = manifest.task == "denoise", modality == "CT"
     strength = STRENGTHS[job.strength] if denoise else 1.0
     enhanced: dict[tuple[int, int], NDArray[np.float32]] = {}  # (object, frame) -> pixels
     figures: dict[str, float] = {}  # the worst of each QA figure over the groups
-    for group in groups.values():
-        group = ordered(group)  # slices (or frames of enhanced objects) along the slice normal
+    for group in groups:
         source = np.stack([f.pixels for f in group])
         with _timed(timings, "qa"):  # once a series: the noise map's level and the QA gate's
             sd = qa.series_noise_sd(source, ct)

@@ -13,11 +13,12 @@ import datetime as dt
 import fnmatch
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from core.images import ImageFacts
 from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
 from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
@@ -42,12 +43,14 @@ class SeriesFacts:
     modality: str
     calling_ae: str
     description: str
+    images: tuple[ImageFacts, ...] = ()  # every instance's header facts (none before migration 0005)
 
 
 def route_for(routes: Sequence[RouteConfig], facts: SeriesFacts) -> RouteConfig | None:
     """The first route whose match accepts the series (keys left out match anything):
     modality exact (case-insensitive, * = any), calling AE a glob, series description a
-    regular expression searched anywhere in the description."""
+    regular expression searched anywhere in the description; image_type values that every
+    image's ImageType holds, sop_classes that hold every instance's SOP class."""
     for route in routes:
         m = route.match
         if m.modality != "*" and m.modality.upper() != facts.modality.upper():
@@ -56,8 +59,30 @@ def route_for(routes: Sequence[RouteConfig], facts: SeriesFacts) -> RouteConfig 
             continue
         if not re.search(m.series_description, facts.description):
             continue
+        images = [f for f in facts.images if f.is_image]
+        if m.image_type and not (images and all(set(m.image_type) <= set(f.image_type) for f in images)):
+            continue
+        if m.sop_classes and not all(f.sop_class_uid in m.sop_classes for f in facts.images):
+            continue
         return route
     return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What routing does with a complete series: a job on `route`; or, with no route, nothing
+    (`skipped` says why when a rule, not the absence of a matching route, decided it)."""
+
+    route: RouteConfig | None
+    skipped: str = ""
+
+
+Decide = Callable[[Sequence[RouteConfig], SeriesFacts], Decision]
+
+
+def first_matching_route(routes: Sequence[RouteConfig], facts: SeriesFacts) -> Decision:
+    """Routing by the routes' match alone (node/routing.py adds the models' and the loop rules)."""
+    return Decision(route_for(routes, facts))
 
 
 @dataclass(frozen=True)
@@ -87,10 +112,15 @@ class JobQueue:
 
     # -- routing -------------------------------------------------------------------------
     def route_complete_series(
-        self, routes: Sequence[RouteConfig], max_attempts: int, destinations: Sequence[DestinationConfig] = ()
+        self,
+        routes: Sequence[RouteConfig],
+        max_attempts: int,
+        destinations: Sequence[DestinationConfig] = (),
+        decide: Decide = first_matching_route,
     ) -> list[Routed]:
-        """Every complete series gets a job on its first matching route (or an event saying
-        none matched) and becomes `routed`. A reopened series is routed again as a new
+        """Every complete series gets a job on the route `decide` gives it (or an event saying
+        why it has none: `series.unrouted`, or `series.skipped` with the reason, which the
+        series row keeps too) and becomes `routed`. A reopened series is routed again as a new
         generation; its output UIDs are the same (node/derive.py), so PACS sees one copy.
         The job records where its output goes; a route that forwards originals gets their
         deliveries now, so they do not wait for (or depend on) the processing."""
@@ -109,9 +139,20 @@ class JobQueue:
                 ).where(s.c.state == SERIES_COMPLETE)
             ).all()
             for row in rows:
-                route = route_for(routes, SeriesFacts(row.modality, row.calling_ae, row.series_description))
+                facts = SeriesFacts(row.modality, row.calling_ae, row.series_description, _series_facts(conn, row.id))
+                decision = decide(routes, facts)
+                route = decision.route
                 job_id = None
-                if route is None:
+                if decision.skipped:
+                    write_event(
+                        conn,
+                        now,
+                        EventKind.SERIES_SKIPPED,
+                        calling_ae=row.calling_ae,
+                        series_instance_uid=row.series_instance_uid,
+                        detail=decision.skipped,
+                    )
+                elif route is None:
                     write_event(
                         conn,
                         now,
@@ -145,7 +186,9 @@ class JobQueue:
                         detail=f"job {job_id} route {route.name} model {route.model}",
                     )
                 conn.execute(
-                    update(s).where(s.c.id == row.id, s.c.state == SERIES_COMPLETE).values(state=SERIES_ROUTED)
+                    update(s)
+                    .where(s.c.id == row.id, s.c.state == SERIES_COMPLETE)
+                    .values(state=SERIES_ROUTED, skip_reason=decision.skipped[:1000])
                 )
                 out.append(Routed(row.series_instance_uid, job_id))
         return out
@@ -386,6 +429,11 @@ def _targets(
         elif back not in chosen:
             chosen.append(back)
     return [Target(d.name, d.max_attempts) for d in chosen]
+
+
+def _series_facts(conn: Connection, series_id: int) -> tuple[ImageFacts, ...]:
+    rows = conn.execute(select(t.instances.c.facts).where(t.instances.c.series_id == series_id)).scalars()
+    return tuple(ImageFacts.from_json(text) for text in rows if text)
 
 
 def _decode_targets(text: str) -> list[Target]:

@@ -48,6 +48,7 @@ class EventKind(enum.StrEnum):
     SERIES_REOPENED = "series.reopened"
     SERIES_COMPLETE = "series.complete"
     SERIES_UNROUTED = "series.unrouted"
+    SERIES_SKIPPED = "series.skipped"  # routing processed none of it, with the reason (own output, no model applies)
     JOB_QUEUED = "job.queued"
     JOB_STARTED = "job.started"
     JOB_DONE = "job.done"
@@ -168,6 +169,7 @@ class Ledger:
                     "calling_ae": received.calling_ae,
                     "association_id": received.association_id,
                     "received_at": now,
+                    "facts": header.facts.to_json(),
                 }
                 if old is None:
                     conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, **fields})

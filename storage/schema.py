@@ -78,6 +78,8 @@ series = Table(
     Column("last_received_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime),
     Column("reopened_count", Integer, nullable=False, default=0),
+    # why routing processed none of it (own output, no model applies, ...); "" when it did
+    Column("skip_reason", Text, nullable=False, default=""),
     Index("ix_series_state_last", "state", "last_received_at"),
 )
 
@@ -114,6 +116,7 @@ instances = Table(
     Column("calling_ae", AE, nullable=False),
     Column("association_id", ForeignKey("associations.id")),
     Column("received_at", UTCDateTime, nullable=False),
+    Column("facts", Text, nullable=False, default=""),  # core.images.ImageFacts as JSON; "" before 0005
 )
 
 # Earlier versions of an instance re-sent with different bytes: kept, never deleted.

@@ -1,0 +1,110 @@
+"""Routing policy (docs/processing.md, "What is processed"): which complete series become a
+job, and why the others do not. The routes' match picks a route (storage.jobs.route_for);
+then two rules the routes cannot override:
+
+1. **Never its own output.** An object whose Contributing Equipment names an enhance-node
+   (core.images.producers) is not processed again, whichever node made it, unless the route
+   names every model that made it in `chain_from` (a deliberate chain) and its own model
+   is not among them. Otherwise the series is skipped: "own output".
+2. **Only what the model is for.** Each instance is checked against the model's
+   [applies_to] (engines.manifest.AppliesTo); a series none of whose instances fits is
+   skipped with the reasons. The worker processes only the instances that fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from core.images import ImageFacts
+from engines.manifest import ModelManifest, load
+from node.config import RouteConfig
+from node.errors import ManifestError
+from storage.jobs import Decision, SeriesFacts, route_for
+
+log = logging.getLogger(__name__)
+
+# ImageType values an enhance-node output carries (node/derive.py): a deliberate chain does not
+# refuse its input for them
+DERIVED_VALUES = frozenset({"DERIVED", "SECONDARY"})
+
+
+class ManifestCache:
+    """Model manifests by name, re-read when model.toml or model.onnx changes; None for a
+    model that cannot be loaded (the worker then fails its job with the reason)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._cache: dict[str, tuple[tuple[float, float], ModelManifest | None]] = {}
+
+    def __call__(self, model: str) -> ModelManifest | None:
+        package = self.models_dir / model
+        try:
+            stamp = ((package / "model.toml").stat().st_mtime, (package / "model.onnx").stat().st_mtime)
+        except OSError:
+            return None
+        cached = self._cache.get(model)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            manifest: ModelManifest | None = load(package)
+        except ManifestError as exc:
+            log.warning("routing: model %s cannot be loaded: %s", model, exc)
+            manifest = None
+        self._cache[model] = (stamp, manifest)
+        return manifest
+
+
+def own_output(facts: ImageFacts, device_uid: str) -> str:
+    """Why an object is an enhance-node's output ("" when it is not)."""
+    if not facts.producers:
+        return ""
+    last = facts.producers[-1]
+    where = "this node" if last.device_uid == device_uid else f"another enhance-node (device {last.device_uid})"
+    return f"own output: made by {last.model} on {where}"
+
+
+def chained(route: RouteConfig, facts: ImageFacts) -> bool:
+    """The route deliberately processes this enhance-node output (module docstring, rule 1)."""
+    models = {p.model for p in facts.producers}
+    return bool(route.chain_from) and models <= set(route.chain_from) and route.model not in models
+
+
+def applicable(manifest: ModelManifest, facts: ImageFacts, chained: bool) -> str | None:
+    """Why `manifest`'s model does not apply to this object, or None. An enhance-node output
+    on a deliberate chain (`chained`) is judged without its DERIVED\\SECONDARY."""
+    if chained:
+        facts = replace(facts, image_type=tuple(v for v in facts.image_type if v not in DERIVED_VALUES))
+    return manifest.refusal(facts)
+
+
+def summary(reasons: Sequence[str]) -> str:
+    """ "3 x image type LOCALIZER (...); 1 x not an image", most frequent first."""
+    counts = Counter(reasons).most_common()
+    return "; ".join(f"{n} x {reason}" if n > 1 else reason for reason, n in counts)
+
+
+class Router:
+    """`decide` for storage.jobs.JobQueue.route_complete_series."""
+
+    def __init__(self, manifests: Callable[[str], ModelManifest | None], device_uid: str) -> None:
+        self.manifests = manifests
+        self.device_uid = device_uid
+
+    def decide(self, routes: Sequence[RouteConfig], series: SeriesFacts) -> Decision:
+        route = route_for(routes, series)
+        produced = [f for f in series.images if f.producers]
+        if produced and (route is None or not all(chained(route, f) for f in produced)):
+            return Decision(None, own_output(produced[0], self.device_uid))
+        if route is None:
+            return Decision(None)
+        manifest = self.manifests(route.model)
+        if manifest is None or not series.images:  # the worker says why (or the ledger predates facts)
+            return Decision(route)
+        reasons = [applicable(manifest, f, bool(f.producers)) for f in series.images]
+        if all(reasons):
+            return Decision(None, f"{manifest.name} applies to none of it: {summary([r for r in reasons if r])}")
+        return Decision(route)
