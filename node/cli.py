@@ -96,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="processing jobs and their deliveries, from the ledger")
     jobs_sub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
     jl = jobs_sub.add_parser("list", help="the newest jobs with the state of their deliveries")
-    jl.add_argument("--state", choices=["queued", "running", "done", "failed"], help="only jobs in this state")
+    jl.add_argument(
+        "--state",
+        choices=["queued", "running", "done", "failed", "skipped"],
+        help="only jobs in this state; skipped: the series routing processed none of, with the reason",
+    )
     jl.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     jobs_sub.add_parser("show", help="one job: timings, error, each delivery, instances not stored").add_argument(
         "id", type=int

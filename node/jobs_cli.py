@@ -16,7 +16,7 @@ from node.config import Config
 from node.errors import UsageError
 from storage.db import make_engine
 from storage.jobs import JobQueue
-from storage.reports import job_detail, job_exists, list_jobs
+from storage.reports import job_detail, job_exists, list_jobs, list_skipped
 
 EXIT_OK = 0
 
@@ -44,6 +44,8 @@ def _when(value: dt.datetime | None) -> str:
 def _list(engine: Any, state: str | None, limit: int) -> int:
     if limit < 1:
         raise UsageError("--limit must be at least 1")
+    if state == "skipped":
+        return _list_skipped(engine, limit)
     rows = list_jobs(engine, state, limit)
     if not rows:
         print("(no jobs)")
@@ -54,6 +56,18 @@ def _list(engine: Any, state: str | None, limit: int) -> int:
         print(
             f"{r['id']:>6}  {r['state']:<8} {_when(r['queued_at'])}  {r['modality']:<3} {r['route']:<16} "
             f"{r['output_count']:>5} out  {deliveries:<24} {r['series_instance_uid']}"
+        )
+    return EXIT_OK
+
+
+def _list_skipped(engine: Any, limit: int) -> int:
+    rows = list_skipped(engine, limit)
+    if not rows:
+        print("(no skipped series)")
+    for r in rows:
+        print(
+            f"{'-':>6}  {'skipped':<8} {_when(r['completed_at'])}  {r['modality']:<3} {r['series_instance_uid']}: "
+            f"{r['skip_reason']}"
         )
     return EXIT_OK
 

@@ -59,6 +59,19 @@ def list_jobs(engine: Engine, state: str | None = None, limit: int = 50) -> list
         return [dict(row._mapping) for row in conn.execute(query)]
 
 
+def list_skipped(engine: Engine, limit: int = 50) -> list[dict[str, Any]]:
+    """Series routing processed none of (issue 18), newest first, with the reason."""
+    s = t.series
+    query = (
+        select(s.c.id, s.c.series_instance_uid, s.c.modality, s.c.calling_ae, s.c.completed_at, s.c.skip_reason)
+        .where(s.c.skip_reason != "")
+        .order_by(s.c.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(query)]
+
+
 def job_exists(engine: Engine, job_id: int) -> bool:
     """Whether the ledger has this job (what an admin action checks before it acts)."""
     with engine.connect() as conn:

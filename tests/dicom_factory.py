@@ -7,6 +7,7 @@ storage and pixel handling; the `train` package has the realistic phantoms.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,85 @@ def write_ct_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return study_uid, series_uid, paths
+
+
+# -- a whole CT study as a scanner sends it (issue 18) ----------------------------------------
+
+DOSE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+PRIVATE_STORAGE = "1.2.826.0.1.3680043.10.1533.99.1"  # a vendor's private class (under our test root)
+
+
+@dataclass(frozen=True)
+class StudyMix:
+    study_uid: str
+    axial: str  # series UIDs by role
+    localizer: str
+    dose_sr: str
+    seg: str
+    dose_screen: str
+    private_series: str
+    files: list[Path]  # everything storescu sends (the private object is sent apart)
+    private: Path
+
+
+def _non_image(sop_class: str, modality: str, study_uid: str, series_uid: str, number: int) -> Dataset:
+    ds = _image(sop_class, modality, study_uid, series_uid, 0, None, 0, 0)
+    for keyword in ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated"):
+        delattr(ds, keyword)
+    for keyword in ("BitsStored", "HighBit"):
+        delattr(ds, keyword)
+    ds.SeriesNumber = number
+    return ds
+
+
+def write_study_mix(folder: Path, slices: int = 4) -> StudyMix:
+    """One CT study as a scanner sends it: a localizer series (two topograms), an axial series
+    of `slices` 64x64 slices, a radiation dose SR, a segmentation, a secondary-capture dose
+    screen (RGB), and a private-class object; each its own series, files under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, axial = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    localizer, dose_sr, seg, screen, private = (generate_uid(UID_ROOT) for _ in range(5))
+    datasets: list[tuple[str, Dataset]] = []
+    for i in range(slices):
+        datasets.append((f"axial{i}", ct_slice(study_uid, axial, i, rows=64, cols=64)))
+    for i in range(2):
+        topo = ct_slice(study_uid, localizer, i, rows=128, cols=128)
+        topo.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        topo.SeriesNumber, topo.SeriesDescription = 100, "Topogram"
+        topo.ImageOrientationPatient = [1, 0, 0, 0, 0, -1] if i == 0 else [0, 1, 0, 0, 0, -1]
+        datasets.append((f"topogram{i}", topo))
+    sr = _non_image(DOSE_SR_STORAGE, "SR", study_uid, dose_sr, 997)
+    sr.ValueType, sr.CompletionFlag, sr.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    sr.ContinuityOfContent = "SEPARATE"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = (
+        "113701",
+        "DCM",
+        "X-Ray Radiation Dose Report",
+    )
+    sr.ConceptNameCodeSequence = [concept]
+    datasets.append(("dose_sr", sr))
+    mask = _image(SEGMENTATION_STORAGE, "SEG", study_uid, seg, 0, None, 64, 64)
+    mask.BitsAllocated, mask.BitsStored, mask.HighBit, mask.PixelRepresentation = 1, 1, 0, 0
+    mask.NumberOfFrames, mask.SegmentationType, mask.SeriesNumber = 1, "BINARY", 998
+    mask.PixelData = np.packbits(np.eye(64, dtype=np.uint8).ravel(), bitorder="little").tobytes()
+    datasets.append(("seg", mask))
+    dose = _image(SECONDARY_CAPTURE_STORAGE, "CT", study_uid, screen, 0, None, 64, 64)
+    dose.SamplesPerPixel, dose.PhotometricInterpretation, dose.PlanarConfiguration = 3, "RGB", 0
+    dose.BitsAllocated, dose.BitsStored, dose.HighBit, dose.PixelRepresentation = 8, 8, 7, 0
+    dose.ImageType, dose.SeriesNumber, dose.SeriesDescription = ["DERIVED", "SECONDARY", "OTHER"], 999, "Dose Report"
+    dose.ConversionType = "WSD"
+    dose.PixelData = np.full((64, 64, 3), 200, np.uint8).tobytes()
+    datasets.append(("dose_screen", dose))
+    files = []
+    for name, ds in datasets:
+        path = folder / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    vendor = _non_image(PRIVATE_STORAGE, "OT", study_uid, private, 996)
+    vendor.add_new(0x00291010, "OB", b"\x01\x02\x03\x04")
+    private_path = folder / "private.dcm"
+    vendor.save_as(private_path, enforce_file_format=True)
+    return StudyMix(study_uid, axial, localizer, dose_sr, seg, screen, private, files, private_path)

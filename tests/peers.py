@@ -32,6 +32,7 @@ class Orthanc:
     check_called_aet: bool = False
     modalities: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (AE, port) on 127.0.0.1
     store_delay: float = 0.0  # seconds each received instance takes (a Lua filter), for a slow PACS
+    lua: str = ""  # a Lua script Orthanc runs (e.g. auto-routing with OnStoredInstance)
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -61,13 +62,20 @@ class Orthanc:
             "StorageCompression": False,
             "SaveJobs": False,
         }
+        scripts = []
         if self.store_delay:
-            lua = self.tmp / "slow.lua"
-            lua.write_text(
+            slow = self.tmp / "slow.lua"
+            slow.write_text(
                 f'function ReceivedInstanceFilter(dicom, origin, info)\n  os.execute("sleep {self.store_delay}")\n'
                 "  return true\nend\n"
             )
-            config["LuaScripts"] = [str(lua)]
+            scripts.append(str(slow))
+        if self.lua:
+            script = self.tmp / "script.lua"
+            script.write_text(self.lua)
+            scripts.append(str(script))
+        if scripts:
+            config["LuaScripts"] = scripts
         path = self.tmp / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.tmp / "orthanc.log").open("ab")

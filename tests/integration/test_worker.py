@@ -23,7 +23,7 @@ from engines.normalization import Normalization
 from node.derive import derived_uid
 from tests.dicom_factory import UID_ROOT, ct_slice, mr_slice, write_ct_series
 from tests.helpers import REPO, NodeProcess, storescu, wait_for
-from tests.onnx_models import identity, nearest_upscale
+from tests.onnx_models import identity, nearest_upscale, pick_channel
 
 DCIODVFY = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "dciodvfy"
 WORKER = "heartbeat_seconds = 0.2\nstale_after_seconds = 1.5\nthreads = 1\nmax_batch = 4"
@@ -298,3 +298,67 @@ def test_a_job_that_cannot_run_fails_with_the_reason(node_factory, tmp_path: Pat
         ("job.failed",),
     ]
     assert node.query("SELECT count(*) FROM instances") == [(2,)]
+
+
+def test_a_mixed_series_is_processed_stack_by_stack_without_its_localizer(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 18: one series holding a localizer, axial slices with a missing one (z = 3) and
+    two thicker slices (a reformat put in the same series). A 3-slice model that outputs the
+    slice before each one shows the neighbours: no slice gets one across the gap or from the
+    other thickness, and the localizer is stored but not processed."""
+    pick_channel(tmp_path / "models" / "prev", context=3, channel=0)
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    datasets = {}
+    for n, z in enumerate((0, 1, 2, 4, 5)):
+        datasets[f"thin{z}"] = ct_slice(study, series, n, rows=64, cols=64, seed=10 * n)
+        datasets[f"thin{z}"].ImagePositionPatient = [0, 0, float(z)]
+    for n, z in enumerate((10, 15)):
+        ds = ct_slice(study, series, 10 + n, rows=64, cols=64, seed=100 + n)
+        ds.ImagePositionPatient, ds.SliceThickness = [0, 0, float(z)], 5.0
+        datasets[f"thick{z}"] = ds
+    topogram = ct_slice(study, series, 20, rows=64, cols=64)
+    topogram.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    datasets["topogram"] = topogram
+    files = []
+    for name, ds in datasets.items():
+        files.append(folder / f"{name}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    node = start_node(node_factory, tmp_path / "models", route("ct", "prev"))
+    assert storescu(node.port, files).returncode == 0
+    output_uid, count, _ = wait_job_done(node)
+    assert count == 7  # every slice but the localizer
+    out = {str(o.SourceImageSequence[0].ReferencedSOPInstanceUID): o for o in map(dcmread, outputs(node, output_uid))}
+    assert str(topogram.SOPInstanceUID) not in out
+
+    def became(name: str) -> np.ndarray:  # type: ignore[type-arg]
+        return out[str(datasets[name].SOPInstanceUID)].pixel_array
+
+    def pixels(name: str) -> np.ndarray:  # type: ignore[type-arg]
+        return datasets[name].pixel_array
+
+    assert np.array_equal(became("thin1"), pixels("thin0"))  # its neighbour before
+    assert np.array_equal(became("thin2"), pixels("thin1"))
+    assert np.array_equal(became("thin4"), pixels("thin4"))  # first after the gap: an edge, not thin2
+    assert np.array_equal(became("thin5"), pixels("thin4"))
+    assert np.array_equal(became("thick10"), pixels("thick10"))  # its own stack's edge, not thin5
+    assert np.array_equal(became("thick15"), pixels("thick10"))
+    assert "left out: image type LOCALIZER" in node.log_text()
+
+
+def test_images_at_one_position_nothing_tells_apart_fail_the_job(
+    node_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    identity(tmp_path / "models" / "identity")
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    files = []
+    for n in range(3):
+        ds = ct_slice(study, series, n, rows=64, cols=64)
+        ds.ImagePositionPatient = [0, 0, 0.0 if n < 2 else 1.0]  # two at z = 0, one scanner fault
+        files.append(tmp_path / f"s{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    node = start_node(node_factory, tmp_path / "models", route("ct", "identity"))
+    assert storescu(node.port, files).returncode == 0
+    rows = wait_for(lambda: node.query("SELECT attempts, error FROM jobs WHERE state = 'failed'"), timeout=60)
+    assert rows[0][0] == 1  # permanent: not retried
+    assert "several images at one position" in rows[0][1]

@@ -69,6 +69,16 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ),
         ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nstrength = "max"', "routes[0].strength"),
         ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\non_qa_fail = "ignore"', "routes[0].on_qa_fail"),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nmatch = { sop_classes = ["CTImage"] }',
+            "routes[0].match.sop_classes",
+        ),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nmatch = { image_type = "AXIAL" }',
+            "routes[0].match.image_type",
+        ),
+        ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nchain_from = ["m"]', "routes[0].chain_from"),
+        ('[node]\naccept_unknown_sop_classes = "yes"', "node.accept_unknown_sop_classes"),
         ("[qa]\nmax_removed_ratio = -1", "qa.max_removed_ratio"),
         ("[qa]\nmax_hu = 3", "qa.max_hu"),
         ('[worker]\nqa_warning_suffix = ""', "worker.qa_warning_suffix"),
@@ -172,3 +182,21 @@ def test_route_strength_policy_and_qa_limits(tmp_path: Path) -> None:
     assert cfg.worker.qa.max_removed_ratio == 2.0  # left out: the default
     defaults = parse('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []', tmp_path).routes[0]
     assert (defaults.strength, defaults.on_qa_fail) == ("high", "fail")
+
+
+def test_route_image_type_sop_classes_and_chain(tmp_path: Path) -> None:
+    cfg = parse(
+        "[node]\naccept_unknown_sop_classes = true\n"
+        '[[routes]]\nname = "r"\nmodel = "ct-sr2"\ndestinations = []\nchain_from = ["ct-denoise"]\n'
+        'match = { image_type = ["original", "AXIAL"], sop_classes = ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.2.1"]'
+        " }",
+        tmp_path,
+    )
+    route = cfg.routes[0]
+    assert route.match.image_type == ("ORIGINAL", "AXIAL")
+    assert route.match.sop_classes == ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+    assert route.chain_from == ("ct-denoise",)
+    assert cfg.node.accept_unknown_sop_classes
+    defaults = parse('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []', tmp_path)
+    assert (defaults.routes[0].match.image_type, defaults.routes[0].match.sop_classes) == ((), ())
+    assert defaults.routes[0].chain_from == () and not defaults.node.accept_unknown_sop_classes

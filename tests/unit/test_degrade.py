@@ -158,12 +158,15 @@ def _block_mean(image: np.ndarray, scale: int = 2) -> np.ndarray:
     return image[..., : h * scale, : w * scale].reshape(*image.shape[:-2], h, scale, w, scale).mean(axis=(-3, -1))
 
 
-@pytest.mark.parametrize(("shape", "scale", "expected"), [
-    ((128, 128), 2, (64, 64)),
-    ((3, 64, 96), 2, (3, 32, 48)),
-    ((90, 90), 3, (30, 30)),
-    ((65, 67), 2, (32, 33)),
-])
+@pytest.mark.parametrize(
+    ("shape", "scale", "expected"),
+    [
+        ((128, 128), 2, (64, 64)),
+        ((3, 64, 96), 2, (3, 32, 48)),
+        ((90, 90), 3, (30, 30)),
+        ((65, 67), 2, (32, 33)),
+    ],
+)
 def test_ct_downsample_shape(shape: tuple[int, ...], scale: int, expected: tuple[int, ...]) -> None:
     out = ct_downsample(np.zeros(shape, dtype=np.float32), scale)
     assert out.shape == expected and out.dtype == np.float32

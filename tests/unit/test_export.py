@@ -34,8 +34,9 @@ class Exported:
 
 
 def _export(root: Path, name: str, net: NetSpec, command: str) -> Exported:
-    preset = with_overrides(PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=3,
-                            batch=2, patch=32)
+    preset = with_overrides(
+        PRESETS[name], net=net, phantoms=2, phantom_size=64, epochs=1, steps_per_epoch=3, batch=2, patch=32
+    )
     checkpoint = train(RunConfig(preset, root / "run", workers=1, command=command))
     export(checkpoint, root / "pkg")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -44,8 +45,12 @@ def _export(root: Path, name: str, net: NetSpec, command: str) -> Exported:
 
 @pytest.fixture(scope="module")
 def denoiser(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    return _export(tmp_path_factory.mktemp("mr-denoise"), "mr-denoise", NetSpec("dncnn", depth=3, width=8, unshuffle=2),
-                   "enhance-node train --preset mr-denoise")
+    return _export(
+        tmp_path_factory.mktemp("mr-denoise"),
+        "mr-denoise",
+        NetSpec("dncnn", depth=3, width=8, unshuffle=2),
+        "enhance-node train --preset mr-denoise",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -206,24 +206,27 @@ def test_lanczos_base_matches_pillow_and_keeps_detail_bilinear_blurs() -> None:
     inner = (slice(12, -12), slice(12, -12))
     np.testing.assert_allclose(out3[inner], pillow[inner], atol=0.02)
     hy, hx = np.mgrid[:96, :96]
-    truth = (np.cos(2 * np.pi * 0.3 * ((hx + 0.5) / 2 - 0.5)) * np.cos(2 * np.pi * 0.2 * ((hy + 0.5) / 2 - 0.5)))
+    truth = np.cos(2 * np.pi * 0.3 * ((hx + 0.5) / 2 - 0.5)) * np.cos(2 * np.pi * 0.2 * ((hy + 0.5) / 2 - 0.5))
     err = lambda out: float(np.sqrt(np.mean((out[inner] - truth[inner]) ** 2)))  # noqa: E731
     assert err(out8) < 0.5 * err(out3) and err(out8) < 0.2 * err(out_bl)
 
 
-@pytest.mark.parametrize("spec", [
-    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
-    NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
-    NetSpec("dncnn", depth=1, width=8, unshuffle=2),
-    NetSpec("dncnn", depth=4, width=8, unshuffle=0),
-    NetSpec("srnet", depth=2, width=8, scale=1),
-    NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
-    NetSpec("srnet", depth=2, width=8, scale=2, base_taps=-1),
-    NetSpec("dncnn", depth=4, width=8, unshuffle=2, base_taps=3),
-    NetSpec("dncnn", depth=4, width=8, unshuffle=2, transform="log"),
-    NetSpec("srnet", depth=2, width=8, scale=2, transform="asinh"),
-    NetSpec("unet", depth=2, width=8),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=2),
+        NetSpec("dncnn", depth=4, width=8, unshuffle=2, context_slices=0),
+        NetSpec("dncnn", depth=1, width=8, unshuffle=2),
+        NetSpec("dncnn", depth=4, width=8, unshuffle=0),
+        NetSpec("srnet", depth=2, width=8, scale=1),
+        NetSpec("srnet", depth=2, width=8, scale=2, context_slices=4),
+        NetSpec("srnet", depth=2, width=8, scale=2, base_taps=-1),
+        NetSpec("dncnn", depth=4, width=8, unshuffle=2, base_taps=3),
+        NetSpec("dncnn", depth=4, width=8, unshuffle=2, transform="log"),
+        NetSpec("srnet", depth=2, width=8, scale=2, transform="asinh"),
+        NetSpec("unet", depth=2, width=8),
+    ],
+)
 def test_invalid_specs_are_refused(spec: NetSpec) -> None:
     with pytest.raises(ValueError):
         build(spec)
@@ -282,13 +285,16 @@ def test_percentile_window_of_a_constant_has_unit_span() -> None:
     assert norm.window(np.full((8, 8), 7.0)) == (7.0, 1.0)
 
 
-@pytest.mark.parametrize(("kind", "lo", "hi", "match"), [
-    ("linear", 0.0, 1.0, "kind"),
-    ("hu", 100.0, 100.0, "lo < hi"),
-    ("hu", 200.0, 100.0, "lo < hi"),
-    ("percentile", -1.0, 99.0, "percentile"),
-    ("percentile", 1.0, 101.0, "percentile"),
-])
+@pytest.mark.parametrize(
+    ("kind", "lo", "hi", "match"),
+    [
+        ("linear", 0.0, 1.0, "kind"),
+        ("hu", 100.0, 100.0, "lo < hi"),
+        ("hu", 200.0, 100.0, "lo < hi"),
+        ("percentile", -1.0, 99.0, "percentile"),
+        ("percentile", 1.0, 101.0, "percentile"),
+    ],
+)
 def test_bad_normalization_is_a_manifest_error(kind: str, lo: float, hi: float, match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         Normalization(kind, lo, hi)
@@ -336,18 +342,21 @@ def test_manifest_defaults() -> None:
     assert manifest.scale == 1 and manifest.context_slices == 1 and manifest.tile == Tile(512, 32)
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"task": "foo"}, "task"),
-    ({"task": "denoise", "scale": 2}, "scale 1"),
-    ({"task": "sr", "scale": 1}, "scale >= 2"),
-    ({"context_slices": 2}, "context_slices"),
-    ({"context_slices": 0}, "context_slices"),
-    ({"modalities": []}, "modalities"),
-    ({"tile": {"size": 8, "overlap": 0}}, "tile"),
-    ({"tile": {"size": 64, "overlap": 32}}, "tile"),
-    ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
-    ({"scale": "two"}, "model.toml"),
-])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"task": "foo"}, "task"),
+        ({"task": "denoise", "scale": 2}, "scale 1"),
+        ({"task": "sr", "scale": 1}, "scale >= 2"),
+        ({"context_slices": 2}, "context_slices"),
+        ({"context_slices": 0}, "context_slices"),
+        ({"modalities": []}, "modalities"),
+        ({"tile": {"size": 8, "overlap": 0}}, "tile"),
+        ({"tile": {"size": 64, "overlap": 32}}, "tile"),
+        ({"normalization": {"kind": "hu", "lo": 1.0, "hi": 0.0}}, "lo < hi"),
+        ({"scale": "two"}, "model.toml"),
+    ],
+)
 def test_manifest_rejects_bad_values(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         ModelManifest.from_dict(_manifest(**changes))

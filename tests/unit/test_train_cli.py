@@ -16,8 +16,28 @@ import pytest
 from node.cli import main
 from tests.helpers import REPO
 
-TINY_SR = ["--preset", "mr-sr2", "--epochs", "1", "--steps-per-epoch", "3", "--batch", "2", "--patch", "32",
-           "--phantoms", "2", "--depth", "1", "--width", "8", "--workers", "1", "--device", "cpu"]
+TINY_SR = [
+    "--preset",
+    "mr-sr2",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "3",
+    "--batch",
+    "2",
+    "--patch",
+    "32",
+    "--phantoms",
+    "2",
+    "--depth",
+    "1",
+    "--width",
+    "8",
+    "--workers",
+    "1",
+    "--device",
+    "cpu",
+]
 TINY_DN = ["--preset", "mr-denoise", *TINY_SR[2:], "--depth", "3"]  # a DnCNN: input, middle, output layer
 
 
@@ -34,11 +54,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize(("command", "text"), [
-    ("train", "Train a model from a preset"),
-    ("evaluate", "Measure a model package against classical filters"),
-    ("export", "Export a training run's checkpoint to a model package"),
-])
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        ("train", "Train a model from a preset"),
+        ("evaluate", "Measure a model package against classical filters"),
+        ("export", "Export a training run's checkpoint to a model package"),
+    ],
+)
 def test_help(command: str, text: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -80,31 +103,49 @@ def test_self_supervised_needs_data(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def test_self_supervised_denoisers_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    err = _usage_error(capsys, ["train", "--preset", "mr-sr2", "--self-supervised", "--data", str(tmp_path),
-                                "--out", str(tmp_path / "run")])
+    err = _usage_error(
+        capsys,
+        ["train", "--preset", "mr-sr2", "--self-supervised", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
+    )
     assert "denois" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_self_supervised_refuses_loss_terms_that_need_targets(capsys: pytest.CaptureFixture[str],
-                                                               tmp_path: Path) -> None:
-    err = _usage_error(capsys, ["train", "--preset", "ct-denoise", "--self-supervised", "--data", str(tmp_path),
-                                "--mean-weight", "20", "--out", str(tmp_path / "run")])
+def test_self_supervised_refuses_loss_terms_that_need_targets(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    err = _usage_error(
+        capsys,
+        [
+            "train",
+            "--preset",
+            "ct-denoise",
+            "--self-supervised",
+            "--data",
+            str(tmp_path),
+            "--mean-weight",
+            "20",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert "supervised training" in err
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("preset", "patch"), [("mr-sr2", "33"), ("ct-denoise", "31")])
-def test_patch_must_be_a_multiple_of_the_scale(preset: str, patch: str, capsys: pytest.CaptureFixture[str],
-                                               tmp_path: Path) -> None:
+def test_patch_must_be_a_multiple_of_the_scale(
+    preset: str, patch: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     err = _usage_error(capsys, ["train", "--preset", preset, "--patch", patch, "--out", str(tmp_path / "run")])
     assert "--patch" in err
     assert not (tmp_path / "run").exists()
 
 
 def test_init_from_neither_checkpoint_nor_package(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    err = _usage_error(capsys, ["train", "--preset", "ct-denoise", "--init-from", str(tmp_path),
-                                "--out", str(tmp_path / "run")])
+    err = _usage_error(
+        capsys, ["train", "--preset", "ct-denoise", "--init-from", str(tmp_path), "--out", str(tmp_path / "run")]
+    )
     assert "neither a checkpoint nor a model package" in err
     assert not (tmp_path / "run").exists()
 
@@ -136,8 +177,14 @@ def test_importing_the_cli_does_not_import_torch() -> None:
 def test_train_then_export_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, pkg = tmp_path / "run", tmp_path / "pkg"
     train_argv = ["train", *TINY_SR, "--out", str(run)]
-    proc = subprocess.run([sys.executable, "-m", "node.cli", *train_argv], capture_output=True, text=True,
-                          env=_env(), cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", *train_argv],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("checkpoint.pt")
     assert {"checkpoint.pt", "train_log.csv", "curves.png"} <= {p.name for p in run.iterdir()}
@@ -165,13 +212,17 @@ def test_in_process_train_records_the_command_it_was_given(tmp_path: Path) -> No
     assert state["run"]["mean_weight"] == 5.0  # export copies the run's description into model.toml
 
 
-@pytest.mark.parametrize(("extra", "reason"), [
-    (["--mean-weight", "-1"], "--mean-weight and --ssim-weight must be >= 0"),
-    (["--ssim-weight", "-0.5"], "--mean-weight and --ssim-weight must be >= 0"),
-    (["--mean-weight", "1", "--patch", "8"], "--patch must be at least 15"),
-])
-def test_loss_weights_are_checked(extra: list[str], reason: str, capsys: pytest.CaptureFixture[str],
-                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--mean-weight", "-1"], "--mean-weight and --ssim-weight must be >= 0"),
+        (["--ssim-weight", "-0.5"], "--mean-weight and --ssim-weight must be >= 0"),
+        (["--mean-weight", "1", "--patch", "8"], "--patch must be at least 15"),
+    ],
+)
+def test_loss_weights_are_checked(
+    extra: list[str], reason: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert reason in _usage_error(capsys, ["train", *TINY_SR, *extra, "--out", str(tmp_path)])
     assert not (tmp_path / "checkpoint.pt").exists()
 
