@@ -104,6 +104,13 @@ def _list_models(cfg: Config) -> None:
         m = load(package)
         noise_map = ", told the noise level" if m.noise_map else ""
         print(f"{m.name} {m.version}: {m.task} x{m.scale} {'/'.join(m.modalities)}{noise_map} ({package})")
+        a = m.applies_to
+        print(
+            f"  applies to: {a.plane} planes, {a.min_matrix}..{a.max_matrix} matrix, "
+            f"{a.pixel_spacing_mm[0]:g}..{a.pixel_spacing_mm[1]:g} mm pixels, {'/'.join(a.photometric)}, "
+            f"not {'/'.join(a.exclude_image_types) or '-'}"
+            + (f", SOP classes {', '.join(a.sop_classes)}" if a.sop_classes else "")
+        )
         matrix = m.metrics.get("robustness")
         if matrix:
             bias = f", largest ROI bias {matrix['max_bias']:.2f} HU" if "max_bias" in matrix else ""

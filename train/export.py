@@ -19,7 +19,7 @@ from engines.manifest import ModelManifest, Tile, dump, sha256_file
 from engines.normalization import Normalization
 from node.errors import EnhanceNodeError, UsageError
 from train.loop import CHECKPOINT, net_from_checkpoint
-from train.presets import PRESETS, NetSpec
+from train.presets import APPLIES_TO, PRESETS, NetSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
         context_slices=context,
         noise_map=spec.noise_map,
         restore_mean_px=preset.restore_mean_px,
+        applies_to=APPLIES_TO[preset.modality],
         normalization=Normalization.from_dict(run["normalization"]),
         tile=Tile(*preset.tile),
         onnx_sha256=sha256_file(out / "model.onnx"),

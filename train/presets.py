@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
+from engines.manifest import AppliesTo
 from engines.normalization import Normalization
 
 T = TypeVar("T")
@@ -102,6 +103,27 @@ class Preset:
     modalities: tuple[str, ...] = field(default=())
     restore_mean_px: float = 0.0  # the package's restore_mean_px (engines.pipeline.restore_mean)
 
+
+# What an exported model is for (model.toml's [applies_to], docs/processing.md): the images it
+# was trained on. Localizers and derived images (reformats, the node's own output) never.
+APPLIES_TO = {
+    "CT": AppliesTo(
+        exclude_image_types=("LOCALIZER", "DERIVED"),
+        min_matrix=64,
+        max_matrix=2048,
+        plane="axial",
+        pixel_spacing_mm=(0.1, 2.0),
+        sop_classes=("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"),  # CT, Enhanced CT
+    ),
+    "MR": AppliesTo(
+        exclude_image_types=("LOCALIZER", "DERIVED"),
+        min_matrix=64,
+        max_matrix=2048,
+        plane="any",
+        pixel_spacing_mm=(0.1, 5.0),
+        sop_classes=("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"),  # MR, Enhanced MR
+    ),
+}
 
 HU = Normalization("hu", -1024.0, 3071.0)
 PERCENTILE = Normalization("percentile", 0.5, 99.5)

@@ -346,9 +346,7 @@ def test_a_mixed_series_is_processed_stack_by_stack_without_its_localizer(node_f
     assert "left out: image type LOCALIZER" in node.log_text()
 
 
-def test_images_at_one_position_nothing_tells_apart_fail_the_job(
-    node_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+def test_images_at_one_position_nothing_tells_apart_fail_the_job(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     identity(tmp_path / "models" / "identity")
     study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
     files = []

@@ -21,7 +21,7 @@ from node.errors import ManifestError
 from train.export import OPSET, TOLERANCE, ExportMismatch, check_round_trip, export, onnx_bytes
 from train.loop import RunConfig, net_from_checkpoint, train
 from train.nets import build
-from train.presets import PRESETS, NetSpec, with_overrides
+from train.presets import APPLIES_TO, PRESETS, NetSpec, with_overrides
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -90,6 +90,7 @@ def test_denoiser_manifest(denoiser: Exported) -> None:
     assert m.normalization == Normalization("percentile", 0.5, 99.5)
     assert m.tile == Tile(*PRESETS["mr-denoise"].tile)
     assert m.net == denoiser.state["net"]
+    assert m.applies_to == APPLIES_TO["MR"]  # what the node may process with it (issue 18)
 
 
 def test_sr_manifest(upscaler: Exported) -> None:

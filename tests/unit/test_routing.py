@@ -35,6 +35,7 @@ from storage.jobs import Decision, JobQueue, SeriesFacts, route_for
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 from tests.dicom_factory import ct_slice, encode_explicit_le, mr_slice
 from tests.helpers import REPO, Clock
+from train.presets import APPLIES_TO
 
 AT = dt.datetime(2026, 12, 6, 8, 0, tzinfo=dt.UTC)
 CT_AXIAL = ImageFacts(
@@ -188,12 +189,14 @@ def test_the_default_applies_to_excludes_localizers_and_colour_only() -> None:
     assert m.refusal(dataclasses.replace(CT_AXIAL, photometric="YBR_FULL")) is not None
 
 
-def test_every_shipped_model_declares_what_it_applies_to() -> None:
+def test_every_shipped_model_declares_what_it_applies_to_as_the_trainer_exports_it() -> None:
     for name in ("ct-denoise", "ct-sr2", "mr-denoise", "mr-sr2"):
-        applies = load(REPO / "models" / name).applies_to
+        shipped = load(REPO / "models" / name)
+        applies = shipped.applies_to
         assert {"LOCALIZER", "DERIVED"} <= set(applies.exclude_image_types), name
         assert applies.sop_classes, name
         assert applies.plane == ("axial" if name.startswith("ct") else "any"), name
+        assert applies == APPLIES_TO[shipped.modalities[0]], name  # train/export.py writes the same
 
 
 @pytest.mark.parametrize(
