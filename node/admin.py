@@ -7,7 +7,7 @@ import fcntl
 import os
 import stat
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,10 +161,11 @@ def add_route(
     name: str,
     model: str,
     destinations: list[str],
-    match: dict[str, str],
+    match: Mapping[str, str | list[str]],
     *,
     send_back: bool = False,
     forward_original: bool = False,
+    chain_from: list[str] | None = None,
     position: int | None = None,
 ) -> None:
     """A route, last (or at `position`: routes are tried in order, the first match wins)."""
@@ -181,6 +182,8 @@ def add_route(
             entry["send_back"] = True
         if forward_original:
             entry["forward_original"] = True
+        if chain_from:
+            entry["chain_from"] = chain_from
         if position is None or position >= len(items):
             items.append(entry)
         else:

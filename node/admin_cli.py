@@ -41,6 +41,8 @@ def run_admin(args: argparse.Namespace, path: Path) -> int:
                 ("modality", args.modality),
                 ("calling_ae", args.calling_ae),
                 ("series_description", args.description),
+                ("image_type", args.image_type or None),
+                ("sop_classes", args.sop_class or None),
             )
             if value is not None
         }
@@ -52,6 +54,7 @@ def run_admin(args: argparse.Namespace, path: Path) -> int:
             match,
             send_back=args.send_back,
             forward_original=args.forward_original,
+            chain_from=args.chain_from,
             position=args.position,
         )
         print(f"added route {args.name} to {path}; {APPLIED}")
@@ -86,6 +89,9 @@ def _list_routes(cfg: Config) -> None:
                 ", send back" if r.send_back else "",
                 ", forward original" if r.forward_original else "",
                 f", strength {r.strength}, on QA failure {r.on_qa_fail}",
+                f", image type {'/'.join(m.image_type)}" if m.image_type else "",
+                f", SOP classes {', '.join(m.sop_classes)}" if m.sop_classes else "",
+                f", chain from {', '.join(r.chain_from)}" if r.chain_from else "",
             ]
         )
         print(

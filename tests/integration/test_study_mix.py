@@ -7,6 +7,7 @@ localizer, and after the derived series comes back from the PACS, no new job."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from pydicom import dcmread
@@ -16,7 +17,18 @@ from pynetdicom import AE
 from engines.manifest import load
 from node.derive import derived_uid
 from tests.dicom_factory import PRIVATE_STORAGE, write_study_mix
-from tests.helpers import REPO, NodeProcess, ct_route, destination_toml, pipeline_node, run_cli, storescu, wait_for
+from tests.helpers import (
+    REPO,
+    NodeProcess,
+    ct_route,
+    dcmtk_env,
+    destination_toml,
+    pipeline_node,
+    require,
+    run_cli,
+    storescu,
+    wait_for,
+)
 from tests.peers import Orthanc, StoreSCP
 
 VERSION = load(REPO / "models" / "ct-denoise").version
@@ -139,3 +151,42 @@ def test_orthanc_auto_forwarding_everything_back_to_the_node_makes_no_loop(
         assert orthanc.series(derived_uid(output_uid, "ct-denoise", VERSION)) is None  # no second generation
         assert orthanc.series(derived_uid(mix.localizer, "ct-denoise", VERSION)) is None  # no derived topogram
         assert len(study["Series"]) == 6  # the five series sent, and one derived
+
+
+def test_a_whole_study_moved_from_orthanc_is_stored_whole_with_one_job(
+    node_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    """A radiologist's PACS sends a whole study: DCMTK movescu asks Orthanc to C-MOVE it to the
+    node, and Orthanc C-STOREs every object (localizer, axial, dose SR, SEG, dose screen)."""
+    mix = write_study_mix(tmp_path / "study", slices=4)
+    orthanc = Orthanc(tmp_path / "orthanc")
+    node = pipeline_node(
+        node_factory,
+        ct_route(""),
+        allowed=((orthanc.aet, "127.0.0.1"),),
+        idle_seconds=1,
+    )
+    orthanc.modalities = {"enhance": ("ENHANCE", node.port), "reader": ("MOVESCU", 1)}
+    with orthanc.start():
+        node.start()
+        assert storescu(orthanc.dicom_port, mix.files, "-R", called=orthanc.aet).returncode == 0
+        move = subprocess.run(
+            [
+                require("movescu"),
+                *("-aet", "MOVESCU", "-aec", orthanc.aet, "-aem", "ENHANCE", "-S"),
+                *("-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={mix.study_uid}"),
+                *("127.0.0.1", str(orthanc.dicom_port)),
+            ],
+            capture_output=True,
+            text=True,
+            env=dcmtk_env(),
+            timeout=120,
+        )
+        assert move.returncode == 0, move.stderr
+        wait_for(lambda: routed(node) == 5, timeout=120, what="the study's five series routed")
+        assert node.query("SELECT count(*) FROM instances") == [(len(mix.files),)]
+        assert node.query("SELECT DISTINCT calling_ae FROM instances") == [(orthanc.aet,)]
+        jobs = node.query("SELECT s.series_instance_uid FROM jobs j JOIN series s ON s.id = j.series_id")
+        assert jobs == [(mix.axial,)]
+        assert set(skip_reasons(node)) == {mix.localizer, mix.dose_screen}

@@ -50,6 +50,19 @@ def test_dest_and_route_edits_keep_every_comment_and_validate(cfg: Path) -> None
     assert cfg.read_text() == original  # every comment and blank line where it was
 
 
+def test_route_add_with_image_type_sop_classes_and_a_chain(cfg: Path) -> None:
+    added = run_cli(cfg, "route", "add", "sr", "--model", "ct-sr2", "--image-type", "AXIAL", "--sop-class",
+                    "CTImageStorage", "--chain-from", "ct-denoise", "--position", "0")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    first = load_config(cfg).routes[0]
+    assert (first.match.image_type, first.match.sop_classes) == (("AXIAL",), ("1.2.840.10008.5.1.4.1.1.2",))
+    assert first.chain_from == ("ct-denoise",)
+    listed = run_cli(cfg, "route", "list").stdout.splitlines()[0]
+    assert "image type AXIAL, SOP classes 1.2.840.10008.5.1.4.1.1.2, chain from ct-denoise" in listed
+    own = run_cli(cfg, "route", "add", "loop", "--model", "ct-sr2", "--chain-from", "ct-sr2")
+    assert own.returncode == 2 and "never processes its own output" in own.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [

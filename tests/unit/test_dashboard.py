@@ -217,3 +217,21 @@ def test_job_page_and_metrics_show_the_qa_figures(
     assert 'enhance_qa_jobs_total{verdict="passed"} 0.0' in metrics
     assert 'enhance_qa_figure_count{figure="residual_mean"} 1.0' in metrics
     assert 'enhance_qa_figure_bucket{figure="residual_mean",le="12"} 0.0' in metrics
+
+
+def test_series_pages_say_why_a_series_was_skipped(
+    client: TestClient, ledger: Ledger, engine: Engine, clock: Clock
+) -> None:
+    from node.config import RouteConfig
+    from storage.jobs import Decision, JobQueue
+
+    add_instance(ledger, "1.2.3.100", "1.2.3.100.1")
+    complete(ledger, clock)
+    skip = lambda routes, facts: Decision(None, "own output: made by ct-denoise on this node")  # noqa: E731
+    JobQueue(engine, now=clock).route_complete_series([RouteConfig("r", "ct-denoise", ())], 3, (), skip)
+    log_in(client)
+    listing = client.get("/series").text
+    assert "routed (skipped: own output: made by ct-denoise on this node)" in listing
+    page = client.get("/series/1").text
+    assert "Not processed (series.skipped): own output: made by ct-denoise on this node" in page
+    assert "series.skipped" in page  # the timeline's event
