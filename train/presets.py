@@ -106,19 +106,18 @@ class Preset:
 
 # What an exported model is for (model.toml's [applies_to], docs/processing.md): the images it
 # was trained on. Localizers and derived images (reformats, the node's own output) never.
+_CT_APPLIES_TO = AppliesTo(
+    exclude_image_types=("LOCALIZER", "DERIVED"),
+    min_matrix=64,
+    max_matrix=2048,
+    plane="axial",
+    pixel_spacing_mm=(0.1, 2.0),
+    sop_classes=("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"),  # CT, Enhanced CT
+)
 APPLIES_TO = {
-    "CT": AppliesTo(
-        exclude_image_types=("LOCALIZER", "DERIVED"),
-        min_matrix=64,
-        max_matrix=2048,
-        plane="axial",
-        pixel_spacing_mm=(0.1, 2.0),
-        sop_classes=("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"),  # CT, Enhanced CT
-    ),
-    "MR": AppliesTo(
-        exclude_image_types=("LOCALIZER", "DERIVED"),
-        min_matrix=64,
-        max_matrix=2048,
+    "CT": _CT_APPLIES_TO,
+    "MR": replace(
+        _CT_APPLIES_TO,
         plane="any",
         pixel_spacing_mm=(0.1, 5.0),
         sop_classes=("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"),  # MR, Enhanced MR
