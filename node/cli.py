@@ -76,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     radd.add_argument("--modality", help="match this modality (e.g. CT); default any")
     radd.add_argument("--calling-ae", help="match calling AEs with this glob (e.g. CT*); default any")
     radd.add_argument("--description", help="match series descriptions with this regular expression")
-    radd.add_argument(
-        "--image-type", action="append", default=[], help="a value every image's ImageType has (repeat)"
-    )
+    radd.add_argument("--image-type", action="append", default=[], help="a value every image's ImageType has (repeat)")
     radd.add_argument("--sop-class", action="append", default=[], help="a SOP class UID or keyword to match (repeat)")
     radd.add_argument("--chain-from", action="append", default=[], help="a model whose output this route may process")
     radd.add_argument("--dest", action="append", default=[], help="destination name (repeat for several)")

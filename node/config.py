@@ -54,6 +54,8 @@ class NodeConfig:
     min_free_disk_mb: int = 1024
     max_pdu_size: int = 0  # 0 = unlimited: fewer, larger P-DATA PDUs from the sender
     network_timeout: float = 60.0  # an association silent this long is aborted
+    negotiation_timeout: float = 5.0  # a connection that has not negotiated an association by then is closed
+    max_connections_per_host: int = 8  # per receiving process; an allowed AE's `host` is exempt
     receive_processes: int = 0  # SCP processes sharing the port; 0 = one per CPU core (max 8)
     allowed: tuple[AllowedAE, ...] = ()
     tls: TLSConfig | None = None
@@ -280,6 +282,8 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
         min_free_disk_mb=t.integer("min_free_disk_mb", 1024, minimum=0),
         max_pdu_size=t.integer("max_pdu_size", 0, minimum=0),
         network_timeout=t.number("network_timeout", 60.0, minimum=1.0),
+        negotiation_timeout=t.number("negotiation_timeout", 5.0, minimum=0.5),
+        max_connections_per_host=t.integer("max_connections_per_host", 8, minimum=1, maximum=4096),
         receive_processes=t.integer("receive_processes", 0, minimum=0, maximum=64),
         allowed=tuple(allowed),
         tls=tls,

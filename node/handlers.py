@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node import status
 from node.config import NodeConfig
 from node.errors import InvalidDataset, OutOfResources
+from node.guard import Throttle
 from node.instance import check_matches_request, file_meta, parse_header
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile
@@ -133,6 +134,16 @@ def tls_refused(ledger: Ledger, host: str, reason: str) -> None:
     """A client whose TLS handshake failed (no or untrusted certificate, plain TCP, silence)."""
     log.warning("refused connection from %s: %s", host, reason)
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, Peer("", "", host, 0), None, None, reason)
+
+
+def connection_refused(ledger: Ledger, throttle: Throttle, host: str, kind: str, reason: str) -> None:
+    """A connection the guard refused or closed (node/guard.py): logged and recorded at most
+    once a minute per host and `kind` of refusal, with the count of those not reported since."""
+    report, quiet = throttle.take(f"{host} {kind}")
+    if report:
+        more = f" ({quiet} more since the last report)" if quiet else ""
+        log.warning("connection from %s: %s%s", host, reason, more)
+        _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, Peer("", "", host, 0), None, None, reason + more)
 
 
 def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool) -> None:

@@ -3,6 +3,7 @@ class and transfer syntax pynetdicom knows, with the node's association policy a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
@@ -15,36 +16,57 @@ from typing import Any
 from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node import handlers
 from node.config import NodeConfig, TLSConfig
+from node.guard import Connection, ConnectionGuard, Throttle
 from storage.filestore import FileStore
 from storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 ACSE_TIMEOUT_S = 30.0
-TLS_HANDSHAKE_TIMEOUT_S = 30.0
 DIMSE_TIMEOUT_S = 60.0
+REAP_INTERVAL_S = 0.25
+REPORT_PERIOD_S = 60.0  # refused or closed connections: one log line and event per host and minute
+# pynetdicom's own limit counts half-open connections too; the node's limit is the slots of
+# node/handlers.OpenAssociations, taken only once the association policy accepted a peer
+UNLIMITED_CONNECTIONS = 1 << 20
 
 
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with three changes:
+    """pynetdicom's threaded server, with these changes:
 
     - binds with SO_REUSEPORT, so several SCP processes share the port (the kernel spreads
       connections over them);
     - sets TCP_NODELAY on every accepted connection: C-STORE responses are small, and with
-      Nagle's algorithm each may wait for the peer's delayed ACK (~40 ms on Linux);
-    - does the TLS handshake in the connection's own thread with a timeout, not in the
-      accept loop, so a silent or failing client never stops others from connecting, and
+      Nagle's algorithm each may wait for the peer's delayed ACK (~40 ms on Linux); and the
+      network timeout on its reads, so a PDU that stalls halfway is closed;
+    - admits a connection only within the per-host limit, and closes one that has not
+      negotiated an association in time (node/guard.py); refusals go to `on_refused`;
+    - does the TLS handshake in the connection's own thread with the negotiation timeout, not
+      in the accept loop, so a silent or failing client never stops others from connecting, and
       a failed handshake is reported to `on_tls_refused`.
     """
 
-    def __init__(self, *args: Any, on_tls_refused: Callable[[str, str], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        on_tls_refused: Callable[[str, str], None],
+        guard: ConnectionGuard,
+        on_refused: Callable[[str, str, str], None],
+        **kwargs: Any,
+    ) -> None:
         self.on_tls_refused = on_tls_refused
+        self.guard = guard
+        self.on_refused = on_refused
+        self._reaping = threading.Event()
+        kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
+        threading.Thread(target=self._reap, name="scp-reaper", daemon=True).start()
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -55,19 +77,75 @@ class NodeServer(ThreadedAssociationServer):
         assert self.socket is not None
         sock, address = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # a read that gets no byte for network_timeout fails: a PDU that stalls halfway is
+        # closed, a slow link that keeps sending is not (accepted sockets have no timeout)
+        sock.settimeout(self.ae.network_timeout)
         return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        refused = self.guard.admit(client_address[0])
+        if refused is not None:
+            self.on_refused(client_address[0], "limit", refused)
+            return False
+        return True
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.ssl_context is not None:
-            request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+            request.settimeout(self.guard.negotiation_timeout)
             try:
                 request = self.ssl_context.wrap_socket(request, server_side=True)
             except OSError as exc:  # ssl.SSLError, timeout, reset: this client only
+                self.guard.release(None, client_address[0])
                 self.on_tls_refused(client_address[0], f"TLS handshake failed: {exc}")
                 request.close()
                 return
-            request.settimeout(None)
+            request.settimeout(self.ae.network_timeout)
         super().finish_request(request, client_address)
+
+    def watch(self, assoc: Association, request: Any, host: str) -> None:
+        """Start the association's negotiation deadline; release its count when it ends."""
+        token = id(assoc)
+
+        def negotiated() -> bool:
+            return bool(assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released)
+
+        self.guard.watch(token, Connection(host, self.guard.clock(), functools.partial(_shut, request), negotiated))
+        assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: self.guard.release(token, host))
+
+    def _reap(self) -> None:
+        """Close connections past their negotiation deadline, until the server closes; nothing
+        that goes wrong for one connection may stop it."""
+        while not self._reaping.wait(REAP_INTERVAL_S):
+            try:
+                for c in self.guard.overdue():
+                    c.close()
+                    timeout = self.guard.negotiation_timeout
+                    self.on_refused(c.host, "negotiation", f"closed: no association negotiated within {timeout:g} s")
+            except Exception:  # a bug here must not leave the port open to the attack
+                log.exception("connection reaper")
+
+    def server_close(self) -> None:
+        self._reaping.set()
+        super().server_close()
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler, with the connection put under the server's guard before the
+    association's reactor starts."""
+
+    server: NodeServer
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        self.server.watch(assoc, self.request, self.client_address[0])
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+def _shut(request: Any) -> None:
+    """Shut a connection down so a read blocked on it returns (its thread then ends it)."""
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 def tls_context(cfg: TLSConfig) -> ssl.SSLContext:
@@ -97,7 +175,7 @@ def build_ae(cfg: NodeConfig) -> AE:
     still refused."""
     pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE = cfg.accept_unknown_sop_classes
     ae = AE(ae_title=cfg.ae_title)
-    ae.maximum_associations = cfg.max_associations  # per process; OpenAssociations is node-wide
+    ae.maximum_associations = UNLIMITED_CONNECTIONS  # node.max_associations is OpenAssociations' (node-wide)
     ae.maximum_pdu_size = cfg.max_pdu_size
     ae.network_timeout = cfg.network_timeout
     ae.acse_timeout = ACSE_TIMEOUT_S
@@ -126,9 +204,15 @@ class StorageSCP:
         self.cfg = cfg
         self.ledger = ledger
         self.ae = build_ae(cfg)
+        live = current or (lambda: cfg)
+        self.guard = ConnectionGuard(
+            cfg.max_connections_per_host,
+            cfg.negotiation_timeout,
+            exempt_hosts=lambda: {a.host for a in live().allowed if a.host is not None},
+        )
         tls = cfg.tls is not None
         self.evt_handlers: list[Any] = [
-            (evt.EVT_REQUESTED, handlers.handle_requested, [current or (lambda: cfg), ledger, associations]),
+            (evt.EVT_REQUESTED, handlers.handle_requested, [live, ledger, associations]),
             (evt.EVT_REJECTED, handlers.handle_rejected, [ledger]),
             (evt.EVT_ESTABLISHED, handlers.handle_established, [ledger, associations, node_id, tls]),
             (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, associations]),
@@ -145,6 +229,8 @@ class StorageSCP:
             evt_handlers=self.evt_handlers,
             server_class=NodeServer,
             on_tls_refused=functools.partial(handlers.tls_refused, self.ledger),
+            guard=self.guard,
+            on_refused=functools.partial(handlers.connection_refused, self.ledger, Throttle(REPORT_PERIOD_S)),
         )
         assert isinstance(server, NodeServer)
         self.ae._servers.append(server)  # as AE.start_server does, so shutdown() finds it

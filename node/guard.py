@@ -1,0 +1,123 @@
+"""What a peer can hold of the SCP before it has said who it is (docs/receiving.md, "Hostile
+peers"). A TCP connection costs a thread and, until its A-ASSOCIATE-RQ has been answered,
+nothing tells an allowed scanner from anything else on the network. So:
+
+- each connection must finish association negotiation (TLS handshake included) within
+  `node.negotiation_timeout` seconds of being accepted, or it is closed;
+- a host has at most `node.max_connections_per_host` connections open at once in each
+  receiving process, unless it is the `host` of an `[[node.allowed]]` entry (an allowed
+  AE's own address keeps its capacity);
+- half-open connections never take an association slot (`node.max_associations` is counted
+  only for associations the policy accepted, node/handlers.py).
+
+A PDU that stalls after negotiation (no byte for `node.network_timeout`) is closed by
+pynetdicom's socket timeout; a slow link that keeps sending is never cut.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Connection:
+    host: str
+    opened: float  # the guard's clock
+    close: Callable[[], None]  # shuts the socket down (a blocked read returns)
+    negotiated: Callable[[], bool]  # the association was accepted, rejected or ended
+
+
+class ConnectionGuard:
+    """Counts connections per host and closes those that do not negotiate in time; shared by
+    the accept loop, the connection threads and the reaper, so every method takes the lock."""
+
+    def __init__(
+        self,
+        max_per_host: int,
+        negotiation_timeout: float,
+        exempt_hosts: Callable[[], Collection[str]] = frozenset,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.max_per_host = max_per_host
+        self.negotiation_timeout = negotiation_timeout
+        self.exempt_hosts = exempt_hosts  # the live config's allowed hosts
+        self.clock = clock
+        self._per_host: dict[str, int] = {}
+        self._waiting: dict[int, Connection] = {}  # not negotiated yet, by token
+        self._lock = threading.Lock()
+
+    def admit(self, host: str) -> str | None:
+        """Count a new connection from `host`, or say why it is refused (and count nothing)."""
+        with self._lock:
+            open_now = self._per_host.get(host, 0)
+            if open_now >= self.max_per_host and host not in self.exempt_hosts():
+                return f"{open_now} connections from {host} already open (node.max_connections_per_host)"
+            self._per_host[host] = open_now + 1
+            return None
+
+    def watch(self, token: int, connection: Connection) -> None:
+        """Start the negotiation deadline of an admitted connection."""
+        with self._lock:
+            self._waiting[token] = connection
+
+    def release(self, token: int | None, host: str) -> None:
+        """The connection ended (once per admitted connection; no token when it ended before
+        its association was created, e.g. a failed TLS handshake)."""
+        with self._lock:
+            if token is not None:
+                self._waiting.pop(token, None)
+            left = self._per_host.get(host, 0) - 1
+            if left > 0:
+                self._per_host[host] = left
+            else:
+                self._per_host.pop(host, None)
+
+    def open_from(self, host: str) -> int:
+        with self._lock:
+            return self._per_host.get(host, 0)
+
+    def overdue(self) -> list[Connection]:
+        """Connections past their negotiation deadline, no longer watched; the negotiated ones
+        stop being watched too."""
+        now = self.clock()
+        with self._lock:
+            items = list(self._waiting.items())
+        late = []
+        for token, c in items:
+            if c.negotiated():
+                with self._lock:
+                    self._waiting.pop(token, None)
+            elif now - c.opened > self.negotiation_timeout:
+                with self._lock:
+                    self._waiting.pop(token, None)
+                late.append(c)
+        return late
+
+
+class Throttle:
+    """At most one report per key per `period` seconds (a flood of refused connections must
+    not become a flood of ledger writes); `take` says whether to report now and how many
+    went unreported since the last report."""
+
+    def __init__(self, period: float, clock: Clock = time.monotonic) -> None:
+        self.period = period
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> tuple[bool, int]:
+        now = self.clock()
+        with self._lock:
+            if now - self._last.get(key, -1e18) < self.period:
+                self._quiet[key] = self._quiet.get(key, 0) + 1
+                return False, 0
+            self._last[key] = now
+            if len(self._last) > 10_000:  # bounded under a spoofed-address flood
+                self._last = {key: now}
+            return True, self._quiet.pop(key, 0)
