@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from node.completion import CompletionLoop
 from node.config import Config
 from node.derive import device_uid
+from node.errors import EnhanceNodeError
 from node.handlers import OpenAssociations
 from node.live import LiveConfig
 from node.logs import LogSettings, configure_logging, current_settings
@@ -69,20 +70,21 @@ def open_storage(cfg: Config, *, upgrade: bool = True) -> tuple[FileStore, Ledge
 
 
 def serve(cfg: Config, role: str = "all") -> int:
+    """Run the node until SIGTERM or SIGINT; 0 after a clean stop, 1 when start-up failed. A
+    signal at any moment of start-up (even before the ledger is open) stops what has started."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()  # nothing else here: the handler may interrupt any code, logging included
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     store, ledger = open_storage(cfg)
     reconcile(store, ledger)
     ident = node_id(cfg)
     lost = ledger.close_lost_associations(ident)
     if lost:
         log.warning("%d associations were open when the node last stopped; closed as lost", lost)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     groups: list[ProcessGroup] = []
     if role in ("all", "scp"):
         groups.append(Receivers(cfg, receive_process_count(cfg), ident))
@@ -90,8 +92,18 @@ def serve(cfg: Config, role: str = "all") -> int:
         groups.append(ProcessGroup("worker", cfg.worker.processes, run_worker, lambda index: (cfg, ident, index)))
     if role in ("all", "sender") and cfg.sender.processes > 0:
         groups.append(ProcessGroup("sender", cfg.sender.processes, run_sender, lambda index: (cfg, ident, index)))
-    for group in groups:
-        group.start()
+    try:
+        for group in groups:
+            if not stop.is_set():
+                group.start(stop)
+    except StartupFailed as exc:
+        log.error("start-up failed: %s; stopping", exc)
+        _stop_all(groups, ledger)
+        return 1
+    if stop.is_set():
+        log.info("signalled while starting; stopping")
+        _stop_all(groups, ledger)
+        return 0
     queue = JobQueue(ledger.engine)
     live = LiveConfig(cfg)
     dashboard = None
@@ -122,14 +134,23 @@ def serve(cfg: Config, role: str = "all") -> int:
     while not stop.wait(0.5):
         for group in groups:
             group.restart_dead()
-    for group in groups:
-        group.stop()
+    log.info("signalled; stopping")
     completion.stop()
     if dashboard is not None:
         dashboard.stop()
+    _stop_all(groups, ledger)
+    return 0
+
+
+def _stop_all(groups: list[ProcessGroup], ledger: Ledger) -> None:
+    for group in groups:
+        group.stop()
     ledger.engine.dispose()
     log.info("stopped")
-    return 0
+
+
+class StartupFailed(EnhanceNodeError):
+    """A child process died or hung before it was ready: the node does not start."""
 
 
 class ProcessGroup:
@@ -151,7 +172,7 @@ class ProcessGroup:
         self._procs: list[SpawnProcess] = []
         self.on_spawn: Callable[[int], None] = lambda _index: None
 
-    def _spawn(self, index: int) -> SpawnProcess:
+    def _spawn(self, index: int, interrupted: threading.Event) -> SpawnProcess:
         self.on_spawn(index)
         ready, stop = self._ctx.Event(), self._ctx.Event()
         self._stops[index] = stop
@@ -164,23 +185,32 @@ class ProcessGroup:
         proc.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.wait(0.1):
+            if interrupted.is_set():  # stop() ends it with the others
+                break
             if not proc.is_alive() or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"{self.kind} process {index} failed to start (exit {proc.exitcode})")
+                proc.join(timeout=5)
+                raise StartupFailed(f"{self.kind} process {index} failed to start (exit {proc.exitcode})")
         return proc
 
-    def start(self) -> None:
-        self._procs = [self._spawn(i) for i in range(self.count)]
+    def start(self, interrupted: threading.Event | None = None) -> None:
+        """Start every process, each once it is ready; stop early when `interrupted` is set
+        (a signal during start-up). StartupFailed when one dies or hangs first."""
+        interrupted = interrupted or threading.Event()
+        for i in range(self.count):
+            if interrupted.is_set():
+                break
+            self._procs.append(self._spawn(i, interrupted))
 
     def restart_dead(self) -> None:
         for i, proc in enumerate(self._procs):
             if not proc.is_alive():
                 log.error("%s process %d exited with %s; restarting it", self.kind, i, proc.exitcode)
                 time.sleep(RESTART_DELAY_S)
-                self._procs[i] = self._spawn(i)
+                self._procs[i] = self._spawn(i, threading.Event())
 
     def stop(self) -> None:
-        for proc, stop in zip(self._procs, self._stops, strict=True):
+        for proc, stop in zip(self._procs, self._stops, strict=False):  # fewer procs after an interrupted start
             if proc.is_alive():
                 stop.set()
         for proc in self._procs:
