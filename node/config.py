@@ -56,6 +56,7 @@ class NodeConfig:
     network_timeout: float = 60.0  # an association silent this long is aborted
     negotiation_timeout: float = 5.0  # a connection that has not negotiated an association by then is closed
     max_connections_per_host: int = 8  # per receiving process; an allowed AE's `host` is exempt
+    max_inflated_mb: int = 512  # a deflated data set inflating beyond this is refused (a deflate bomb)
     receive_processes: int = 0  # SCP processes sharing the port; 0 = one per CPU core (max 8)
     allowed: tuple[AllowedAE, ...] = ()
     tls: TLSConfig | None = None
@@ -284,6 +285,7 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
         network_timeout=t.number("network_timeout", 60.0, minimum=1.0),
         negotiation_timeout=t.number("negotiation_timeout", 5.0, minimum=0.5),
         max_connections_per_host=t.integer("max_connections_per_host", 8, minimum=1, maximum=4096),
+        max_inflated_mb=t.integer("max_inflated_mb", 512, minimum=1, maximum=1 << 20),
         receive_processes=t.integer("receive_processes", 0, minimum=0, maximum=64),
         allowed=tuple(allowed),
         tls=tls,

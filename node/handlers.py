@@ -23,7 +23,14 @@ from node import status
 from node.config import NodeConfig
 from node.errors import InvalidDataset, OutOfResources
 from node.guard import Throttle
-from node.instance import check_matches_request, file_meta, parse_header
+from node.instance import (
+    DEFLATED_SYNTAXES,
+    check_matches_request,
+    file_meta,
+    inflated_size,
+    parse_header,
+    strip_file_meta,
+)
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 
@@ -166,16 +173,25 @@ def handle_echo(event: Event) -> int:
     return status.SUCCESS
 
 
-def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: OpenAssociations) -> int:
-    """EVT_C_STORE: persist the bytes as received, durably, then record them; then answer."""
+def handle_store(
+    event: Event, store: FileStore, ledger: Ledger, open_assocs: OpenAssociations, max_inflated: int
+) -> int:
+    """EVT_C_STORE: persist the bytes as received, durably, then record them; then answer.
+    Before anything is written: a deflated data set must inflate within `max_inflated` bytes
+    (counted 1 MiB at a time, never held), and File Meta elements (group 0002) the peer put
+    in the data set are dropped, answered 0xB006 (docs/receiving.md, "Malformed data")."""
     peer = Peer.of(event.assoc)
     rq = event.request
     assert isinstance(rq, C_STORE)
     sop_class, sop_uid = str(rq.AffectedSOPClassUID), str(rq.AffectedSOPInstanceUID)
     ts = str(event.context.transfer_syntax)
-    part10 = file_meta(sop_class, sop_uid, ts, peer.calling_ae) + event.encoded_dataset(include_meta=False)
     series_uid: str | None = None
     try:
+        dataset = event.encoded_dataset(include_meta=False)
+        if ts in DEFLATED_SYNTAXES:
+            inflated_size(dataset, max_inflated)
+        dataset, dropped = strip_file_meta(dataset, ts)
+        part10 = file_meta(sop_class, sop_uid, ts, peer.calling_ae) + dataset
         header = parse_header(part10)
         series_uid = header.series_instance_uid
         check_matches_request(header, sop_class, sop_uid)
@@ -199,7 +215,16 @@ def handle_store(event: Event, store: FileStore, ledger: Ledger, open_assocs: Op
     except InvalidDataset as exc:
         return _refuse(ledger, peer, exc.status, sop_uid, series_uid, str(exc))
     log.debug("stored %s (%s) from %s", sop_uid, outcome.value, peer.calling_ae)
-    return status.SUCCESS
+    if header.warning:  # stored as sent; the worker refuses it with this reason
+        code, kind, why = status.DOES_NOT_MATCH_WARNING, EventKind.INSTANCE_MALFORMED, header.warning
+    elif dropped:
+        why = f"{dropped} File Meta element(s) (group 0002) in the data set dropped"
+        code, kind = status.ELEMENTS_DISCARDED, EventKind.INSTANCE_ELEMENTS_DISCARDED
+    else:
+        return status.SUCCESS
+    log.warning("stored %s from %s with warning 0x%04X: %s", sop_uid, peer.calling_ae, code, why)
+    _record_refusal(ledger, kind, peer, sop_uid, series_uid, why, code)
+    return code
 
 
 def _refuse(ledger: Ledger, peer: Peer, code: int, sop_uid: str, series_uid: str | None, reason: str) -> int:

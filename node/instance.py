@@ -6,11 +6,18 @@ Information header (PS3.10 7.1) and reads identifiers from the header, never pix
 
 from __future__ import annotations
 
+import re
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.tag import Tag
 
 import node
 from core.images import ImageFacts, image_facts
@@ -18,6 +25,7 @@ from node import status
 from node.errors import InvalidDataset
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1533.1.1"
+UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")  # digits and dots, no empty component (PS3.5 9.1)
 IMPLEMENTATION_VERSION_NAME = f"ENHANCE_{node.__version__}"[:16]
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -32,8 +40,8 @@ class InstanceHeader:
     modality: str
     series_description: str
     instance_number: int | None
-    source_ae: str = ""  # from the File Meta Information, when present
     facts: ImageFacts = field(default_factory=lambda: ImageFacts(""))  # what routing decides on (core/images.py)
+    warning: str = ""  # a defect the node stores the data set with (docs/receiving.md, "Malformed data")
 
 
 def _element(group_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -88,15 +96,18 @@ def parse_header(part10: bytes) -> InstanceHeader:
         number = ds.get("InstanceNumber")
         instance_number = int(number) if number not in (None, "") else None
         ts = str(meta.TransferSyntaxUID)
-        source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
         facts = image_facts(ds)
     except Exception as exc:  # pydicom raises many kinds on corrupt input; all mean "cannot parse"
         raise InvalidDataset(status.CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}") from None
     for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
         if not value:
             raise InvalidDataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} missing")
+    for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop_instance)):
         if len(value) > 64:
             raise InvalidDataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} longer than 64")
+        if not UID_SYNTAX.fullmatch(value):
+            raise InvalidDataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} holds characters a UID may not")
+    warning = check_structure(part10, ts, ds)
     return InstanceHeader(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
@@ -106,8 +117,8 @@ def parse_header(part10: bytes) -> InstanceHeader:
         modality=modality[:16],
         series_description=description[:64],
         instance_number=instance_number,
-        source_ae=source_ae,
         facts=facts,
+        warning=warning,
     )
 
 
@@ -123,3 +134,163 @@ def check_matches_request(header: InstanceHeader, sop_class_uid: str, sop_instan
             status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "dataset SOP Instance UID differs from the request's Affected SOP Instance UID",
         )
+
+
+# -- what a peer may not put in a data set (docs/receiving.md, "Malformed data") -----------------
+
+PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
+DEFER_BYTES = 1024  # values longer than this are skipped, not read, when the structure is walked
+UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
+IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+EXPLICIT_BIG = "1.2.840.10008.1.2.2"
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+INFLATE_CHUNK = 1 << 20
+
+
+def inflated_size(dataset: bytes, limit: int) -> int:
+    """The size of a deflated data set once inflated, inflating it 1 MiB at a time without
+    keeping it; InvalidDataset as soon as it passes `limit` bytes (a deflate bomb) or when it
+    is not a deflate stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    data = dataset
+    try:
+        while data:
+            total += len(inflater.decompress(data, INFLATE_CHUNK))
+            if total > limit:
+                raise InvalidDataset(
+                    status.CANNOT_UNDERSTAND,
+                    f"deflated data set inflates beyond {limit >> 20} MiB (node.max_inflated_mb)",
+                )
+            data = inflater.unconsumed_tail
+        total += len(inflater.flush())
+    except zlib.error as exc:
+        raise InvalidDataset(status.CANNOT_UNDERSTAND, f"deflated data set cannot be inflated: {exc}") from None
+    if total > limit:
+        raise InvalidDataset(
+            status.CANNOT_UNDERSTAND, f"deflated data set inflates beyond {limit >> 20} MiB (node.max_inflated_mb)"
+        )
+    return total
+
+
+def strip_file_meta(dataset: bytes, transfer_syntax: str) -> tuple[bytes, int]:
+    """The data set without File Meta Information elements (group 0002) at its start, and how
+    many were dropped. A peer may not send them in a C-STORE data set (PS3.7 6.3.1): read back
+    from the stored file they would be taken for the node's own file meta (its calling AE,
+    its transfer syntax). Deflated data sets are left as they are (their elements are behind
+    the compression and are never read as file meta)."""
+    if transfer_syntax in DEFLATED_SYNTAXES:
+        return dataset, 0
+    little = transfer_syntax != EXPLICIT_BIG
+    explicit = transfer_syntax != IMPLICIT_LITTLE
+    order = "<" if little else ">"
+    offset = dropped = 0
+    while offset + 8 <= len(dataset):
+        group = struct.unpack_from(f"{order}H", dataset, offset)[0]
+        if group != 0x0002:
+            break
+        if not explicit:
+            length = struct.unpack_from(f"{order}L", dataset, offset + 4)[0]
+            header = 8
+        elif dataset[offset + 4 : offset + 6] in _LONG_VRS:
+            if offset + 12 > len(dataset):
+                break
+            length = struct.unpack_from(f"{order}L", dataset, offset + 8)[0]
+            header = 12
+        else:
+            length = struct.unpack_from(f"{order}H", dataset, offset + 6)[0]
+            header = 8
+        if length == 0xFFFFFFFF or offset + header + length > len(dataset):
+            raise InvalidDataset(status.CANNOT_UNDERSTAND, "a group 0002 element in the data set has a bad length")
+        offset += header + length
+        dropped += 1
+    return dataset[offset:], dropped
+
+
+def meta_source_ae(part10: bytes) -> str:
+    """Source Application Entity Title from the file meta group as its group length delimits it
+    (the node's own, written by file_meta): never from elements that follow it."""
+    start = len(_PREAMBLE)
+    if part10[:start] != _PREAMBLE or part10[start : start + 6] != b"\x02\x00\x00\x00UL":
+        return ""
+    (length,) = struct.unpack_from("<L", part10, start + 8)
+    offset, end = start + 12, min(start + 12 + length, len(part10))
+    while offset + 8 <= end:
+        group, element = struct.unpack_from("<HH", part10, offset)
+        vr = part10[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            (size,) = struct.unpack_from("<L", part10, offset + 8)
+            header = 12
+        else:
+            (size,) = struct.unpack_from("<H", part10, offset + 6)
+            header = 8
+        if (group, element) == (0x0002, 0x0016):
+            return part10[offset + header : offset + header + size].decode("ascii", "replace").strip(" \x00")
+        offset += header + size
+    return ""
+
+
+def _dataset_offset(part10: bytes) -> int:
+    """Where the data set starts: after the file meta group as its group length says."""
+    start = len(_PREAMBLE)
+    (length,) = struct.unpack_from("<L", part10, start + 8)
+    return start + 12 + int(length)
+
+
+def check_structure(part10: bytes, transfer_syntax: str, header: Dataset) -> str:
+    """The defects of a data set's structure that its header does not show (issue 19), by
+    walking its top-level elements without reading large values:
+
+    - an element whose value runs past the end of the data set (cut in transit, or a lying
+      length): InvalidDataset 0xC000, nothing is stored;
+    - encapsulated Pixel Data without its sequence delimiter (cut): the same;
+    - native Pixel Data whose length is not Rows x Columns x frames x samples x bits: stored,
+      answered with a warning; the returned text says why (the worker refuses the series).
+
+    Deflated data sets are checked after pydicom has inflated them, by parse_header."""
+    if transfer_syntax in DEFLATED_SYNTAXES or len(part10) < len(_PREAMBLE) + 12:
+        return ""
+    offset = _dataset_offset(part10)
+    fp = BytesIO(part10)
+    fp.seek(offset)
+    implicit, little = transfer_syntax == IMPLICIT_LITTLE, transfer_syntax != EXPLICIT_BIG
+    pixel_length: int | None = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for element in data_element_generator(fp, implicit, little, defer_size=DEFER_BYTES):
+                assert isinstance(element, RawDataElement)
+                if element.length != UNDEFINED_LENGTH and element.value_tell + element.length > len(part10):
+                    present = len(part10) - element.value_tell
+                    raise InvalidDataset(
+                        status.CANNOT_UNDERSTAND,
+                        f"data set ends inside element {element.tag}: {element.length} bytes said, {present} there",
+                    )
+                if element.tag == PIXEL_DATA_TAG:
+                    pixel_length = element.length
+    except InvalidDataset:
+        raise
+    except Exception as exc:  # the generator's view of a broken structure
+        why = f"data set structure cannot be read: {type(exc).__name__}"
+        raise InvalidDataset(status.CANNOT_UNDERSTAND, why) from None
+    if any("before delimiter" in str(w.message) for w in caught):  # an undefined length never closed
+        raise InvalidDataset(status.CANNOT_UNDERSTAND, "data set ends inside an item or encapsulated Pixel Data")
+    if pixel_length is None or pixel_length == UNDEFINED_LENGTH:
+        return ""
+    return pixel_length_problem(header, pixel_length)
+
+
+def pixel_length_problem(ds: Dataset, length: int) -> str:
+    """Why native Pixel Data of `length` bytes does not fit the image it claims ("" when it
+    does; one byte of padding to an even length allowed)."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return "Pixel Data without a usable Rows, Columns or Bits Allocated"
+    expected = (rows * cols * frames * samples * bits + 7) // 8
+    if length not in (expected, expected + expected % 2):
+        return f"Pixel Data holds {length} bytes, Rows x Columns x frames x samples x bits say {expected}"
+    return ""

@@ -217,7 +217,7 @@ class StorageSCP:
             (evt.EVT_ESTABLISHED, handlers.handle_established, [ledger, associations, node_id, tls]),
             (evt.EVT_CONN_CLOSE, handlers.handle_closed, [ledger, associations]),
             (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, associations]),
+            (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, associations, cfg.max_inflated_mb << 20]),
         ]
         self._server: NodeServer | None = None
 

@@ -4,6 +4,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+ELEMENTS_DISCARDED = 0xB006  # a C-STORE warning: stored, without elements the peer may not send
+DOES_NOT_MATCH_WARNING = 0xB007  # a C-STORE warning: stored as sent, but it does not match its SOP class
 
 # A-ASSOCIATE-RJ results and (result, source, reason) triples, PS3.8 9.3.4.
 REJECTED_PERMANENT = 0x01

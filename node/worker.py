@@ -36,6 +36,7 @@ from node.config import STRENGTHS, WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
 from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from node.heartbeat import heartbeating
+from node.instance import pixel_length_problem
 from node.routing import applicable, summary
 from node.series import Frame, UnsplittableSeries, frames, stacks
 from storage.deliveries import Outgoing
@@ -117,6 +118,10 @@ def read_frames(store: FileStore, paths: list[str], manifest: ModelManifest) -> 
         why = applicable(manifest, facts, chained=bool(facts.producers))  # routing let only chains through
         if why is None and "PixelData" not in ds:
             why = "no pixel data"
+        if why is None and not ds["PixelData"].is_undefined_length:
+            broken = pixel_length_problem(ds, len(ds.PixelData))
+            if broken:  # stored with a warning (docs/receiving.md, "Malformed data"): never processed
+                raise InvalidDataset(0xC000, f"{ds.SOPInstanceUID}: {broken}")
         if why is not None:
             reasons.append(why)
             continue

@@ -41,6 +41,8 @@ class EventKind(enum.StrEnum):
     INSTANCE_DUPLICATE = "instance.duplicate"
     INSTANCE_REPLACED = "instance.replaced"
     INSTANCE_RECOVERED = "instance.recovered"
+    INSTANCE_ELEMENTS_DISCARDED = "instance.elements_discarded"  # stored without group 0002 it carried
+    INSTANCE_MALFORMED = "instance.malformed"  # stored as sent with a warning status; the worker refuses it
     INSTANCE_MISSING = "instance.missing"
     FILE_QUARANTINED = "file.quarantined"
     TEMP_DISCARDED = "temp.discarded"

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from node.errors import InvalidDataset
-from node.instance import parse_header
+from node.instance import meta_source_ae, parse_header
 from storage.filestore import FileStore
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 
@@ -45,7 +45,7 @@ def reconcile(store: FileStore, ledger: Ledger) -> RecoveryReport:
             ledger.add_events(EventKind.FILE_QUARANTINED, [f"{rel} -> {target}: {exc}"])
             quarantined += 1
             continue
-        meta_ae = header.source_ae or "UNKNOWN"
+        meta_ae = meta_source_ae(data) or "UNKNOWN"  # the node's own file meta, never the data set
         received = Received(StoredFile(rel, hashlib.sha256(data).hexdigest(), len(data)), calling_ae=meta_ae)
         ledger.record_instance(header, received)
         ledger.add_event(

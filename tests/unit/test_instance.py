@@ -1,14 +1,24 @@
 from __future__ import annotations
 
+import struct
+import zlib
 from io import BytesIO
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
 from node import status
 from node.errors import InvalidDataset
-from node.instance import IMPLEMENTATION_CLASS_UID, check_matches_request, file_meta, parse_header
+from node.instance import (
+    IMPLEMENTATION_CLASS_UID,
+    check_matches_request,
+    file_meta,
+    inflated_size,
+    meta_source_ae,
+    parse_header,
+    strip_file_meta,
+)
 from tests.dicom_factory import ct_slice, encode_explicit_le
 
 
@@ -65,3 +75,54 @@ def test_request_mismatch_is_a900() -> None:
         with pytest.raises(InvalidDataset) as info:
             check_matches_request(h, sop_class, sop_uid)
         assert info.value.status == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+# -- what a peer may not put in a data set (issue 19) -----------------------------------------
+
+SPOOF = struct.pack("<HH", 0x0002, 0x0016) + b"AE" + struct.pack("<H", 6) + b"SPOOF "
+SPOOF_TS = struct.pack("<HH", 0x0002, 0x0010) + b"UI" + struct.pack("<H", 20) + b"1.2.840.10008.1.2.2\x00"
+
+
+def test_group_0002_at_the_start_of_a_data_set_is_dropped_and_the_rest_kept_byte_for_byte() -> None:
+    body = encode_explicit_le(ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8))
+    stripped, dropped = strip_file_meta(SPOOF + SPOOF_TS + body, ExplicitVRLittleEndian)
+    assert (stripped, dropped) == (body, 2)
+    assert strip_file_meta(body, ExplicitVRLittleEndian) == (body, 0)
+
+
+def test_group_0002_is_dropped_in_implicit_and_big_endian_data_sets() -> None:
+    implicit = struct.pack("<HHL", 0x0002, 0x0016, 6) + b"SPOOF " + struct.pack("<HHL", 0x0008, 0x0060, 2) + b"CT"
+    assert strip_file_meta(implicit, ImplicitVRLittleEndian) == (implicit[14:], 1)
+    big = (
+        struct.pack(">HH", 0x0002, 0x0016) + b"AE" + struct.pack(">H", 6) + b"SPOOF " + b"\x00\x08\x00\x60CS\x00\x02CT"
+    )
+    assert strip_file_meta(big, "1.2.840.10008.1.2.2") == (big[14:], 1)
+
+
+def test_a_group_0002_element_longer_than_the_data_set_cannot_be_understood() -> None:
+    bad = struct.pack("<HH", 0x0002, 0x0016) + b"AE" + struct.pack("<H", 500) + b"SPOOF "
+    with pytest.raises(InvalidDataset) as info:
+        strip_file_meta(bad, ExplicitVRLittleEndian)
+    assert info.value.status == status.CANNOT_UNDERSTAND
+
+
+def test_the_source_ae_comes_from_the_nodes_own_meta_group_only() -> None:
+    meta = file_meta(CTImageStorage, "1.2.3.4.5", ExplicitVRLittleEndian, "CT01")
+    body = encode_explicit_le(ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8))
+    spoofed = meta + SPOOF + body  # an old file stored before group 0002 was dropped
+    assert dcmread(BytesIO(spoofed)).file_meta.SourceApplicationEntityTitle.strip() == "SPOOF"  # what pydicom reads
+    assert meta_source_ae(spoofed) == "CT01"
+    assert meta_source_ae(b"not a part 10 file") == ""
+
+
+def test_inflated_size_counts_without_keeping_and_refuses_a_bomb() -> None:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = bytes(1 << 20)
+    bomb = b"".join(packer.compress(chunk) for _ in range(64)) + packer.flush()
+    assert len(bomb) < 100_000  # 64 MiB of zeros
+    assert inflated_size(bomb, 65 << 20) == 64 << 20
+    with pytest.raises(InvalidDataset, match=r"inflates beyond 16 MiB \(node.max_inflated_mb\)") as info:
+        inflated_size(bomb, 16 << 20)
+    assert info.value.status == status.CANNOT_UNDERSTAND
+    with pytest.raises(InvalidDataset, match="cannot be inflated"):
+        inflated_size(b"\xff" * 100, 1 << 20)

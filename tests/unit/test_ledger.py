@@ -207,3 +207,18 @@ def test_the_migrations_build_exactly_the_schema_the_code_uses(tmp_path: Path) -
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), t.metadata)
     assert diff == []
+
+
+def test_recovery_takes_the_calling_ae_from_the_nodes_meta_never_from_the_data_set(
+    store: FileStore, ledger: Ledger
+) -> None:
+    """A file stored before group 0002 was dropped from data sets: pydicom reads the data
+    set's SourceApplicationEntityTitle as file meta; recovery must not."""
+    ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8, sop_uid="1.2.7")
+    spoof = b"\x02\x00\x16\x00AE\x06\x00SPOOF "
+    data = file_meta(CTImageStorage, "1.2.7", ExplicitVRLittleEndian, "CT01") + spoof + encode_explicit_le(ds)
+    store.write(object_path("1.2.3", "1.2.3.4", "1.2.7", hashlib.sha256(data).hexdigest()), data)
+    assert reconcile(store, ledger).adopted == 1
+    with ledger.engine.connect() as conn:
+        assert conn.execute(select(t.instances.c.calling_ae)).scalar_one() == "CT01"
+        assert conn.execute(select(t.series.c.calling_ae)).scalar_one() == "CT01"
