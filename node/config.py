@@ -169,6 +169,7 @@ class DashboardConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     admin_password_hash: str | None = None
+    tls: TLSConfig | None = None  # HTTPS, and the session cookie marked Secure
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         host=dash_t.string("host", "127.0.0.1"),
         port=dash_t.integer("port", 8080, minimum=0, maximum=65535),
         admin_password_hash=os.environ.get(ENV_ADMIN_PASSWORD_HASH) or dash_t.optional_string("admin_password_hash"),
+        tls=_parse_tls(dash_t.table("tls"), base_dir, client_ca=False) if dash_t.has("tls") else None,
     )
     _check_ip(dashboard.host, dash_t.key("host"))
     dash_t.done()
@@ -258,16 +260,7 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
         allowed.append(AllowedAE(ae_title=_ae_title(a, "ae_title", required=True), host=host))
         a.done()
     _unique([a.ae_title for a in allowed], t.key("allowed"), "ae_title")
-    tls = None
-    if t.has("tls"):
-        tt = t.table("tls")
-        ca = tt.optional_string("ca_file")
-        tls = TLSConfig(
-            cert_file=_existing_file(tt, "cert_file", base_dir),
-            key_file=_existing_file(tt, "key_file", base_dir),
-            ca_file=_existing_file(tt, "ca_file", base_dir) if ca is not None else None,
-        )
-        tt.done()
+    tls = _parse_tls(t.table("tls"), base_dir, client_ca=True) if t.has("tls") else None
     # read from the file (so type-checked) even when the environment overrides them
     storage = t.string("storage_dir", NodeConfig.storage_dir.as_posix())
     storage = os.environ.get(ENV_STORAGE_DIR) or storage
@@ -294,6 +287,17 @@ def _parse_node(t: _Table, base_dir: Path) -> NodeConfig:
     _check_ip(cfg.host, t.key("host"))
     t.done()
     return cfg
+
+
+def _parse_tls(tt: _Table, base_dir: Path, *, client_ca: bool) -> TLSConfig:
+    ca = tt.optional_string("ca_file") if client_ca else None
+    tls = TLSConfig(
+        cert_file=_existing_file(tt, "cert_file", base_dir),
+        key_file=_existing_file(tt, "key_file", base_dir),
+        ca_file=_existing_file(tt, "ca_file", base_dir) if ca is not None else None,
+    )
+    tt.done()
+    return tls
 
 
 def _parse_destination(t: _Table) -> DestinationConfig:

@@ -111,7 +111,9 @@ def serve(cfg: Config, role: str = "all") -> int:
         from node.dashboard.app import Deps
         from node.dashboard.server import DashboardServer
 
-        dashboard = DashboardServer(Deps(ledger.engine, live, store), cfg.dashboard.host, cfg.dashboard.port)
+        dashboard = DashboardServer(
+            Deps(ledger.engine, live, store), cfg.dashboard.host, cfg.dashboard.port, cfg.dashboard.tls
+        )
         dashboard.start()
 
     manifests: dict[Path, ManifestCache] = {}

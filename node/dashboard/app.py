@@ -30,7 +30,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from node import admin
 from node.config import ENV_ADMIN_PASSWORD_HASH, Config
 from node.dashboard import images
-from node.dashboard.auth import csrf_ok, new_csrf_token, verify_password
+from node.dashboard.auth import LoginThrottle, Sessions, csrf_ok, new_csrf_token, verify_password
 from node.dashboard.metrics import LedgerCollector
 from node.derive import derived_uid
 from node.errors import ConfigError
@@ -42,7 +42,18 @@ from storage.jobs import JobQueue
 from storage.ledger import Clock, utcnow
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+STYLE = Path(__file__).parent / "static" / "style.css"
 SESSION_HOURS = 8
+# Every answer: no scripts at all, styles and images only from here, never inside a frame.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 @dataclass(frozen=True)
@@ -57,14 +68,33 @@ class NotLoggedIn(Exception):
     pass
 
 
-def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
+def create_app(
+    deps: Deps,
+    secret_key: str | None = None,
+    *,
+    https_only: bool = False,
+    sessions: Sessions | None = None,
+    throttle: LoginThrottle | None = None,
+) -> FastAPI:
+    """The dashboard. `https_only` marks the session cookie Secure (the dashboard serves TLS);
+    `sessions` and `throttle` are injectable for tests (their clocks)."""
     app = FastAPI(title="enhance-node", docs_url=None, redoc_url=None, openapi_url=None)
+    sessions = sessions or Sessions(SESSION_HOURS * 3600)
+    throttle = throttle or LoginThrottle()
     app.add_middleware(
         SessionMiddleware,
         secret_key=secret_key or secrets.token_hex(32),  # sessions end when the node restarts
         max_age=SESSION_HOURS * 3600,
         same_site="strict",
+        https_only=https_only,
     )
+
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
     registry = CollectorRegistry()
     registry.register(LedgerCollector(deps.engine, deps.store.root))
 
@@ -76,12 +106,12 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
         return TEMPLATES.TemplateResponse(
             request,
             name,
-            {"csrf": token, "logged_in": bool(request.session.get("user")), **context},
+            {"csrf": token, "logged_in": sessions.valid(request.session.get("sid")), **context},
             status_code=status,
         )
 
     def require_login(request: Request) -> None:
-        if not request.session.get("user"):
+        if not sessions.valid(request.session.get("sid")):
             raise NotLoggedIn
 
     def require_csrf(request: Request, token: str) -> None:
@@ -124,6 +154,10 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
             return PlainTextResponse("\n".join(problems), status_code=503)
         return PlainTextResponse("ready")
 
+    @app.get("/static/style.css")
+    def style() -> Response:
+        return Response(STYLE.read_text(), media_type="text/css")
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -140,15 +174,26 @@ def create_app(deps: Deps, secret_key: str | None = None) -> FastAPI:
         if not stored:
             return page(request, "message.html", 401, title="Log-in not set up", message=NO_PASSWORD)
         require_csrf(request, csrf)
+        client = request.client.host if request.client else "unknown"
+        wait = throttle.retry_after(client)
+        if wait:
+            message = f"Too many wrong passwords from {client}: try again in {wait} s."
+            rsp = page(request, "login.html", 429, next=next, error=message)
+            rsp.headers["Retry-After"] = str(wait)
+            return rsp
         if not verify_password(password, stored):
+            throttle.failed(client)
             return page(request, "login.html", 401, next=next, error="Wrong password.")
-        request.session["user"] = "admin"
+        throttle.succeeded(client)
+        request.session.clear()
+        request.session["sid"] = sessions.open()
         request.session["csrf"] = new_csrf_token()  # a new token once logged in
         return RedirectResponse(_local(next), status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, csrf: str = Form("")) -> Response:
         require_csrf(request, csrf)
+        sessions.close(request.session.get("sid"))  # a saved copy of the cookie is no longer a session
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 

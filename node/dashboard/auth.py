@@ -8,6 +8,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 
 SCHEME = "scrypt"
 N, R, P = 2**14, 8, 1
@@ -37,3 +41,70 @@ def new_csrf_token() -> str:
 
 def csrf_ok(session_token: str | None, posted: str | None) -> bool:
     return bool(session_token) and bool(posted) and hmac.compare_digest(str(session_token), str(posted))
+
+
+class Sessions:
+    """Logged-in sessions, kept here (server side): the cookie carries only a random id, so
+    log-out, expiry and a restart end a session even for a copy of its cookie."""
+
+    def __init__(self, lifetime_s: float, clock: Callable[[], float] = time.monotonic, most: int = 1000) -> None:
+        self.lifetime_s = lifetime_s
+        self.clock = clock
+        self.most = most
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            now = self.clock()
+            self._expiry = {k: v for k, v in self._expiry.items() if v > now}
+            if len(self._expiry) >= self.most:  # the oldest goes first
+                self._expiry.pop(min(self._expiry, key=self._expiry.__getitem__))
+            self._expiry[sid] = now + self.lifetime_s
+        return sid
+
+    def valid(self, sid: object) -> bool:
+        with self._lock:
+            return isinstance(sid, str) and self._expiry.get(sid, 0.0) > self.clock()
+
+    def close(self, sid: object) -> None:
+        with self._lock:
+            if isinstance(sid, str):
+                self._expiry.pop(sid, None)
+
+
+class LoginThrottle:
+    """At most `attempts` wrong passwords per client address in `window_s` seconds; then the
+    address waits (`retry_after`) before it may try again, and its tries are not checked."""
+
+    def __init__(self, attempts: int = 5, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.attempts = attempts
+        self.window_s = window_s
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str) -> int:
+        """Seconds this address must wait before trying again (0: it may try now)."""
+        with self._lock:
+            recent = self._recent(address)
+            if len(recent) < self.attempts:
+                return 0
+            return max(1, int(recent[0] + self.window_s - self.clock()) + 1)
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            self._recent(address).append(self.clock())
+            if len(self._failures) > 10_000:  # bounded under many addresses
+                self._failures = {address: self._failures[address]}
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+    def _recent(self, address: str) -> deque[float]:
+        recent = self._failures.setdefault(address, deque())
+        while recent and recent[0] <= self.clock() - self.window_s:
+            recent.popleft()
+        return recent

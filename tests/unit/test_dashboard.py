@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from node.config import load_config
 from node.dashboard.app import Deps, create_app
-from node.dashboard.auth import hash_password, verify_password
+from node.dashboard.auth import LoginThrottle, Sessions, hash_password, verify_password
 from node.live import LiveConfig
 from storage.filestore import FileStore
 from storage.ledger import Ledger
@@ -235,3 +235,68 @@ def test_series_pages_say_why_a_series_was_skipped(
     page = client.get("/series/1").text
     assert "Not processed (series.skipped): own output: made by ct-denoise on this node" in page
     assert "series.skipped" in page  # the timeline's event
+
+
+# -- hardening (issue 19) -----------------------------------------------------------------------
+
+
+def test_log_out_ends_the_session_even_for_a_saved_copy_of_its_cookie(client: TestClient) -> None:
+    log_in(client)
+    saved = dict(client.cookies)
+    assert client.get("/config", follow_redirects=False).status_code == 200
+    client.post("/logout", data={"csrf": csrf(client, "/config")}, follow_redirects=False)
+    client.cookies.clear()
+    client.cookies.update(saved)  # the cookie as it was before log-out
+    rsp = client.get("/config", follow_redirects=False)
+    assert rsp.status_code == 303 and rsp.headers["location"].startswith("/login")
+
+
+def test_a_session_ends_when_it_expires() -> None:
+    now = [0.0]
+    sessions = Sessions(60.0, clock=lambda: now[0])
+    sid = sessions.open()
+    assert sessions.valid(sid) and not sessions.valid("forged") and not sessions.valid(None)
+    now[0] = 61.0
+    assert not sessions.valid(sid)
+
+
+def test_thirty_wrong_passwords_are_throttled_with_retry_after(
+    config_path: Path, engine: Engine, tmp_path: Path, clock: Clock
+) -> None:
+    now = [1000.0]
+    throttle = LoginThrottle(attempts=5, window_s=300.0, clock=lambda: now[0])
+    live = LiveConfig(load_config(config_path), interval=0.0)
+    client = TestClient(
+        create_app(Deps(engine, live, FileStore(tmp_path / "storage", 0), now=clock), throttle=throttle)
+    )
+    token = csrf(client)
+    codes = [client.post("/login", data={"password": "wrong", "csrf": token}).status_code for _ in range(30)]
+    assert codes == [401] * 5 + [429] * 25
+    refused = client.post("/login", data={"password": PASSWORD, "csrf": token}, follow_redirects=False)
+    assert refused.status_code == 429  # not even the right password while throttled
+    assert refused.headers["Retry-After"] == "301" and "try again in 301 s" in refused.text
+    now[0] += 301
+    assert client.post("/login", data={"password": PASSWORD, "csrf": token}, follow_redirects=False).status_code == 303
+
+
+def test_every_answer_carries_the_security_headers(client: TestClient) -> None:
+    for path in ("/login", "/healthz", "/static/style.css", "/nowhere"):
+        headers = client.get(path).headers
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert "script-src" not in headers["Content-Security-Policy"]  # default-src 'none': no scripts at all
+        assert (headers["X-Frame-Options"], headers["Referrer-Policy"]) == ("DENY", "no-referrer"), path
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+    assert "<style" not in client.get("/login").text and "style=" not in client.get("/login").text
+
+
+def test_the_session_cookie_is_secure_when_the_dashboard_serves_tls(
+    config_path: Path, engine: Engine, tmp_path: Path, clock: Clock
+) -> None:
+    live = LiveConfig(load_config(config_path), interval=0.0)
+    deps = Deps(engine, live, FileStore(tmp_path / "storage", 0), now=clock)
+    plain = TestClient(create_app(deps)).get("/login").headers["set-cookie"]
+    secure = TestClient(create_app(deps, https_only=True), base_url="https://testserver").get("/login")
+    assert "secure" not in plain.lower()
+    assert (
+        "secure" in secure.headers["set-cookie"].lower() and "samesite=strict" in secure.headers["set-cookie"].lower()
+    )
