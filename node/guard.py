@@ -30,11 +30,16 @@ class Connection:
     opened: float  # the guard's clock
     close: Callable[[], None]  # shuts the socket down (a blocked read returns)
     negotiated: Callable[[], bool]  # the association was accepted, rejected or ended
+    ended: Callable[[], bool]  # the connection's thread is gone (its socket may still be open)
+    dispose: Callable[[], None] = lambda: None  # closes the socket of an ended connection
+    deadline_passed: bool = False
 
 
 class ConnectionGuard:
-    """Counts connections per host and closes those that do not negotiate in time; shared by
-    the accept loop, the connection threads and the reaper, so every method takes the lock."""
+    """Counts connections per host, closes those that do not negotiate in time, and forgets
+    (closing their sockets) those whose thread ended without the socket being closed (a
+    pynetdicom reactor that died on a peer's garbage). Shared by the accept loop, the
+    connection threads and the reaper, so every method takes the lock."""
 
     def __init__(
         self,
@@ -48,7 +53,7 @@ class ConnectionGuard:
         self.exempt_hosts = exempt_hosts  # the live config's allowed hosts
         self.clock = clock
         self._per_host: dict[str, int] = {}
-        self._waiting: dict[int, Connection] = {}  # not negotiated yet, by token
+        self._open: dict[int, Connection] = {}  # by token, from association creation to release
         self._lock = threading.Lock()
 
     def admit(self, host: str) -> str | None:
@@ -63,14 +68,14 @@ class ConnectionGuard:
     def watch(self, token: int, connection: Connection) -> None:
         """Start the negotiation deadline of an admitted connection."""
         with self._lock:
-            self._waiting[token] = connection
+            self._open[token] = connection
 
     def release(self, token: int | None, host: str) -> None:
-        """The connection ended (once per admitted connection; no token when it ended before
-        its association was created, e.g. a failed TLS handshake)."""
+        """The connection ended. Once per admitted connection: a token already released is
+        ignored; no token when it ended before its association was created (TLS failed)."""
         with self._lock:
-            if token is not None:
-                self._waiting.pop(token, None)
+            if token is not None and self._open.pop(token, None) is None:
+                return
             left = self._per_host.get(host, 0) - 1
             if left > 0:
                 self._per_host[host] = left
@@ -81,22 +86,21 @@ class ConnectionGuard:
         with self._lock:
             return self._per_host.get(host, 0)
 
-    def overdue(self) -> list[Connection]:
-        """Connections past their negotiation deadline, no longer watched; the negotiated ones
-        stop being watched too."""
+    def sweep(self) -> tuple[list[Connection], list[Connection]]:
+        """(connections past their negotiation deadline, each reported once; connections
+        whose thread ended, now released). The caller closes both."""
         now = self.clock()
         with self._lock:
-            items = list(self._waiting.items())
-        late = []
+            items = list(self._open.items())
+        late, ended = [], []
         for token, c in items:
-            if c.negotiated():
-                with self._lock:
-                    self._waiting.pop(token, None)
-            elif now - c.opened > self.negotiation_timeout:
-                with self._lock:
-                    self._waiting.pop(token, None)
+            if c.ended():
+                self.release(token, c.host)
+                ended.append(c)
+            elif not c.deadline_passed and not c.negotiated() and now - c.opened > self.negotiation_timeout:
+                c.deadline_passed = True
                 late.append(c)
-        return late
+        return late, ended
 
 
 class Throttle:

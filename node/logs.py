@@ -3,7 +3,10 @@ stderr by default, or one JSON object per line (`--log-format json`) for a log s
 
 What is logged is UIDs, AE titles, addresses, states and figures; never patient names or
 pixel data. pynetdicom's own chatter is kept at WARNING and above: its debug output would
-dump datasets, which hold patient names.
+dump datasets, which hold patient names. Its errors about what a peer sent (an undecodable
+PDU, a bad event for the state) come as one line each, without the traceback pynetdicom
+attaches: they are handled (the association is aborted), and a hostile peer must not be able
+to fill the log at 20 lines a connection.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class PeerErrorsOnOneLine(logging.Filter):
+    """Drops the traceback from pynetdicom's records (module docstring); keeps the line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pynetdicom") and record.exc_info:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 _current = LogSettings()
 
 
@@ -47,6 +60,7 @@ def configure_logging(settings: LogSettings) -> None:
     _current = settings
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(PeerErrorsOnOneLine())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -109,15 +109,29 @@ class NodeServer(ThreadedAssociationServer):
         def negotiated() -> bool:
             return bool(assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released)
 
-        self.guard.watch(token, Connection(host, self.guard.clock(), functools.partial(_shut, request), negotiated))
-        assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: self.guard.release(token, host))
+        def ended() -> bool:  # started, and finished
+            return assoc.ident is not None and not assoc.is_alive() and not assoc.dul.is_alive()
+
+        close = functools.partial(_shut, request)
+        dispose = functools.partial(_dispose, request)
+        self.guard.watch(token, Connection(host, self.guard.clock(), close, negotiated, ended, dispose))
+        assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: self._closed(token, host, request))
+
+    def _closed(self, token: int, host: str, request: Any) -> None:
+        """EVT_CONN_CLOSE. pynetdicom skips close() when its shutdown() fails (a peer that
+        hung up first, or a socket this guard shut down), which would leak the descriptor."""
+        self.guard.release(token, host)
+        _dispose(request)
 
     def _reap(self) -> None:
         """Close connections past their negotiation deadline, until the server closes; nothing
         that goes wrong for one connection may stop it."""
         while not self._reaping.wait(REAP_INTERVAL_S):
             try:
-                for c in self.guard.overdue():
+                late, ended = self.guard.sweep()
+                for c in ended:  # usually closed already; not when pynetdicom's reactor died
+                    c.dispose()
+                for c in late:
                     c.close()
                     timeout = self.guard.negotiation_timeout
                     self.on_refused(c.host, "negotiation", f"closed: no association negotiated within {timeout:g} s")
@@ -146,6 +160,13 @@ def _shut(request: Any) -> None:
     """Shut a connection down so a read blocked on it returns (its thread then ends it)."""
     with contextlib.suppress(OSError):
         request.shutdown(socket.SHUT_RDWR)
+
+
+def _dispose(request: Any) -> None:
+    """Close the socket of a connection whose threads are gone."""
+    _shut(request)
+    with contextlib.suppress(OSError):
+        request.close()
 
 
 def tls_context(cfg: TLSConfig) -> ssl.SSLContext:
@@ -187,6 +208,21 @@ def build_ae(cfg: NodeConfig) -> AE:
     return ae
 
 
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    """A pynetdicom thread that died on what a peer sent (its state machine meeting an event it
+    has no transition for): one line, not a traceback a hostile peer could repeat at will; the
+    connection guard then closes the socket it left. Other threads keep the default hook."""
+    tb, pynetdicom_frames = args.exc_traceback, False
+    while tb is not None:
+        pynetdicom_frames |= tb.tb_frame.f_globals.get("__name__", "").startswith("pynetdicom")
+        tb = tb.tb_next
+    if not pynetdicom_frames:
+        threading.__excepthook__(args)
+        return
+    name = args.thread.name if args.thread else "?"
+    log.error("pynetdicom thread %s ended: %s: %s", name, args.exc_type.__name__, args.exc_value)
+
+
 class StorageSCP:
     """One listening SCP with its handlers; `start()` returns once it accepts connections."""
 
@@ -223,6 +259,7 @@ class StorageSCP:
 
     def start(self) -> None:
         quiet_pydicom()
+        threading.excepthook = _thread_died
         server = self.ae.make_server(
             (self.cfg.host, self.cfg.port),
             ssl_context=tls_context(self.cfg.tls) if self.cfg.tls else None,
