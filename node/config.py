@@ -151,6 +151,7 @@ class WorkerConfig:
     series_description_suffix: str = " enhanced"  # derived SeriesDescription = source + suffix
     qa_warning_suffix: str = " QA WARNING"  # added when a route delivers a series its QA failed
     qa: QALimits = QALimits()
+    max_decoded_mb: int = 4096  # an image whose decoded frames would take more is refused
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         series_description_suffix=worker_t.string("series_description_suffix", " enhanced", pattern=r"[^\\]{0,32}"),
         qa_warning_suffix=worker_t.string("qa_warning_suffix", " QA WARNING", pattern=r"[^\\]{1,24}"),
         qa=_parse_qa(reader.table("qa")),
+        max_decoded_mb=worker_t.integer("max_decoded_mb", 4096, minimum=1, maximum=1 << 22),
     )
     if worker.stale_after_seconds <= 2 * worker.heartbeat_seconds:
         raise ConfigError(worker_t.key("stale_after_seconds"), "must be more than twice heartbeat_seconds")

@@ -16,6 +16,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
 
@@ -293,4 +294,50 @@ def pixel_length_problem(ds: Dataset, length: int) -> str:
     expected = (rows * cols * frames * samples * bits + 7) // 8
     if length not in (expected, expected + expected % 2):
         return f"Pixel Data holds {length} bytes, Rows x Columns x frames x samples x bits say {expected}"
+    return ""
+
+
+J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+J2K_CODESTREAM = b"\xff\x4f\xff\x51"  # SOC then SIZ
+
+
+def j2k_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG 2000 codestream's SIZ marker declares, or None without one."""
+    at = frame.find(J2K_CODESTREAM, 0, 4096)
+    if at < 0 or len(frame) < at + 24:
+        return None
+    x, y, x0, y0 = struct.unpack_from(">LLLL", frame, at + 8)
+    return x - x0, y - y0
+
+
+def decode_problem(ds: Dataset, max_bytes: int) -> str:
+    """Why the worker must not decode this image's Pixel Data ("" when it may): the decoded
+    float32 frames would pass `max_bytes`, or a JPEG 2000 frame declares a size other than the
+    image's (a codestream claiming 64k x 64k inside a 512 x 512 image decodes to 8 GB before
+    anything could compare it)."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "no usable Rows, Columns or Number of Frames"
+    decoded = rows * cols * frames * samples * 4
+    if decoded > max_bytes:
+        return f"decoding would take {decoded >> 20} MiB, more than worker.max_decoded_mb ({max_bytes >> 20})"
+    syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    if syntax in J2K_SYNTAXES:
+        for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            size = j2k_size(frame)
+            if size is None:
+                return f"JPEG 2000 frame {i} has no SIZ marker"
+            if size != (cols, rows):
+                return f"JPEG 2000 frame {i} declares {size[0]}x{size[1]}, the image is {cols}x{rows}"
     return ""

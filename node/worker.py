@@ -36,7 +36,7 @@ from node.config import STRENGTHS, WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
 from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from node.heartbeat import heartbeating
-from node.instance import pixel_length_problem
+from node.instance import decode_problem, pixel_length_problem
 from node.routing import applicable, summary
 from node.series import Frame, UnsplittableSeries, frames, stacks
 from storage.deliveries import Outgoing
@@ -103,7 +103,7 @@ class Engines:
         self._loaded.clear()
 
 
-def read_frames(store: FileStore, paths: list[str], manifest: ModelManifest) -> list[Frame]:
+def read_frames(store: FileStore, paths: list[str], manifest: ModelManifest, max_decoded: int) -> list[Frame]:
     """The frames of every object in the series that the model applies to (routing checked
     the series; objects it does not apply to, such as a localizer in an axial series, are
     left out); InvalidDataset when none is left, with the reasons."""
@@ -118,9 +118,11 @@ def read_frames(store: FileStore, paths: list[str], manifest: ModelManifest) -> 
         why = applicable(manifest, facts, chained=bool(facts.producers))  # routing let only chains through
         if why is None and "PixelData" not in ds:
             why = "no pixel data"
-        if why is None and not ds["PixelData"].is_undefined_length:
-            broken = pixel_length_problem(ds, len(ds.PixelData))
-            if broken:  # stored with a warning (docs/receiving.md, "Malformed data"): never processed
+        if why is None:
+            broken = decode_problem(ds, max_decoded)
+            if not broken and not ds["PixelData"].is_undefined_length:
+                broken = pixel_length_problem(ds, len(ds.PixelData))  # stored with a warning (docs/receiving.md)
+            if broken:
                 raise InvalidDataset(0xC000, f"{ds.SOPInstanceUID}: {broken}")
         if why is not None:
             reasons.append(why)
@@ -150,7 +152,7 @@ def process(
         engine = engines.get(job.model)
     manifest = engine.manifest
     with _timed(timings, "decode"):
-        items = read_frames(store, queue.instance_paths(job.series_id), manifest)
+        items = read_frames(store, queue.instance_paths(job.series_id), manifest, engines.cfg.max_decoded_mb << 20)
     modality = str(items[0].dataset.get("Modality", ""))
     output_uid = derived_uid(job.series_instance_uid, manifest.name, manifest.version)
     try:

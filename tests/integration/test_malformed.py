@@ -167,3 +167,37 @@ def test_pixel_data_of_the_wrong_length_is_stored_with_a_warning_and_its_series_
     assert detail == "Pixel Data holds 8192 bytes, Rows x Columns x frames x samples x bits say 8064"
     rows = wait_for(lambda: node.query("SELECT state, attempts, error FROM jobs WHERE state = 'failed'"), timeout=60)
     assert rows[0][1] == 1 and detail in rows[0][2]  # permanent, with the reason
+
+
+def test_a_jpeg2000_bomb_fails_its_job_without_being_decoded(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 64x64 JPEG 2000 slice whose codestream declares 65535 x 65535 (8 GiB decoded): stored
+    as sent, and its job fails at once with the reason; the worker process stays up."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEG2000Lossless
+
+    identity(tmp_path / "models" / "identity")
+    node = node_factory(
+        idle_seconds=0.5,
+        worker_processes=1,
+        worker=f'models_dir = "{tmp_path / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5',
+        extra='[[routes]]\nname = "ct"\nmodel = "identity"\ndestinations = []\n',
+    ).start()
+    ds = ct_slice(generate_uid(UID_ROOT), generate_uid(UID_ROOT), 0, rows=64, cols=64)
+    ds.compress(JPEG2000Lossless)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    at = frame.find(b"\xff\x4f\xff\x51")
+    frame[at + 8 : at + 16] = struct.pack(">LL", 65535, 65535)
+    ds.PixelData = encapsulate([bytes(frame)])
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    _config.STORE_SEND_CHUNKED_DATASET = False
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, JPEG2000Lossless)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    rows = wait_for(lambda: node.query("SELECT attempts, error FROM jobs WHERE state = 'failed'"), timeout=60)
+    assert rows[0][0] == 1
+    assert "JPEG 2000 frame 0 declares 65535x65535, the image is 64x64" in rows[0][1]
+    assert "worker process 0 exited" not in node.log_text()

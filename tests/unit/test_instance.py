@@ -6,6 +6,8 @@ from io import BytesIO
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
 from node import status
@@ -13,8 +15,10 @@ from node.errors import InvalidDataset
 from node.instance import (
     IMPLEMENTATION_CLASS_UID,
     check_matches_request,
+    decode_problem,
     file_meta,
     inflated_size,
+    j2k_size,
     meta_source_ae,
     parse_header,
     strip_file_meta,
@@ -126,3 +130,42 @@ def test_inflated_size_counts_without_keeping_and_refuses_a_bomb() -> None:
     assert info.value.status == status.CANNOT_UNDERSTAND
     with pytest.raises(InvalidDataset, match="cannot be inflated"):
         inflated_size(b"\xff" * 100, 1 << 20)
+
+
+# -- what the worker decodes (issue 19) ---------------------------------------------------------
+
+
+def j2k_slice() -> Dataset:
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=64, cols=64)
+    ds.compress(JPEG2000Lossless)
+    return ds
+
+
+def claiming(ds: Dataset, width: int, height: int) -> Dataset:
+    """The same object with its JPEG 2000 codestream's SIZ marker declaring another size."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    at = frame.find(b"\xff\x4f\xff\x51")
+    frame[at + 8 : at + 16] = struct.pack(">LL", width, height)
+    ds.PixelData = encapsulate([bytes(frame)])
+    return ds
+
+
+def test_a_jpeg2000_frame_that_declares_its_images_size_may_be_decoded() -> None:
+    ds = j2k_slice()
+    assert j2k_size(next(generate_frames(ds.PixelData, number_of_frames=1))) == (64, 64)
+    assert decode_problem(ds, 1 << 30) == ""
+
+
+def test_a_jpeg2000_frame_declaring_64k_by_64k_is_refused_before_it_is_decoded() -> None:
+    ds = claiming(j2k_slice(), 65535, 65535)
+    assert decode_problem(ds, 1 << 30) == "JPEG 2000 frame 0 declares 65535x65535, the image is 64x64"
+
+
+def test_frames_that_would_decode_past_the_limit_are_refused() -> None:
+    ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=64, cols=64)
+    ds.NumberOfFrames = 100_000
+    assert decode_problem(ds, 1 << 30).startswith("decoding would take 1562 MiB, more than worker.max_decoded_mb")
