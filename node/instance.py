@@ -252,6 +252,8 @@ def check_structure(part10: bytes, transfer_syntax: str, header: Dataset) -> str
     Deflated data sets are checked after pydicom has inflated them, by parse_header."""
     if transfer_syntax in DEFLATED_SYNTAXES or len(part10) < len(_PREAMBLE) + 12:
         return ""
+    if _native_pixels_end_it(part10, transfer_syntax, header):
+        return ""  # the common case, in O(1): what follows walks every element
     offset = _dataset_offset(part10)
     fp = BytesIO(part10)
     fp.seek(offset)
@@ -280,6 +282,32 @@ def check_structure(part10: bytes, transfer_syntax: str, header: Dataset) -> str
     if pixel_length is None or pixel_length == UNDEFINED_LENGTH:
         return ""
     return pixel_length_problem(header, pixel_length)
+
+
+def _native_pixels_end_it(part10: bytes, transfer_syntax: str, header: Dataset) -> bool:
+    """Whether the data set ends with a top-level Pixel Data element of exactly the length the
+    image needs, in a little-endian syntax: then no element before it can run past the end."""
+    if transfer_syntax not in (IMPLICIT_LITTLE, "1.2.840.10008.1.2.1") or "Rows" not in header:
+        return False
+    try:
+        rows, cols, bits = int(header.Rows), int(header.Columns), int(header.BitsAllocated)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    length = (rows * cols * frames * samples * bits + 7) // 8
+    length += length % 2
+    tag = b"\xe0\x7f\x10\x00"
+    if transfer_syntax == IMPLICIT_LITTLE:
+        at = len(part10) - length - 8
+        return at > 0 and part10[at : at + 4] == tag and struct.unpack_from("<L", part10, at + 4)[0] == length
+    at = len(part10) - length - 12
+    return (
+        at > 0
+        and part10[at : at + 4] == tag
+        and part10[at + 4 : at + 6] in (b"OW", b"OB")
+        and struct.unpack_from("<L", part10, at + 8)[0] == length
+    )
 
 
 def pixel_length_problem(ds: Dataset, length: int) -> str:

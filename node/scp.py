@@ -8,6 +8,7 @@ import functools
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -78,8 +79,11 @@ class NodeServer(ThreadedAssociationServer):
         sock, address = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # a read that gets no byte for network_timeout fails: a PDU that stalls halfway is
-        # closed, a slow link that keeps sending is not (accepted sockets have no timeout)
-        sock.settimeout(self.ae.network_timeout)
+        # closed, a slow link that keeps sending is not (accepted sockets have no timeout).
+        # The kernel's receive timeout, not Python's settimeout: that one polls before every
+        # 4 kB read pynetdicom makes (its TLS sockets get settimeout in finish_request)
+        seconds = float(self.ae.network_timeout or 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
