@@ -75,8 +75,12 @@ def test_admin_logs_in_views_before_after_and_retries_a_failed_delivery(
         page.click("text=Series")
         page.click(f"text={series_uid}")
         page.click("a[href^='/jobs/']")
+        # polled from Python: the page's Content-Security-Policy forbids the eval that
+        # wait_for_function's string predicates need (no script may run in the dashboard)
         for img in ("#before", "#after", "#difference"):
-            page.wait_for_function(f"document.querySelector('{img}').naturalWidth === 128")
+            wait_for(lambda img=img: page.locator(img).evaluate("e => e.naturalWidth") == 128, what=f"{img} loaded")
+        header = page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor")
+        assert header == "rgb(29, 53, 87)"  # the style sheet applies under the CSP
         noise = page.locator("#noise").inner_text()
         assert "before" in noise and "after" in noise
         sd_before, sd_after = (float(b) for b in page.locator("#noise b").all_inner_texts())
