@@ -70,6 +70,17 @@ def refusals(node: NodeProcess) -> list[tuple[str, int, str]]:
     return node.query(f"SELECT kind, status, detail FROM events WHERE kind IN {kinds} ORDER BY id")  # type: ignore[return-value]
 
 
+def identity_node(node_factory, tmp_path: Path) -> NodeProcess:  # type: ignore[no-untyped-def]
+    """A node whose one route sends every series through an identity model (a worker runs)."""
+    identity(tmp_path / "models" / "identity")
+    return node_factory(  # type: ignore[no-any-return]
+        idle_seconds=0.5,
+        worker_processes=1,
+        worker=f'models_dir = "{tmp_path / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5',
+        extra='[[routes]]\nname = "ct"\nmodel = "identity"\ndestinations = []\n',
+    ).start()
+
+
 def test_a_deflate_bomb_is_refused_without_the_node_holding_it(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """1 MB of Deflated Explicit VR Little Endian that inflates to 1 GiB: 0xC000, an event,
     nothing stored, and no receiving process grew by 100 MB."""
@@ -153,13 +164,7 @@ def test_pixel_data_of_the_wrong_length_is_stored_with_a_warning_and_its_series_
     node_factory,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    identity(tmp_path / "models" / "identity")
-    node = node_factory(
-        idle_seconds=0.5,
-        worker_processes=1,
-        worker=f'models_dir = "{tmp_path / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5',
-        extra='[[routes]]\nname = "ct"\nmodel = "identity"\ndestinations = []\n',
-    ).start()
+    node = identity_node(node_factory, tmp_path)
     sop, body = slice_bytes(rows=64, Rows=63)  # 64 x 64 pixels sent for a 63 x 64 image
     assert send(node.port, write(tmp_path, "long.dcm", sop, body)) == 0xB007
     [(kind, status, detail)] = refusals(node)
@@ -175,13 +180,7 @@ def test_a_jpeg2000_bomb_fails_its_job_without_being_decoded(node_factory, tmp_p
     from pydicom.encaps import encapsulate, generate_frames
     from pydicom.uid import JPEG2000Lossless
 
-    identity(tmp_path / "models" / "identity")
-    node = node_factory(
-        idle_seconds=0.5,
-        worker_processes=1,
-        worker=f'models_dir = "{tmp_path / "models"}"\nheartbeat_seconds = 0.2\nstale_after_seconds = 1.5',
-        extra='[[routes]]\nname = "ct"\nmodel = "identity"\ndestinations = []\n',
-    ).start()
+    node = identity_node(node_factory, tmp_path)
     ds = ct_slice(generate_uid(UID_ROOT), generate_uid(UID_ROOT), 0, rows=64, cols=64)
     ds.compress(JPEG2000Lossless)
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
