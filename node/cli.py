@@ -125,9 +125,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+GLOBAL_OPTIONS = ("--config", "--log-level", "--log-format")  # each takes one value
+
+
+def globals_first(argv: list[str]) -> list[str]:
+    """The global options moved in front of the subcommand, so `enhance-node serve --config
+    PATH` (DESIGN 3.1) means `enhance-node --config PATH serve`. Everything else keeps its
+    order; `--` ends the options as usual."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS and "=" in arg:
+            front.append(arg)
+        elif arg in GLOBAL_OPTIONS and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` as its provenance
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(globals_first(given))
+    args.argv = given  # recorded by `train` as its provenance
     configure_logging(LogSettings(logging.getLevelName(args.log_level), args.log_format))
     try:
         if args.command == "serve":

@@ -138,6 +138,40 @@ def test_cli_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> 
     assert len(lines) == 1 and "node.port" in lines[0], result.stderr
 
 
+@pytest.mark.parametrize(
+    "form",
+    [
+        ["--config", "{cfg}", "serve"],
+        ["serve", "--config", "{cfg}"],  # DESIGN 3.1's form
+        ["serve", "--config={cfg}", "--log-format", "json"],
+    ],
+)
+def test_global_options_may_come_before_or_after_the_subcommand(tmp_path: Path, form: list[str]) -> None:
+    bad = tmp_path / "config.toml"
+    bad.write_text("[node]\nport = 99999\n")
+    args = [a.format(cfg=bad) for a in form]
+    result = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "node.port" in result.stderr, (
+        result.stderr
+    )  # the file was read: not a usage error
+
+
+def test_globals_first_moves_only_the_global_options() -> None:
+    from node.cli import globals_first
+
+    assert globals_first(["ae", "add", "CT01", "--host", "10.0.0.5", "--config", "c.toml"]) == [
+        "--config",
+        "c.toml",
+        "ae",
+        "add",
+        "CT01",
+        "--host",
+        "10.0.0.5",
+    ]
+    assert globals_first(["jobs", "list", "--log-level=DEBUG"]) == ["--log-level=DEBUG", "jobs", "list"]
+    assert globals_first(["train", "--", "--config", "x"]) == ["train", "--", "--config", "x"]
+
+
 def test_cli_bad_usage_exits_2_with_one_line() -> None:
     result = subprocess.run([sys.executable, "-m", "node.cli", "frobnicate"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
