@@ -95,7 +95,7 @@ def parse_header(part10: bytes) -> InstanceHeader:
         modality = str(ds.get("Modality", "") or "")
         description = str(ds.get("SeriesDescription", "") or "")
         number = ds.get("InstanceNumber")
-        instance_number = int(number) if number not in (None, "") else None
+        instance_number = _ledger_integer(number)
         ts = str(meta.TransferSyntaxUID)
         facts = image_facts(ds)
     except Exception as exc:  # pydicom raises many kinds on corrupt input; all mean "cannot parse"
@@ -121,6 +121,17 @@ def parse_header(part10: bytes) -> InstanceHeader:
         facts=facts,
         warning=warning,
     )
+
+
+def _ledger_integer(value: object) -> int | None:
+    """InstanceNumber as the ledger keeps it (listing and ordering only; the file keeps what
+    was sent): None when absent, not an integer, or beyond a 32-bit column (PostgreSQL's
+    INTEGER refuses 999999999999, which the standard allows)."""
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if -(2**31) <= number < 2**31 else None
 
 
 def check_matches_request(header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -337,9 +338,19 @@ def renew_heartbeat(
 
 
 def write_event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
-    """An audit event, inside the caller's transaction (shared with storage.jobs)."""
+    """An audit event, inside the caller's transaction (shared with storage.jobs). Its text
+    may come from a hostile peer (a refused UID): control characters (NUL, which PostgreSQL
+    refuses in text) become '?' and each value is cut to its column's length, so a refusal can
+    always be recorded."""
     fields.setdefault("detail", "")
+    for name, value in fields.items():
+        if isinstance(value, str):
+            limit = getattr(t.events.c[name].type, "length", None)
+            fields[name] = _CONTROL.sub("?", value)[:limit]
     conn.execute(insert(t.events).values(at=now, kind=str(kind), **fields))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 # Statements of the per-instance path, built once.

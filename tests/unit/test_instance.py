@@ -169,3 +169,29 @@ def test_frames_that_would_decode_past_the_limit_are_refused() -> None:
     ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=64, cols=64)
     ds.NumberOfFrames = 100_000
     assert decode_problem(ds, 1 << 30).startswith("decoding would take 1562 MiB, more than worker.max_decoded_mb")
+
+
+@pytest.mark.parametrize(("value", "kept"), [("12", 12), ("999999999999", None), ("1.5", None), ("abc", None)])
+def test_an_instance_number_the_ledger_cannot_hold_is_not_a_reason_to_refuse(value: str, kept: int | None) -> None:
+    ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8)
+    raw = encode_explicit_le(ds).replace(
+        b"\x20\x00\x13\x00IS\x02\x001 ",
+        b"\x20\x00\x13\x00IS" + bytes([len(value) + len(value) % 2, 0]) + (value + " " * (len(value) % 2)).encode(),
+    )
+    header = parse_header(file_meta(CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, "X") + raw)
+    assert header.instance_number == kept
+
+
+def test_a_refusal_with_a_nul_in_its_uid_is_still_recorded() -> None:
+    import sqlalchemy
+
+    from storage import schema as t
+    from storage.db import migrate
+    from storage.ledger import EventKind, Ledger
+
+    engine = sqlalchemy.create_engine("sqlite://")
+    migrate(engine)
+    Ledger(engine).add_event(EventKind.STORE_REFUSED, sop_instance_uid="1.2.\x003" + "9" * 80, detail="bad\x00uid")
+    with engine.connect() as conn:
+        uid, detail = conn.execute(sqlalchemy.select(t.events.c.sop_instance_uid, t.events.c.detail)).one()
+    assert uid == ("1.2.?3" + "9" * 80)[:64] and detail == "bad?uid"
