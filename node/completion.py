@@ -57,3 +57,5 @@ class CompletionLoop:
                     self.after()
             except SQLAlchemyError as exc:  # the ledger may be briefly unavailable: try again
                 log.error("completion sweep failed: %s", type(exc).__name__)
+            except Exception:  # a bug in routing must not end completion for good: log it, go on
+                log.exception("completion sweep failed")

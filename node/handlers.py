@@ -162,10 +162,20 @@ def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociatio
 
 def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations) -> None:
     """EVT_CONN_CLOSE: the end of every connection, released, aborted or rejected."""
-    row = open_assocs.release(event.assoc)
+    association_ended(ledger, open_assocs, event.assoc)
+
+
+def association_ended(ledger: Ledger, open_assocs: OpenAssociations, assoc: Association) -> None:
+    """Give back the association's slot and close its ledger row; once (a second call finds
+    no slot). Also called by the connection reaper for an association whose pynetdicom
+    thread died on a peer's garbage without EVT_CONN_CLOSE."""
+    row = open_assocs.release(assoc)
     if row is not None:
-        outcome = "released" if event.assoc.is_released else "aborted"
-        ledger.close_association(row, outcome)
+        outcome = "released" if assoc.is_released else "aborted"
+        try:
+            ledger.close_association(row, outcome)
+        except SQLAlchemyError:
+            log.error("ledger unavailable: association %d not closed (start-up closes it as lost)", row)
         log.info("association %d %s", row, outcome)
 
 

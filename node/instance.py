@@ -349,13 +349,14 @@ J2K_SYNTAXES = frozenset(
 J2K_CODESTREAM = b"\xff\x4f\xff\x51"  # SOC then SIZ
 
 
-def j2k_size(frame: bytes) -> tuple[int, int] | None:
-    """(width, height) a JPEG 2000 codestream's SIZ marker declares, or None without one."""
+def j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG 2000 codestream's SIZ marker declares, or None."""
     at = frame.find(J2K_CODESTREAM, 0, 4096)
-    if at < 0 or len(frame) < at + 24:
+    if at < 0 or len(frame) < at + 42:
         return None
     x, y, x0, y0 = struct.unpack_from(">LLLL", frame, at + 8)
-    return x - x0, y - y0
+    (components,) = struct.unpack_from(">H", frame, at + 40)
+    return x - x0, y - y0, components
 
 
 def decode_problem(ds: Dataset, max_bytes: int) -> str:
@@ -373,11 +374,43 @@ def decode_problem(ds: Dataset, max_bytes: int) -> str:
     if decoded > max_bytes:
         return f"decoding would take {decoded >> 20} MiB, more than worker.max_decoded_mb ({max_bytes >> 20})"
     syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
-    if syntax in J2K_SYNTAXES:
-        for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
-            size = j2k_size(frame)
-            if size is None:
-                return f"JPEG 2000 frame {i} has no SIZ marker"
-            if size != (cols, rows):
-                return f"JPEG 2000 frame {i} declares {size[0]}x{size[1]}, the image is {cols}x{rows}"
+    if syntax not in J2K_SYNTAXES and syntax not in JPEG_SYNTAXES:
+        return ""
+    kind = "JPEG 2000" if syntax in J2K_SYNTAXES else "JPEG"
+    for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        declared = j2k_size(frame) if syntax in J2K_SYNTAXES else jpeg_size(frame)
+        if declared is None:
+            return f"{kind} frame {i} declares no size"
+        if declared != (cols, rows, samples):
+            width, height, components = declared
+            return (
+                f"{kind} frame {i} declares {width}x{height} with {components} component(s), "
+                f"the image is {cols}x{rows} with {samples}"
+            )
     return ""
+
+
+# JPEG baseline, extended, lossless (process 14 and SV1), JPEG-LS lossless and near-lossless
+JPEG_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    }
+)
+
+
+def jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG or JPEG-LS frame's SOF marker declares, or None."""
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    try:
+        found = _get_jpg_parameters(frame)
+    except Exception:  # any failure means no readable SOF
+        return None
+    if not {"width", "height", "components"} <= set(found):
+        return None
+    return int(found["width"]), int(found["height"]), int(found["components"])

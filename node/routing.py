@@ -51,7 +51,7 @@ class ManifestCache:
             return cached[1]
         try:
             manifest: ModelManifest | None = load(package)
-        except ManifestError as exc:
+        except (ManifestError, OSError, UnicodeDecodeError) as exc:  # a broken package must not stop routing
             log.warning("routing: model %s cannot be loaded: %s", model, exc)
             manifest = None
         self._cache[model] = (stamp, manifest)

@@ -59,11 +59,13 @@ class NodeServer(ThreadedAssociationServer):
         on_tls_refused: Callable[[str, str], None],
         guard: ConnectionGuard,
         on_refused: Callable[[str, str, str], None],
+        on_ended: Callable[[Association], None],
         **kwargs: Any,
     ) -> None:
         self.on_tls_refused = on_tls_refused
         self.guard = guard
         self.on_refused = on_refused
+        self.on_ended = on_ended  # what EVT_CONN_CLOSE would have done, for a reactor that died
         self._reaping = threading.Event()
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
@@ -117,7 +119,11 @@ class NodeServer(ThreadedAssociationServer):
             return assoc.ident is not None and not assoc.is_alive() and not assoc.dul.is_alive()
 
         close = functools.partial(_shut, request)
-        dispose = functools.partial(_dispose, request)
+
+        def dispose() -> None:
+            self.on_ended(assoc)  # the slot is free before the peer sees the connection close
+            _dispose(request)
+
         self.guard.watch(token, Connection(host, self.guard.clock(), close, negotiated, ended, dispose))
         assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: self._closed(token, host, request))
 
@@ -243,6 +249,7 @@ class StorageSCP:
         everything else is read from `cfg` once."""
         self.cfg = cfg
         self.ledger = ledger
+        self._associations = associations
         self.ae = build_ae(cfg)
         live = current or (lambda: cfg)
         self.guard = ConnectionGuard(
@@ -272,6 +279,7 @@ class StorageSCP:
             on_tls_refused=functools.partial(handlers.tls_refused, self.ledger),
             guard=self.guard,
             on_refused=functools.partial(handlers.connection_refused, self.ledger, Throttle(REPORT_PERIOD_S)),
+            on_ended=functools.partial(handlers.association_ended, self.ledger, self._associations),
         )
         assert isinstance(server, NodeServer)
         self.ae._servers.append(server)  # as AE.start_server does, so shutdown() finds it

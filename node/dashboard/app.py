@@ -181,8 +181,8 @@ def create_app(
             rsp = page(request, "login.html", 429, next=next, error=message)
             rsp.headers["Retry-After"] = str(wait)
             return rsp
+        throttle.failed(client)  # counted before the (slow) check: parallel tries cannot pass the limit
         if not verify_password(password, stored):
-            throttle.failed(client)
             return page(request, "login.html", 401, next=next, error="Wrong password.")
         throttle.succeeded(client)
         request.session.clear()

@@ -198,5 +198,5 @@ def test_a_jpeg2000_bomb_fails_its_job_without_being_decoded(node_factory, tmp_p
     assoc.release()
     rows = wait_for(lambda: node.query("SELECT attempts, error FROM jobs WHERE state = 'failed'"), timeout=60)
     assert rows[0][0] == 1
-    assert "JPEG 2000 frame 0 declares 65535x65535, the image is 64x64" in rows[0][1]
+    assert "JPEG 2000 frame 0 declares 65535x65535 with 1 component(s), the image is 64x64 with 1" in rows[0][1]
     assert "worker process 0 exited" not in node.log_text()

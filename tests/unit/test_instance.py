@@ -156,13 +156,15 @@ def claiming(ds: Dataset, width: int, height: int) -> Dataset:
 
 def test_a_jpeg2000_frame_that_declares_its_images_size_may_be_decoded() -> None:
     ds = j2k_slice()
-    assert j2k_size(next(generate_frames(ds.PixelData, number_of_frames=1))) == (64, 64)
+    assert j2k_size(next(generate_frames(ds.PixelData, number_of_frames=1))) == (64, 64, 1)
     assert decode_problem(ds, 1 << 30) == ""
 
 
 def test_a_jpeg2000_frame_declaring_64k_by_64k_is_refused_before_it_is_decoded() -> None:
     ds = claiming(j2k_slice(), 65535, 65535)
-    assert decode_problem(ds, 1 << 30) == "JPEG 2000 frame 0 declares 65535x65535, the image is 64x64"
+    assert decode_problem(ds, 1 << 30) == (
+        "JPEG 2000 frame 0 declares 65535x65535 with 1 component(s), the image is 64x64 with 1"
+    )
 
 
 def test_frames_that_would_decode_past_the_limit_are_refused() -> None:
@@ -195,3 +197,18 @@ def test_a_refusal_with_a_nul_in_its_uid_is_still_recorded() -> None:
     with engine.connect() as conn:
         uid, detail = conn.execute(sqlalchemy.select(t.events.c.sop_instance_uid, t.events.c.detail)).one()
     assert uid == ("1.2.?3" + "9" * 80)[:64] and detail == "bad?uid"
+
+
+def test_a_jpeg_frame_whose_sof_declares_another_size_is_refused_before_it_is_decoded() -> None:
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate
+
+    ds = dcmread(get_testdata_file("JPEG-lossy.dcm", download=False))  # 1024 x 256, 12-bit baseline
+    assert decode_problem(ds, 1 << 30) == ""
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = frame.find(b"\xff\xc1")  # extended sequential: Lf(2) P(1) Y(2) X(2) Nf(1)
+    frame[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
+    ds.PixelData = encapsulate([bytes(frame)])
+    assert decode_problem(ds, 1 << 40) == (
+        "JPEG frame 0 declares 60000x60000 with 1 component(s), the image is 256x1024 with 1"
+    )
