@@ -122,6 +122,6 @@ class Throttle:
                 self._quiet[key] = self._quiet.get(key, 0) + 1
                 return False, 0
             self._last[key] = now
-            if len(self._last) > 10_000:  # bounded under a spoofed-address flood
-                self._last = {key: now}
+            if len(self._last) > 10_000:  # bounded under a flood from many addresses
+                self._last, self._quiet = {key: now}, {}
             return True, self._quiet.pop(key, 0)

@@ -89,11 +89,17 @@ class NodeServer(ThreadedAssociationServer):
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        refused = self.guard.admit(client_address[0])
-        if refused is not None:
-            self.on_refused(client_address[0], "limit", refused)
+        """Runs in the accept loop, which socketserver does not protect: an exception here
+        would end serve_forever with the process still up, so none may escape."""
+        try:
+            refused = self.guard.admit(client_address[0])
+            if refused is not None:
+                self.on_refused(client_address[0], "limit", refused)
+                return False
+            return True
+        except Exception:
+            log.exception("admitting a connection from %s", client_address[0])
             return False
-        return True
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.ssl_context is not None:

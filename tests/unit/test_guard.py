@@ -88,3 +88,11 @@ def test_the_throttle_reports_once_a_period_and_counts_the_rest() -> None:
     assert throttle.take("b") == (True, 0)  # its own key
     clock.now += 60
     assert throttle.take("a") == (True, 2)  # the two not reported
+
+
+def test_the_throttle_stays_bounded_under_many_addresses() -> None:
+    throttle = Throttle(60.0, clock=Clock())
+    for n in range(10_005):
+        throttle.take(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+        throttle.take(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")  # counted as quiet
+    assert len(throttle._last) < 10_001 and len(throttle._quiet) < 10_001
