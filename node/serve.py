@@ -121,6 +121,8 @@ def serve(cfg: Config, role: str = "all") -> int:
     def route() -> None:
         now = live.current()  # routes, destinations and models as config.toml says now
         cache = manifests.setdefault(now.worker.models_dir, ManifestCache(now.worker.models_dir))
+        for r in now.routes:  # (re)load changed manifests before routing takes the ledger's write lock
+            cache(r.model)
         router = Router(cache, device_uid())
         queue.route_complete_series(now.routes, now.worker.max_attempts, now.destinations, router.decide)
 
