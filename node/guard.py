@@ -2,8 +2,8 @@
 peers"). A TCP connection costs a thread and, until its A-ASSOCIATE-RQ has been answered,
 nothing tells an allowed scanner from anything else on the network. So:
 
-- each connection must finish association negotiation (TLS handshake included) within
-  `node.negotiation_timeout` seconds of being accepted, or it is closed;
+- each connection must finish its TLS handshake, then association negotiation, each within
+  `node.negotiation_timeout` seconds, or it is closed;
 - a host has at most `node.max_connections_per_host` connections open at once in each
   receiving process, unless it is the `host` of an `[[node.allowed]]` entry (an allowed
   AE's own address keeps its capacity);
@@ -69,6 +69,11 @@ class ConnectionGuard:
         """Start the negotiation deadline of an admitted connection."""
         with self._lock:
             self._open[token] = connection
+
+    def unwatch(self, token: int) -> None:
+        """Stop the deadline of a phase that ended in time (a TLS handshake), counting nothing."""
+        with self._lock:
+            self._open.pop(token, None)
 
     def release(self, token: int | None, host: str) -> None:
         """The connection ended. Once per admitted connection: a token already released is

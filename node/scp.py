@@ -103,14 +103,21 @@ class NodeServer(ThreadedAssociationServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.ssl_context is not None:
+            # the handshake is under the negotiation deadline too: a client that drips it a
+            # byte at a time is closed by the reaper (each read alone has the same timeout)
+            host, token, done = client_address[0], id(request), threading.Event()
+            close = functools.partial(_shut, request)
+            self.guard.watch(token, Connection(host, self.guard.clock(), close, done.is_set, lambda: False))
             request.settimeout(self.guard.negotiation_timeout)
             try:
                 request = self.ssl_context.wrap_socket(request, server_side=True)
-            except OSError as exc:  # ssl.SSLError, timeout, reset: this client only
-                self.guard.release(None, client_address[0])
-                self.on_tls_refused(client_address[0], f"TLS handshake failed: {exc}")
+            except OSError as exc:  # ssl.SSLError, timeout, reset, closed by the reaper: this client only
+                self.guard.release(token, host)
+                self.on_tls_refused(host, f"TLS handshake failed: {exc}")
                 request.close()
                 return
+            done.set()
+            self.guard.unwatch(token)  # the association's own deadline starts when it is created
             request.settimeout(self.ae.network_timeout)
         super().finish_request(request, client_address)
 

@@ -231,3 +231,38 @@ def test_a_stalled_tls_handshake_does_not_block_other_peers(node_factory, pki: P
             pytest.fail("storescu hung while another peer held an unfinished TLS connection")
     assert r.returncode == 0, r.stderr
     assert node.query("SELECT count(*) FROM instances") == [(1,)]
+
+
+def test_a_tls_handshake_dripped_a_byte_at_a_time_is_closed_at_the_negotiation_deadline(
+    node_factory,  # type: ignore[no-untyped-def]
+    pki: Pki,
+) -> None:
+    """Each byte arrives well within the per-read timeout, but the handshake as a whole is under
+    node.negotiation_timeout (2 s here): the node closes the connection."""
+    import socket
+    import time
+
+    lines = [
+        "negotiation_timeout = 2",
+        "[node.tls]",
+        f'cert_file = "{pki.server.cert}"',
+        f'key_file = "{pki.server.key}"',
+    ]
+    node = node_factory(extra_node="\n".join(lines)).start()
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64)  # the start of a ClientHello, never finished
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+        started, closed = time.monotonic(), False
+        for byte in hello:
+            try:
+                s.sendall(bytes([byte]))
+                s.settimeout(0.5)
+                closed = s.recv(1) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        took = time.monotonic() - started
+    assert closed, "the node kept a dripped handshake open"
+    assert 1.5 < took < 6, took
