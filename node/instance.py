@@ -296,19 +296,41 @@ def check_structure(part10: bytes, transfer_syntax: str, header: Dataset) -> str
     return pixel_length_problem(header, pixel_length)
 
 
+@dataclass(frozen=True)
+class ImageSize:
+    rows: int
+    cols: int
+    frames: int
+    samples: int
+    bits: int  # Bits Allocated; 0 when absent
+
+    @property
+    def native_bytes(self) -> int:
+        """Uncompressed Pixel Data length, before padding to an even length."""
+        return (self.rows * self.cols * self.frames * self.samples * self.bits + 7) // 8
+
+
+def image_size(ds: Dataset) -> ImageSize | None:
+    """An image's matrix, frames, samples and bits from its header; None when unusable."""
+    try:
+        return ImageSize(
+            int(ds.Rows),
+            int(ds.Columns),
+            int(ds.get("NumberOfFrames", 1) or 1),
+            int(ds.get("SamplesPerPixel", 1) or 1),
+            int(ds.get("BitsAllocated", 0) or 0),
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _native_pixels_end_it(part10: bytes, transfer_syntax: str, header: Dataset) -> bool:
     """Whether the data set ends with a top-level Pixel Data element of exactly the length the
     image needs, in a little-endian syntax: then no element before it can run past the end."""
-    if transfer_syntax not in (IMPLICIT_LITTLE, "1.2.840.10008.1.2.1") or "Rows" not in header:
+    size = image_size(header) if transfer_syntax in (IMPLICIT_LITTLE, "1.2.840.10008.1.2.1") else None
+    if size is None or not size.bits:
         return False
-    try:
-        rows, cols, bits = int(header.Rows), int(header.Columns), int(header.BitsAllocated)
-        frames = int(header.get("NumberOfFrames", 1) or 1)
-        samples = int(header.get("SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return False
-    length = (rows * cols * frames * samples * bits + 7) // 8
-    length += length % 2
+    length = size.native_bytes + size.native_bytes % 2
     tag = b"\xe0\x7f\x10\x00"
     if transfer_syntax == IMPLICIT_LITTLE:
         at = len(part10) - length - 8
@@ -325,13 +347,10 @@ def _native_pixels_end_it(part10: bytes, transfer_syntax: str, header: Dataset) 
 def pixel_length_problem(ds: Dataset, length: int) -> str:
     """Why native Pixel Data of `length` bytes does not fit the image it claims ("" when it
     does; one byte of padding to an even length allowed)."""
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
+    size = image_size(ds)
+    if size is None or not size.bits:
         return "Pixel Data without a usable Rows, Columns or Bits Allocated"
-    expected = (rows * cols * frames * samples * bits + 7) // 8
+    expected = size.native_bytes
     if length not in (expected, expected + expected % 2):
         return f"Pixel Data holds {length} bytes, Rows x Columns x frames x samples x bits say {expected}"
     return ""
@@ -364,20 +383,18 @@ def decode_problem(ds: Dataset, max_bytes: int) -> str:
     float32 frames would pass `max_bytes`, or a JPEG 2000 frame declares a size other than the
     image's (a codestream claiming 64k x 64k inside a 512 x 512 image decodes to 8 GB before
     anything could compare it)."""
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+    size = image_size(ds)
+    if size is None:
         return "no usable Rows, Columns or Number of Frames"
-    decoded = rows * cols * frames * samples * 4
+    rows, cols, samples = size.rows, size.cols, size.samples
+    decoded = rows * cols * size.frames * samples * 4
     if decoded > max_bytes:
         return f"decoding would take {decoded >> 20} MiB, more than worker.max_decoded_mb ({max_bytes >> 20})"
     syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
     if syntax not in J2K_SYNTAXES and syntax not in JPEG_SYNTAXES:
         return ""
     kind = "JPEG 2000" if syntax in J2K_SYNTAXES else "JPEG"
-    for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+    for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=size.frames)):
         declared = j2k_size(frame) if syntax in J2K_SYNTAXES else jpeg_size(frame)
         if declared is None:
             return f"{kind} frame {i} declares no size"
