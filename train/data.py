@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from engines.normalization import Normalization
 from engines.pipeline import context_indices
-from engines.qa import noise_level
+from engines.qa import noise_level, object_mask
 from train.degrade import LowDoseCT, ct_downsample, kernel_blur, mr_kspace_truncate, rician, smooth_field
 from train.phantoms import ct_phantom, mr_phantom
 from train.presets import Degradation, Preset
@@ -72,19 +72,35 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
         flux = _maybe(rng, deg.flux, log=True)  # photons at every dose alike: dose * flux
         e_sd = _maybe(rng, deg.electronic_sd)
         smooth = _maybe(rng, deg.post_smooth_px)
-        noise = np.stack([sim.noise(s, slab.spacing, min(1.0, dose * flux), rng, recon, e_sd) for s in slab.pixels])
+
+        def exposure(fraction: float) -> Array:
+            return np.stack([sim.noise(s, slab.spacing, fraction, rng, recon, e_sd) for s in slab.pixels])
+
+        noise = exposure(min(1.0, dose * flux))
         clean = kernel_blur(slab.pixels, recon) if recon else slab.pixels
-        low, target = clean + noise, clean[clean.shape[0] // 2]
+        texture_sd = _maybe(rng, deg.texture_sd)
+        texture = exposure(1.0) if texture_sd > 0 else None
         if smooth > 0:
-            low = ndimage.gaussian_filter(low, smooth, axes=(-2, -1))
-            target = ndimage.gaussian_filter(target, smooth)
-        return low.astype(np.float32), target.astype(np.float32)
+            blur = lambda a: ndimage.gaussian_filter(a, smooth, axes=(-2, -1))  # noqa: E731
+            clean, noise = blur(clean), blur(noise)
+            texture = blur(texture) if texture is not None else None
+        centre_index = clean.shape[0] // 2
+        tissue = object_mask(clean[centre_index], ct=True)
+        if texture is not None:
+            clean = clean + _scaled(texture, texture_sd, tissue)
+        level = _maybe(rng, deg.noise_sd, log=True)
+        if level > 0:
+            noise = _scaled(noise, level, tissue)
+        return (clean + noise).astype(np.float32), clean[centre_index].astype(np.float32)
     if deg.kind == "rician":
         sigma = _draw(rng, deg.sigma_percent, log=True)
         pixels = slab.pixels
         if deg.bias_field > 0:
             pixels = pixels * smooth_field(pixels.shape[-2:], _draw(rng, (0.0, deg.bias_field)), rng)
         ref = float(np.percentile(pixels, 99.5))
+        texture_sd = _maybe(rng, deg.texture_sd)
+        if texture_sd > 0:  # the acquisition's own noise, in the target too
+            pixels = np.stack([rician(s, texture_sd, rng, reference=ref) for s in pixels])
         low = np.stack([rician(s, sigma, rng, reference=ref) for s in pixels])
         return low, pixels[pixels.shape[0] // 2].astype(np.float32)
     if deg.kind == "ct-sr":
@@ -101,6 +117,15 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
         lr_sd = _maybe(rng, deg.lr_noise, log=True) / 100.0 * float(np.percentile(slab.pixels, 99.5))
         return mr_kspace_truncate(slab.pixels, deg.scale, window, fraction, lr_sd, rng, alpha), centre
     raise ValueError(f"unknown degradation {deg.kind!r}")
+
+
+def _scaled(noise: Array, sd: float, where: NDArray[np.bool_]) -> Array:
+    """`noise` (context, h, w) scaled so that its centre slice has SD `sd` where `where` holds
+    (everywhere when that is too small a region to measure)."""
+    centre = noise[noise.shape[0] // 2]
+    region = centre[where] if where.sum() >= 256 else centre
+    current = float(np.std(region))
+    return noise * np.float32(sd / current) if current > 0 else noise
 
 
 def with_acquired_noise(slab: Slab, deg: Degradation, rng: np.random.Generator) -> Slab:
@@ -132,8 +157,8 @@ def volume_slabs(volumes: list[Volume], context: int) -> Iterator[Slab]:
 @dataclass
 class Bank:
     """Normalised full slices: inputs (N, context, h, w) and targets (N, 1, H, W); targets are
-    empty in self-supervised mode. levels (N,): each input's estimated noise SD in normalised
-    units, as the node measures it (engines.qa.noise_level), for nets with a noise map."""
+    empty in self-supervised mode. levels (N,): for nets with a noise map, each input's noise SD
+    in normalised units (added_noise_level; self-supervised, the node's estimate)."""
 
     inputs: Array
     targets: Array
@@ -149,14 +174,30 @@ class Bank:
             return cls(data["inputs"], data["targets"], levels)
 
     def with_levels(self, norm: Normalization) -> Bank:
-        """The bank with its noise levels (measured now when an older bank lacks them)."""
+        """The bank with a noise-map level for each input (kept when it has them already)."""
         if len(self.levels) == len(self):
             return self
-        levels = np.array([noise_level(x, norm) for x in self.inputs], np.float32)
-        return Bank(self.inputs, self.targets, levels)
+        if len(self.targets) == 0:  # self-supervised: what the node will estimate from the input
+            levels = [noise_level(x, norm) for x in self.inputs]
+        else:
+            levels = [added_noise_level(x, y, norm) for x, y in zip(self.inputs, self.targets, strict=True)]
+        return Bank(self.inputs, self.targets, np.array(levels, np.float32))
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+
+def added_noise_level(x: Array, y: Array, norm: Normalization) -> float:
+    """What the noise map is told in training (normalised units): the SD of the noise the
+    degradation added, input - target over the object (soft tissue for CT), as the robustness
+    benchmark tells it and as the node's estimate from a series measures it. A texture the target
+    keeps is not counted: the net is to remove the noise it is told of and keep the rest."""
+    target = y[0]
+    ct = norm.kind == "hu"
+    image = Normalization.inverse(target, (norm.lo, norm.hi - norm.lo)) if ct else target
+    mask = object_mask(image, ct)
+    diff = x[x.shape[0] // 2] - target
+    return float(np.std(diff[mask] if mask.sum() >= 256 else diff))
 
 
 def _pair(args: tuple[Slab, Preset, int, Path | None]) -> tuple[Array, Array]:

@@ -78,6 +78,17 @@ class Degradation:
     bias_field: float = 0.0  # rician: a smooth multiplicative field up to +- this on target and input
     psf_fwhm: tuple[float, float] = (2.0, 2.0)  # ct-sr: Gaussian PSF FWHM in HR pixels, drawn per axis
     lr_noise: tuple[float, float] = (0.0, 0.0)  # ct-sr: HU; mr-kspace: % of the bright signal, in the LR image
+    # lowdose-ct: the SD (HU, over soft tissue) the added noise is scaled to, drawn log-uniformly;
+    # (0, 0) = as the physics gives it. Dose, flux, filter and smoothing
+    # still shape the noise's texture and how it varies over the slice; this sets its level over
+    # the whole range a hospital produces (obese patients at 5% dose on a bone kernel to a head
+    # at full dose on a soft kernel), which dose x flux alone covered only from ~4 to ~90 HU
+    noise_sd: tuple[float, float] = (0.0, 0.0)
+    # denoisers: the scan's own noise and texture, of an SD drawn uniformly (lowdose-ct: HU, the
+    # noise of a second full-dose exposure; rician: % of the bright signal), in the target and
+    # the input alike: a full-dose image is not noise-free, and the net must take
+    # away only the noise it is told of (the noise map), not the texture beneath it
+    texture_sd: tuple[float, float] = (0.0, 0.0)
     apodisations: tuple[str, ...] = ("none",)  # mr-kspace: k-space windows (train.degrade.APODISATIONS)
     partial_fourier: tuple[float, float] = (1.0, 1.0)  # mr-kspace: fraction of phase-encoding lines
 
@@ -143,6 +154,8 @@ PRESETS: dict[str, Preset] = {
                 post_smooth_px=(0.0, 1.2),
                 flux=(0.5, 2.0),
                 electronic_sd=(0.0, 10.0),
+                noise_sd=(0.7, 300.0),
+                texture_sd=(0.0, 15.0),
             ),
             phantom_size=512,
             phantoms=48,
@@ -156,7 +169,7 @@ PRESETS: dict[str, Preset] = {
             "MR",
             NetSpec("dncnn", depth=12, width=32, unshuffle=2),
             PERCENTILE,
-            Degradation("rician", sigma_percent=(1.0, 12.0), bias_field=0.3),
+            Degradation("rician", sigma_percent=(0.5, 15.0), bias_field=0.3, texture_sd=(0.0, 3.0)),
             phantom_size=256,
             phantoms=96,
         ),

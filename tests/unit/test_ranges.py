@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from train.data import Slab, degrade
+from engines.normalization import Normalization
+from engines.qa import object_mask
+from train.data import Bank, Slab, added_noise_level, degrade
 from train.degrade import LowDoseCT, ct_downsample, filter_window, kernel_blur, mr_kspace_truncate, smooth_field
 from train.phantoms import ct_phantom, mr_phantom
 from train.presets import APODISATIONS, PRESETS, RECON_FILTERS, Degradation
@@ -79,6 +81,51 @@ def test_post_smoothing_applies_to_input_and_target(ct_slab: Slab) -> None:
     assert np.std(low[0] - target) < 0.6 * np.std(sharp[0][0] - sharp[1])
 
 
+def test_noise_sd_sets_the_added_noise_level_over_soft_tissue(ct_slab: Slab) -> None:
+    sim = LowDoseCT()
+    tissue = object_mask(kernel_blur(ct_slab.pixels[0], "hann"), ct=True)  # the target's soft tissue
+    for sd in (1.0, 40.0, 250.0):
+        deg = Degradation("lowdose-ct", recon_filters=("hann",), noise_sd=(sd, sd))
+        low, target = degrade(ct_slab, deg, np.random.default_rng(4), sim)
+        assert float(np.std((low[0] - target)[tissue])) == pytest.approx(sd, rel=1e-3)
+    wide = Degradation("lowdose-ct", noise_sd=(0.7, 300.0))
+    sds = [
+        float(np.std((np.subtract(*degrade(ct_slab, wide, np.random.default_rng(s), sim)))[0][tissue]))
+        for s in range(12)
+    ]
+    assert min(sds) >= 0.69 and max(sds) <= 301 and max(sds) > 20 * min(sds)  # log-uniform over the decades
+
+
+def test_texture_is_in_the_target_and_the_input_alike(ct_slab: Slab, mr_slab: Slab) -> None:
+    sim = LowDoseCT()
+    tissue = object_mask(ct_slab.pixels[0], ct=True)
+    deg = Degradation("lowdose-ct", recon_filters=("ramp",), noise_sd=(5.0, 5.0), texture_sd=(12.0, 12.0))
+    low, target = degrade(ct_slab, deg, np.random.default_rng(6), sim)
+    assert float(np.std((target - ct_slab.pixels[0])[tissue])) == pytest.approx(12.0, rel=1e-3)
+    assert float(np.std((low[0] - target)[tissue])) == pytest.approx(5.0, rel=1e-3)  # the added noise alone
+    # the two exposures are independent: their noise is uncorrelated
+    corr = np.corrcoef((low[0] - target)[tissue], (target - ct_slab.pixels[0])[tissue])[0, 1]
+    assert abs(corr) < 0.1
+    rician_deg = Degradation("rician", sigma_percent=(0.001, 0.001), texture_sd=(3.0, 3.0))
+    low, target = degrade(mr_slab, rician_deg, np.random.default_rng(2), None)
+    bright = float(np.percentile(mr_slab.pixels[0], 99.5))
+    inside = mr_slab.pixels[0] > 0.3 * bright
+    assert float(np.std((target - mr_slab.pixels[0])[inside])) == pytest.approx(0.03 * bright, rel=0.15)
+    assert np.allclose(low[0], target, atol=0.001 * bright)
+
+
+def test_noise_map_levels_are_the_added_noise_not_the_texture(ct_slab: Slab) -> None:
+    sim, norm = LowDoseCT(), Normalization("hu", -1024.0, 3071.0)
+    deg = Degradation("lowdose-ct", noise_sd=(20.0, 20.0), texture_sd=(15.0, 15.0))
+    low, target = degrade(ct_slab, deg, np.random.default_rng(1), sim)
+    window = norm.window(low)
+    x, y = Normalization.forward(low, window), Normalization.forward(target[None], window)
+    assert added_noise_level(x, y, norm) * 4095.0 == pytest.approx(20.0, rel=1e-3)
+    bank = Bank(x[None], y[None]).with_levels(norm)
+    assert bank.levels[0] * 4095.0 == pytest.approx(20.0, rel=1e-3)
+    assert bank.with_levels(norm) is bank  # levels once measured are kept
+
+
 def test_bias_field_multiplies_input_and_target(mr_slab: Slab) -> None:
     deg = Degradation("rician", sigma_percent=(0.001, 0.001), bias_field=0.3)
     low, target = degrade(mr_slab, deg, np.random.default_rng(2), None)
@@ -132,8 +179,9 @@ def test_presets_cover_the_ranges_of_issue_17() -> None:
     ct = PRESETS["ct-denoise"].degradation
     assert ct.dose[0] <= 0.05 and ct.dose[1] == 1.0 and set(ct.recon_filters) == set(RECON_FILTERS)
     assert ct.post_smooth_px[1] > 0 and ct.flux[1] / ct.flux[0] >= 4 and ct.electronic_sd[1] > 0
+    assert ct.noise_sd[0] <= 1.0 and ct.noise_sd[1] >= 250.0 and ct.texture_sd[1] >= 10.0
     mr = PRESETS["mr-denoise"].degradation
-    assert mr.sigma_percent[1] / mr.sigma_percent[0] >= 10 and mr.bias_field > 0
+    assert mr.sigma_percent[1] / mr.sigma_percent[0] >= 10 and mr.bias_field > 0 and mr.texture_sd[1] > 0
     sr = PRESETS["ct-sr2"].degradation
     assert sr.psf_fwhm[0] == 0.0 and sr.psf_fwhm[1] >= 3.0 and sr.lr_noise[1] > 0
     msr = PRESETS["mr-sr2"].degradation
