@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.errors import EnhanceNodeError
 from engines.base import Engine
 from engines.manifest import load
 from engines.pipeline import enhance_volume
 from engines.registry import EngineOptions, cuda_available, open_engine
-from node.errors import EnhanceNodeError
 
 SIDE = 512
 # dense tensor-core / vector peaks from the vendors' data sheets (FLOP/s)

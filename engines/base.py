@@ -13,8 +13,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from core.errors import ManifestError
 from engines.manifest import ModelManifest
-from node.errors import ManifestError
 
 Array = NDArray[np.float32]
 INPUT, OUTPUT = "input", "output"  # tensor names fixed by DESIGN 3.4

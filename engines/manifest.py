@@ -14,9 +14,9 @@ from typing import Any
 
 import tomlkit
 
+from core.errors import ManifestError
 from core.images import ImageFacts
 from engines.normalization import Normalization
-from node.errors import ManifestError
 
 TASKS = ("denoise", "sr")
 PLANES = ("any", "axial")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from node.errors import ManifestError
+from core.errors import ManifestError
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import ConfigError, EngineUnavailable
 from engines.base import Engine
 from engines.manifest import ModelManifest, load
-from node.errors import ConfigError, EngineUnavailable
 
 log = logging.getLogger(__name__)
 

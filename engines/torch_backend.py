@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import EngineUnavailable, ManifestError
 from engines.base import Array, check_probe
 from engines.manifest import ModelManifest
-from node.errors import EngineUnavailable, ManifestError
 
 log = logging.getLogger(__name__)
 

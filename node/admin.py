@@ -17,8 +17,8 @@ from tomlkit.container import Container
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT, Table
 
+from core.errors import ConfigError
 from node.config import parse_config
-from node.errors import ConfigError
 
 
 @contextmanager

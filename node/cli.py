@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from core.errors import ConfigError, EnhanceNodeError, UsageError
 from node import __version__
 from node.config import default_config_path, load_config
-from node.errors import ConfigError, EnhanceNodeError, UsageError
 from node.logs import FORMATS, LogSettings, configure_logging
 from train.cli import COMMANDS as TRAIN_COMMANDS
 from train.cli import add_parsers as add_training_parsers

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.errors import ConfigError
+from core.errors import ConfigError
 
 ENV_CONFIG = "ENHANCE_NODE_CONFIG"
 ENV_STORAGE_DIR = "ENHANCE_NODE_STORAGE_DIR"

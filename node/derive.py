@@ -25,8 +25,8 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from core.errors import EngineFailure, InvalidDataset
 from node import __version__
-from node.errors import EngineFailure, InvalidDataset
 from node.series import functional_groups, lookup, rescale
 
 # pydicom's UID root, for UIDs generated with pydicom; the suffix is a hash of the inputs.

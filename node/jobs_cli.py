@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import inspect
 
+from core.errors import UsageError
 from node.config import Config
-from node.errors import UsageError
 from storage.db import make_engine
 from storage.jobs import JobQueue
 from storage.reports import job_detail, job_exists, list_jobs, list_skipped

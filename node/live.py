@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from core.errors import ConfigError
 from node.config import Config, load_config
-from node.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from core.errors import ManifestError
 from core.images import ImageFacts
 from engines.manifest import ModelManifest, load
 from node.config import RouteConfig
-from node.errors import ManifestError
 from storage.jobs import Decision, SeriesFacts, route_for
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from core.errors import EnhanceNodeError
 from node.completion import CompletionLoop
 from node.config import Config
 from node.derive import device_uid
-from node.errors import EnhanceNodeError
 from node.handlers import OpenAssociations
 from node.live import LiveConfig
 from node.logs import LogSettings, configure_logging, current_settings

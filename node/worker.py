@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
+from core.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from core.images import image_facts
 from engines import qa
 from engines.base import Engine
@@ -34,7 +35,6 @@ from engines.qa import apply_strength
 from engines.registry import EngineOptions, open_engine
 from node.config import STRENGTHS, WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
-from node.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from node.heartbeat import heartbeating
 from node.instance import decode_problem, pixel_length_problem
 from node.routing import applicable, summary

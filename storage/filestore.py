@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from node.errors import OutOfResources
+from core.errors import OutOfResources
 
 TMP_DIR = "tmp"
 OBJECTS_DIR = "objects"

@@ -13,7 +13,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from node.errors import InvalidDataset
+from core.errors import InvalidDataset
 from node.instance import meta_source_ae, parse_header
 from storage.filestore import FileStore
 from storage.ledger import EventKind, Ledger, Received, StoredFile

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from node.errors import UsageError
+from core.errors import UsageError
 from train.presets import PRESETS, TRANSFORMS
 
 COMMANDS = ("train", "evaluate", "export")

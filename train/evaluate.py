@@ -23,10 +23,10 @@ from PIL import Image
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
+from core.errors import ManifestError, UsageError
 from engines.manifest import ModelManifest, dump, load
 from engines.pipeline import context_indices, enhance_volume
 from engines.registry import EngineOptions, open_engine
-from node.errors import ManifestError, UsageError
 from train import metrics
 from train.data import Slab, degrade
 from train.degrade import LowDoseCT

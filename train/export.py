@@ -15,9 +15,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from core.errors import EnhanceNodeError, UsageError
 from engines.manifest import ModelManifest, Tile, dump, sha256_file
 from engines.normalization import Normalization
-from node.errors import EnhanceNodeError, UsageError
 from train.loop import CHECKPOINT, net_from_checkpoint
 from train.presets import APPLIES_TO, PRESETS, NetSpec
 

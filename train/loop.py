@@ -22,8 +22,8 @@ from onnx import numpy_helper
 from torch import nn
 from tqdm import tqdm
 
+from core.errors import ManifestError
 from engines.manifest import load as load_manifest
-from node.errors import ManifestError
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
 from train.metrics import ROI_SIDE
 from train.nets import build, parameter_count

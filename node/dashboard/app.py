@@ -27,13 +27,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from core.errors import ConfigError
 from node import admin
 from node.config import ENV_ADMIN_PASSWORD_HASH, Config
 from node.dashboard import images
 from node.dashboard.auth import LoginThrottle, Sessions, csrf_ok, new_csrf_token, verify_password
 from node.dashboard.metrics import LedgerCollector
 from node.derive import derived_uid
-from node.errors import ConfigError
 from node.live import LiveConfig
 from node.worker import outbox_path
 from storage import reports

@@ -23,8 +23,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import DT
 
+from core.errors import InvalidDataset
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
-from node.errors import InvalidDataset
 from tests.dicom_factory import ct_slice, mr_slice
 
 STUDY, SERIES = "1.2.826.0.1.3680043.10.1533.7", "1.2.826.0.1.3680043.10.1533.7.1"
@@ -652,7 +652,7 @@ def test_source_stored_as_implicit_vr_gives_a_valid_explicit_vr_output(tmp_path:
 
 def test_non_finite_engine_output_is_refused() -> None:
     """A model that returns NaN must fail the job with the reason, not write arbitrary pixels."""
-    from node.errors import EngineFailure
+    from core.errors import EngineFailure
 
     values = np.zeros((64, 64), np.float32)
     values[3, 4] = np.nan

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tomlkit
 
+from core.errors import ConfigError, EngineUnavailable, ManifestError
 from engines.base import check_signature
 from engines.manifest import Tile, load
 from engines.pipeline import context_indices, enhance_volume
 from engines.registry import EngineOptions, open_engine
 from engines.tiling import ramp, run_tiled, starts
-from node.errors import ConfigError, EngineUnavailable, ManifestError
 from tests.onnx_models import identity, nearest_upscale, pick_channel
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core.errors import ManifestError
 from engines.manifest import Tile, load
 from engines.normalization import Normalization
-from node.errors import ManifestError
 from train.export import OPSET, TOLERANCE, ExportMismatch, check_round_trip, export, onnx_bytes
 from train.loop import RunConfig, net_from_checkpoint, train
 from train.nets import build

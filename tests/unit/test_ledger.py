@@ -10,8 +10,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
+from core.errors import OutOfResources
 from node.completion import stale_association_seconds, sweep
-from node.errors import OutOfResources
 from node.instance import InstanceHeader, file_meta, parse_header
 from storage import schema as t
 from storage.db import make_engine, migrate

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import ManifestError
 from engines.manifest import ModelManifest, Tile
 from engines.normalization import Normalization
-from node.errors import ManifestError
 from train.nets import DnCNN, SRNet, _asinh, _sinh, build, lanczos_kernel, parameter_count
 from train.presets import PRESETS, NetSpec
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import ManifestError
 from engines import qa
 from engines.manifest import ModelManifest, load
 from engines.pipeline import enhance_volume
 from engines.registry import EngineOptions, open_engine
-from node.errors import ManifestError
 from tests.onnx_models import HU, identity, pick_channel
 
 SPAN = HU.hi - HU.lo

@@ -23,11 +23,11 @@ from pydicom.uid import (
 )
 from sqlalchemy import Engine, select
 
+from core.errors import ManifestError
 from core.images import ImageFacts, Producer, image_facts
 from engines.manifest import AppliesTo, ModelManifest, load
 from node.config import RouteConfig, RouteMatch
 from node.derive import Processing, derive_image, device_uid
-from node.errors import ManifestError
 from node.instance import InstanceHeader, parse_header
 from node.routing import ManifestCache, Router, applicable, own_output, summary
 from storage import schema as t
