@@ -19,8 +19,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
+from core import status
 from core.errors import InvalidDataset, OutOfResources
-from node import status
 from node.config import NodeConfig
 from node.guard import Throttle
 from node.instance import (

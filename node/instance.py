@@ -21,9 +21,9 @@ from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
 
 import node
+from core import status
 from core.errors import InvalidDataset
 from core.images import ImageFacts, image_facts
-from node import status
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1533.1.1"
 UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")  # digits and dots, no empty component (PS3.5 9.1)

@@ -28,9 +28,9 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
+from core.status import REJECTED_PERMANENT, REJECTED_TRANSIENT, SUCCESS, stored
 from node.config import DestinationConfig, SenderConfig
 from node.heartbeat import heartbeating
-from node.status import REJECTED_PERMANENT, REJECTED_TRANSIENT, SUCCESS, stored
 from storage.deliveries import Delivery, DeliveryQueue, PendingInstance
 from storage.filestore import FileStore
 from storage.schema import INSTANCE_FAILED, INSTANCE_STORED, INSTANCE_WARNING

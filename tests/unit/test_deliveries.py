@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, Row, select
 
+from core.status import stored
 from node.config import DestinationConfig, RouteConfig
 from node.sender import contexts, outcome_of
-from node.status import stored
 from storage import schema as t
 from storage.deliveries import DeliveryQueue, Outgoing, PendingInstance, backoff_seconds
 from storage.jobs import JobQueue

@@ -10,8 +10,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
+from core import status
 from core.errors import InvalidDataset
-from node import status
 from node.instance import (
     IMPLEMENTATION_CLASS_UID,
     check_matches_request,
