@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-Clock = Callable[[], float]
+from core.clock import Monotonic
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ConnectionGuard:
         max_per_host: int,
         negotiation_timeout: float,
         exempt_hosts: Callable[[], Collection[str]] = frozenset,
-        clock: Clock = time.monotonic,
+        clock: Monotonic = time.monotonic,
     ) -> None:
         self.max_per_host = max_per_host
         self.negotiation_timeout = negotiation_timeout
@@ -113,7 +113,7 @@ class Throttle:
     not become a flood of ledger writes); `take` says whether to report now and how many
     went unreported since the last report."""
 
-    def __init__(self, period: float, clock: Clock = time.monotonic) -> None:
+    def __init__(self, period: float, clock: Monotonic = time.monotonic) -> None:
         self.period = period
         self.clock = clock
         self._last: dict[str, float] = {}

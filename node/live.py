@@ -14,9 +14,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
+from core.clock import Monotonic
 from core.errors import ConfigError
 from node.config import Config, load_config
 
@@ -50,9 +50,7 @@ def changes(old: Config, new: Config) -> list[str]:
 
 
 class LiveConfig:
-    def __init__(
-        self, cfg: Config, interval: float = CHECK_INTERVAL_S, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, cfg: Config, interval: float = CHECK_INTERVAL_S, clock: Monotonic = time.monotonic) -> None:
         self._cfg = cfg
         self._interval = interval
         self._clock = clock

@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
+from core.clock import Clock, utcnow
 from core.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
 from core.images import image_facts
 from engines import qa
@@ -42,7 +43,6 @@ from node.series import Frame, UnsplittableSeries, frames, stacks
 from storage.deliveries import Outgoing
 from storage.filestore import FileStore
 from storage.jobs import Job, JobQueue
-from storage.ledger import Clock, utcnow
 
 log = logging.getLogger(__name__)
 

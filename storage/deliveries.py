@@ -20,8 +20,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
+from core.clock import Clock, utcnow
 from storage import schema as t
-from storage.ledger import Clock, EventKind, inserted_id, oldest_due, renew_heartbeat, utcnow, write_event
+from storage.ledger import EventKind, inserted_id, oldest_due, renew_heartbeat, write_event
 from storage.schema import (
     DELIVERY_DELIVERED,
     DELIVERY_FAILED,

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from core.clock import Clock, utcnow
 from core.images import ImageFacts
 from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
 from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
-from storage.ledger import Clock, EventKind, inserted_id, oldest_due, renew_heartbeat, utcnow, write_event
+from storage.ledger import EventKind, inserted_id, oldest_due, renew_heartbeat, write_event
 from storage.schema import (
     DELIVER_DERIVED,
     DELIVER_ORIGINAL,

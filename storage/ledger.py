@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +25,10 @@ from sqlalchemy import (
     update,
 )
 
+from core.clock import Clock, utcnow
 from node.instance import InstanceHeader
 from storage import schema as t
 from storage.schema import SERIES_COMPLETE, SERIES_RECEIVING
-
-Clock = Callable[[], dt.datetime]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class EventKind(enum.StrEnum):

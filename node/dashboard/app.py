@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from core.clock import Clock, utcnow
 from core.errors import ConfigError
 from node import admin
 from node.config import ENV_ADMIN_PASSWORD_HASH, Config
@@ -39,7 +40,6 @@ from node.worker import outbox_path
 from storage import reports
 from storage.filestore import FileStore
 from storage.jobs import JobQueue
-from storage.ledger import Clock, utcnow
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 STYLE = Path(__file__).parent / "static" / "style.css"

@@ -11,7 +11,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+
+from core.clock import Monotonic
 
 SCHEME = "scrypt"
 N, R, P = 2**14, 8, 1
@@ -47,7 +48,7 @@ class Sessions:
     """Logged-in sessions, kept here (server side): the cookie carries only a random id, so
     log-out, expiry and a restart end a session even for a copy of its cookie."""
 
-    def __init__(self, lifetime_s: float, clock: Callable[[], float] = time.monotonic, most: int = 1000) -> None:
+    def __init__(self, lifetime_s: float, clock: Monotonic = time.monotonic, most: int = 1000) -> None:
         self.lifetime_s = lifetime_s
         self.clock = clock
         self.most = most
@@ -78,7 +79,7 @@ class LoginThrottle:
     """At most `attempts` wrong passwords per client address in `window_s` seconds; then the
     address waits (`retry_after`) before it may try again, and its tries are not checked."""
 
-    def __init__(self, attempts: int = 5, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, attempts: int = 5, window_s: float = 300.0, clock: Monotonic = time.monotonic) -> None:
         self.attempts = attempts
         self.window_s = window_s
         self.clock = clock
