@@ -114,8 +114,8 @@ def series_latency(engine: Engine, slices: int, batch: int) -> float:
 def worker_end_to_end(model: Path, slices: int, threads: int) -> dict[str, float]:
     """A real 300-slice CT series stored and recorded as the receive path would, then one job
     run by the node's Worker: decode, normalise, infer, derive, encode, write."""
+    from core.header import parse_header
     from node.config import RouteConfig, RouteMatch, WorkerConfig
-    from node.instance import parse_header
     from node.worker import Worker
     from storage.db import make_engine, migrate
     from storage.filestore import FileStore, object_path

@@ -2,7 +2,7 @@
 that decide whether a model applies to it (modality, image type, photometric interpretation,
 matrix, plane, pixel spacing, SOP class) and whether an enhance-node made it.
 
-Read once, by the SCP, from the header it parses anyway (node/instance.py); kept in the ledger
+Read once, by the SCP, from the header it parses anyway (core/header.py); kept in the ledger
 as JSON beside the instance, so routing never re-reads files; read again by the worker from
 the full dataset, with the same function.
 """

@@ -21,16 +21,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core import status
 from core.errors import InvalidDataset, OutOfResources
+from core.header import DEFLATED_SYNTAXES, parse_header
 from node.config import NodeConfig
 from node.guard import Throttle
-from node.instance import (
-    DEFLATED_SYNTAXES,
-    check_matches_request,
-    file_meta,
-    inflated_size,
-    parse_header,
-    strip_file_meta,
-)
+from node.instance import check_matches_request, file_meta, inflated_size, strip_file_meta
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 

@@ -27,6 +27,7 @@ from pydicom.filebase import DicomBytesIO
 
 from core.clock import Clock, utcnow
 from core.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
+from core.header import pixel_length_problem
 from core.images import image_facts
 from engines import qa
 from engines.base import Engine
@@ -37,7 +38,7 @@ from engines.registry import EngineOptions, open_engine
 from node.config import STRENGTHS, WorkerConfig
 from node.derive import DeriveSettings, Processing, derive_image, derived_uid, device_uid
 from node.heartbeat import heartbeating
-from node.instance import decode_problem, pixel_length_problem
+from node.instance import decode_problem
 from node.routing import applicable, summary
 from node.series import Frame, UnsplittableSeries, frames, stacks
 from storage.deliveries import Outgoing

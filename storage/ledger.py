@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 
 from core.clock import Clock, utcnow
-from node.instance import InstanceHeader
+from core.header import InstanceHeader
 from storage import schema as t
 from storage.schema import SERIES_COMPLETE, SERIES_RECEIVING
 

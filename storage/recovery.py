@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from core.errors import InvalidDataset
-from node.instance import meta_source_ae, parse_header
+from core.header import meta_source_ae, parse_header
 from storage.filestore import FileStore
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 

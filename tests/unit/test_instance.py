@@ -12,6 +12,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 
 from core import status
 from core.errors import InvalidDataset
+from core.header import meta_source_ae, parse_header
 from node.instance import (
     IMPLEMENTATION_CLASS_UID,
     check_matches_request,
@@ -19,8 +20,6 @@ from node.instance import (
     file_meta,
     inflated_size,
     j2k_size,
-    meta_source_ae,
-    parse_header,
     strip_file_meta,
 )
 from tests.dicom_factory import ct_slice, encode_explicit_le

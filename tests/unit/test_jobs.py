@@ -17,8 +17,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import Engine, Row, func, select
 
+from core.header import InstanceHeader
 from node.config import RouteConfig, RouteMatch
-from node.instance import InstanceHeader
 from storage import schema as t
 from storage.db import make_engine
 from storage.jobs import RETRY_MAX_S, Job, JobQueue, Routed, SeriesFacts, route_for

@@ -11,8 +11,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from core.errors import OutOfResources
+from core.header import InstanceHeader, parse_header
 from node.completion import stale_association_seconds, sweep
-from node.instance import InstanceHeader, file_meta, parse_header
+from node.instance import file_meta
 from storage import schema as t
 from storage.db import make_engine, migrate
 from storage.filestore import FileStore, object_path

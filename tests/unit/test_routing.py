@@ -24,11 +24,11 @@ from pydicom.uid import (
 from sqlalchemy import Engine, select
 
 from core.errors import ManifestError
+from core.header import InstanceHeader, parse_header
 from core.images import ImageFacts, Producer, image_facts
 from engines.manifest import AppliesTo, ModelManifest, load
 from node.config import RouteConfig, RouteMatch
 from node.derive import Processing, derive_image, device_uid
-from node.instance import InstanceHeader, parse_header
 from node.routing import ManifestCache, Router, applicable, own_output, summary
 from storage import schema as t
 from storage.jobs import Decision, JobQueue, SeriesFacts, route_for
