@@ -26,8 +26,8 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 from pydicom.valuerep import format_number_as_ds
 
 from core.errors import EngineFailure, InvalidDataset
+from core.geometry import functional_groups, lookup, rescale
 from node import __version__
-from node.series import functional_groups, lookup, rescale
 
 # pydicom's UID root, for UIDs generated with pydicom; the suffix is a hash of the inputs.
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."

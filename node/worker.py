@@ -27,6 +27,7 @@ from pydicom.filebase import DicomBytesIO
 
 from core.clock import Clock, utcnow
 from core.errors import EngineFailure, EngineUnavailable, InvalidDataset, ManifestError, QAFailed
+from core.geometry import Frame, frames
 from core.header import pixel_length_problem
 from core.images import image_facts
 from engines import qa
@@ -40,7 +41,7 @@ from node.derive import DeriveSettings, Processing, derive_image, derived_uid, d
 from node.heartbeat import heartbeating
 from node.instance import decode_problem
 from node.routing import applicable, summary
-from node.series import Frame, UnsplittableSeries, frames, stacks
+from node.series import UnsplittableSeries, stacks
 from storage.deliveries import Outgoing
 from storage.filestore import FileStore
 from storage.jobs import Job, JobQueue

@@ -19,7 +19,7 @@ import pydicom.config
 from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 
-from node.series import Frame, frames, ordered
+from core.geometry import Frame, frames, ordered
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from pydicom.multival import MultiValue
 
-from node.series import frames
+from core.geometry import frames
 
 Array = NDArray[np.float32]
 ROI = 32  # side of the square region whose SD is shown

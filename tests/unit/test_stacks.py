@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from node.series import Frame, UnsplittableSeries, frames, stacks
+from core.geometry import Frame, frames
+from node.series import UnsplittableSeries, stacks
 from tests.dicom_factory import ct_slice, mr_slice
 
 
