@@ -43,12 +43,11 @@ from node.instance import decode_problem
 from node.routing import applicable, summary
 from node.series import UnsplittableSeries, stacks
 from storage.deliveries import Outgoing
-from storage.filestore import FileStore
+from storage.filestore import FileStore, outbox_path
 from storage.jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
 
-OUTBOX_DIR = "outbox"
 IDLE_POLL_S = 0.5
 
 
@@ -72,10 +71,6 @@ class Result:
     qa: QAReport
     timings: dict[str, float] = field(default_factory=dict)
     outputs: list[Outgoing] = field(default_factory=list)  # what the deliveries will send
-
-
-def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
-    return f"{OUTBOX_DIR}/{output_series_uid}/{sop_instance_uid}.dcm"
 
 
 class Engines:

@@ -4,6 +4,7 @@ whole file under its final name or nothing but a temp file that start-up discard
 Layout under storage_dir:
     tmp/<random>.part                 being written; never an instance
     objects/<study>/<series>/<sop>_<sha256[:12]>.dcm
+    outbox/<output series>/<sop>.dcm  the derived instances the worker writes (kept after delivery)
     quarantine/                       files found at start-up that cannot be parsed
 """
 
@@ -21,6 +22,7 @@ from core.errors import OutOfResources
 
 TMP_DIR = "tmp"
 OBJECTS_DIR = "objects"
+OUTBOX_DIR = "outbox"
 QUARANTINE_DIR = "quarantine"
 TMP_SUFFIX = ".part"
 OBJECT_SUFFIX = ".dcm"
@@ -38,6 +40,11 @@ def object_path(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> s
     """Relative path of one version of an instance (the hash keeps versions apart)."""
     name = f"{_component(sop_uid)}_{sha256[:12]}{OBJECT_SUFFIX}"
     return f"{OBJECTS_DIR}/{_component(study_uid)}/{_component(series_uid)}/{name}"
+
+
+def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
+    """Relative path of a derived instance the worker wrote (both UIDs are the node's own)."""
+    return f"{OUTBOX_DIR}/{output_series_uid}/{sop_instance_uid}.dcm"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -36,9 +36,8 @@ from node.dashboard.auth import LoginThrottle, Sessions, csrf_ok, new_csrf_token
 from node.dashboard.metrics import LedgerCollector
 from node.derive import derived_uid
 from node.live import LiveConfig
-from node.worker import outbox_path
 from storage import reports
-from storage.filestore import FileStore
+from storage.filestore import FileStore, outbox_path
 from storage.jobs import JobQueue
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
