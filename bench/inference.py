@@ -116,6 +116,7 @@ def worker_end_to_end(model: Path, slices: int, threads: int) -> dict[str, float
     run by the node's Worker: decode, normalise, infer, derive, encode, write."""
     from core.header import parse_header
     from node.config import RouteConfig, RouteMatch, WorkerConfig
+    from node.routing import route_complete_series
     from node.worker import Worker
     from storage.db import make_engine, migrate
     from storage.filestore import FileStore, object_path
@@ -139,7 +140,7 @@ def worker_end_to_end(model: Path, slices: int, threads: int) -> dict[str, float
         ledger.complete_idle_series(0, 0)
         queue = JobQueue(engine)
         routes = (RouteConfig("bench", model.name, (), RouteMatch()),)
-        queue.route_complete_series(routes, 1)
+        route_complete_series(queue, routes, 1)
         cfg = WorkerConfig(models_dir=model.parent, threads=threads, backend="onnxruntime", device="cpu")
         worker = Worker(cfg, queue, store, "bench")
         worker.engines.get(model.name)  # load outside the timing, as a running worker has

@@ -1,6 +1,7 @@
 """Routing policy (docs/processing.md, "What is processed"): which complete series become a
-job, and why the others do not. The routes' match picks a route (storage.jobs.route_for);
-then two rules the routes cannot override:
+job, where its output goes, and why the others do not; the ledger records what it decides
+(storage.jobs). The routes' match picks a route (route_for); then two rules the routes cannot
+override:
 
 1. **Never its own output.** An object whose Contributing Equipment names an enhance-node
    (core.images.producers) is not processed again, whichever node made it, unless the route
@@ -9,27 +10,115 @@ then two rules the routes cannot override:
 2. **Only what the model is for.** Each instance is checked against the model's
    [applies_to] (engines.manifest.AppliesTo); a series none of whose instances fits is
    skipped with the reasons. The worker processes only the instances that fit.
+
+The route's destinations, and with `send_back` the one whose AE title is the sender's, are
+where the job's output goes.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.errors import ManifestError
 from core.images import ImageFacts
 from engines.manifest import ModelManifest, load
-from node.config import RouteConfig
-from storage.jobs import Decision, SeriesFacts, route_for
+from node.config import DestinationConfig, RouteConfig
+from storage.deliveries import Target
+from storage.jobs import Assignment, JobQueue, JobSpec, Routed, SeriesFacts
 
 log = logging.getLogger(__name__)
 
 # ImageType values an enhance-node output carries (node/derive.py): a deliberate chain does not
 # refuse its input for them
 DERIVED_VALUES = frozenset({"DERIVED", "SECONDARY"})
+
+
+def route_for(routes: Sequence[RouteConfig], facts: SeriesFacts) -> RouteConfig | None:
+    """The first route whose match accepts the series (keys left out match anything):
+    modality exact (case-insensitive, * = any), calling AE a glob, series description a
+    regular expression searched anywhere in the description; image_type values that every
+    image's ImageType holds, sop_classes that hold every instance's SOP class."""
+    for route in routes:
+        m = route.match
+        if m.modality != "*" and m.modality.upper() != facts.modality.upper():
+            continue
+        if not fnmatch.fnmatchcase(facts.calling_ae, m.calling_ae):
+            continue
+        if not re.search(m.series_description, facts.description):
+            continue
+        images = [f for f in facts.images if f.is_image]
+        if m.image_type and not (images and all(set(m.image_type) <= set(f.image_type) for f in images)):
+            continue
+        if m.sop_classes and not all(f.sop_class_uid in m.sop_classes for f in facts.images):
+            continue
+        return route
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What routing does with a complete series: a job on `route`; or, with no route, nothing
+    (`skipped` says why when a rule, not the absence of a matching route, decided it)."""
+
+    route: RouteConfig | None
+    skipped: str = ""
+
+
+Decide = Callable[[Sequence[RouteConfig], SeriesFacts], Decision]
+
+
+def first_matching_route(routes: Sequence[RouteConfig], facts: SeriesFacts) -> Decision:
+    """Routing by the routes' match alone (Router adds the models' and the loop rules)."""
+    return Decision(route_for(routes, facts))
+
+
+def job_spec(route: RouteConfig, destinations: Sequence[DestinationConfig], calling_ae: str) -> JobSpec:
+    """The job `route` makes of a series from `calling_ae`: the route's destinations (config
+    validation guarantees they exist) and, with `send_back`, the destination whose AE title is
+    the sender's (when none is, the job says so, for an event)."""
+    by_name = {d.name: d for d in destinations}
+    chosen = [by_name[n] for n in route.destinations if n in by_name]
+    missing = ""
+    if route.send_back:
+        back = next((d for d in destinations if d.ae_title == calling_ae), None)
+        if back is None:
+            missing = f"route {route.name}: send_back, but no destination has AE title {calling_ae}"
+        elif back not in chosen:
+            chosen.append(back)
+    return JobSpec(
+        route=route.name,
+        model=route.model,
+        targets=tuple(Target(d.name, d.max_attempts) for d in chosen),
+        forward_original=route.forward_original,
+        strength=route.strength,
+        on_qa_fail=route.on_qa_fail,
+        no_destination=missing,
+    )
+
+
+def route_complete_series(
+    queue: JobQueue,
+    routes: Sequence[RouteConfig],
+    max_attempts: int,
+    destinations: Sequence[DestinationConfig] = (),
+    decide: Decide = first_matching_route,
+) -> list[Routed]:
+    """Every complete series in the ledger gets a job on the route `decide` gives it, or is
+    recorded as unrouted or skipped (storage.jobs.JobQueue.route_complete_series)."""
+
+    def assign(facts: SeriesFacts) -> Assignment:
+        decision = decide(routes, facts)
+        if decision.skipped or decision.route is None:
+            return Assignment(None, decision.skipped)
+        return Assignment(job_spec(decision.route, destinations, facts.calling_ae))
+
+    return queue.route_complete_series(assign, max_attempts)
 
 
 class ManifestCache:
@@ -88,7 +177,7 @@ def summary(reasons: Sequence[str]) -> str:
 
 
 class Router:
-    """`decide` for storage.jobs.JobQueue.route_complete_series."""
+    """`decide` for route_complete_series: the routes' match, then the module docstring's rules."""
 
     def __init__(self, manifests: Callable[[str], ModelManifest | None], device_uid: str) -> None:
         self.manifests = manifests

@@ -33,7 +33,7 @@ from node.derive import device_uid
 from node.handlers import OpenAssociations
 from node.live import LiveConfig
 from node.logs import LogSettings, configure_logging, current_settings
-from node.routing import ManifestCache, Router
+from node.routing import ManifestCache, Router, route_complete_series
 from node.scp import StorageSCP
 from node.sender import Sender
 from node.worker import Worker
@@ -124,7 +124,7 @@ def serve(cfg: Config, role: str = "all") -> int:
         for r in now.routes:  # (re)load changed manifests before routing takes the ledger's write lock
             cache(r.model)
         router = Router(cache, device_uid())
-        queue.route_complete_series(now.routes, now.worker.max_attempts, now.destinations, router.decide)
+        route_complete_series(queue, now.routes, now.worker.max_attempts, now.destinations, router.decide)
 
     completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
     completion.start()

@@ -1,6 +1,7 @@
-"""The job queue in the ledger (DESIGN 3.3): routing complete series to jobs, claiming a job
-atomically, heartbeats, completion, retries with backoff, and re-queueing jobs whose worker
-died. Each operation is one short transaction.
+"""The job queue in the ledger (DESIGN 3.3): recording the job routing gives each complete
+series (node/routing.py decides it), claiming a job atomically, heartbeats, completion,
+retries with backoff, and re-queueing jobs whose worker died. Each operation is one short
+transaction.
 
 Claiming is one transaction that takes the write lock first (SQLite: BEGIN IMMEDIATE, see
 storage/db.py; PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED), so two workers never run the
@@ -10,9 +11,7 @@ same job.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,6 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from core.clock import Clock, utcnow
 from core.images import ImageFacts
-from node.config import DestinationConfig, RouteConfig
 from storage import schema as t
 from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
 from storage.ledger import EventKind, inserted_id, oldest_due, renew_heartbeat, write_event
@@ -47,43 +45,31 @@ class SeriesFacts:
     images: tuple[ImageFacts, ...] = ()  # every instance's header facts (none before migration 0005)
 
 
-def route_for(routes: Sequence[RouteConfig], facts: SeriesFacts) -> RouteConfig | None:
-    """The first route whose match accepts the series (keys left out match anything):
-    modality exact (case-insensitive, * = any), calling AE a glob, series description a
-    regular expression searched anywhere in the description; image_type values that every
-    image's ImageType holds, sop_classes that hold every instance's SOP class."""
-    for route in routes:
-        m = route.match
-        if m.modality != "*" and m.modality.upper() != facts.modality.upper():
-            continue
-        if not fnmatch.fnmatchcase(facts.calling_ae, m.calling_ae):
-            continue
-        if not re.search(m.series_description, facts.description):
-            continue
-        images = [f for f in facts.images if f.is_image]
-        if m.image_type and not (images and all(set(m.image_type) <= set(f.image_type) for f in images)):
-            continue
-        if m.sop_classes and not all(f.sop_class_uid in m.sop_classes for f in facts.images):
-            continue
-        return route
-    return None
+@dataclass(frozen=True)
+class JobSpec:
+    """A job as the ledger records it: its route's name and model, how the worker processes
+    it, where its output goes and whether the originals are forwarded too (routing makes one
+    from the route it chose)."""
+
+    route: str
+    model: str
+    targets: tuple[Target, ...]
+    forward_original: bool
+    strength: str
+    on_qa_fail: str
+    no_destination: str = ""  # why a destination routing wanted has none: a delivery.no_destination event
 
 
 @dataclass(frozen=True)
-class Decision:
-    """What routing does with a complete series: a job on `route`; or, with no route, nothing
-    (`skipped` says why when a rule, not the absence of a matching route, decided it)."""
+class Assignment:
+    """What routing makes of a complete series: a job, or none (`skipped` says why when a rule,
+    not the absence of a matching route, decided it)."""
 
-    route: RouteConfig | None
+    job: JobSpec | None
     skipped: str = ""
 
 
-Decide = Callable[[Sequence[RouteConfig], SeriesFacts], Decision]
-
-
-def first_matching_route(routes: Sequence[RouteConfig], facts: SeriesFacts) -> Decision:
-    """Routing by the routes' match alone (node/routing.py adds the models' and the loop rules)."""
-    return Decision(route_for(routes, facts))
+Assign = Callable[[SeriesFacts], Assignment]
 
 
 @dataclass(frozen=True)
@@ -112,16 +98,10 @@ class JobQueue:
         self._skip_locked = engine.dialect.name == "postgresql"
 
     # -- routing -------------------------------------------------------------------------
-    def route_complete_series(
-        self,
-        routes: Sequence[RouteConfig],
-        max_attempts: int,
-        destinations: Sequence[DestinationConfig] = (),
-        decide: Decide = first_matching_route,
-    ) -> list[Routed]:
-        """Every complete series gets a job on the route `decide` gives it (or an event saying
-        why it has none: `series.unrouted`, or `series.skipped` with the reason, which the
-        series row keeps too) and becomes `routed`. A reopened series is routed again as a new
+    def route_complete_series(self, assign: Assign, max_attempts: int) -> list[Routed]:
+        """Every complete series gets the job `assign` gives it (or an event saying why it has
+        none: `series.unrouted`, or `series.skipped` with the reason, which the series row
+        keeps too) and becomes `routed`. A reopened series is routed again as a new
         generation; its output UIDs are the same (node/derive.py), so PACS sees one copy.
         The job records where its output goes; a route that forwards originals gets their
         deliveries now, so they do not wait for (or depend on) the processing."""
@@ -141,19 +121,19 @@ class JobQueue:
             ).all()
             for row in rows:
                 facts = SeriesFacts(row.modality, row.calling_ae, row.series_description, _series_facts(conn, row.id))
-                decision = decide(routes, facts)
-                route = decision.route
+                assignment = assign(facts)
+                spec = assignment.job
                 job_id = None
-                if decision.skipped:
+                if assignment.skipped:
                     write_event(
                         conn,
                         now,
                         EventKind.SERIES_SKIPPED,
                         calling_ae=row.calling_ae,
                         series_instance_uid=row.series_instance_uid,
-                        detail=decision.skipped,
+                        detail=assignment.skipped,
                     )
-                elif route is None:
+                elif spec is None:
                     write_event(
                         conn,
                         now,
@@ -166,15 +146,23 @@ class JobQueue:
                     exists = conn.execute(
                         select(t.jobs.c.id).where(
                             t.jobs.c.series_id == row.id,
-                            t.jobs.c.route == route.name,
+                            t.jobs.c.route == spec.route,
                             t.jobs.c.generation == row.reopened_count,
                         )
                     ).scalar()
-                    targets = _targets(conn, now, route, destinations, row.calling_ae, row.series_instance_uid)
-                    job_id = exists or _insert_job(conn, row.id, row.reopened_count, route, targets, max_attempts, now)
-                    if route.forward_original:
+                    if spec.no_destination:
+                        write_event(
+                            conn,
+                            now,
+                            EventKind.DELIVERY_NO_DESTINATION,
+                            calling_ae=row.calling_ae,
+                            series_instance_uid=row.series_instance_uid,
+                            detail=spec.no_destination,
+                        )
+                    job_id = exists or _insert_job(conn, row.id, row.reopened_count, spec, max_attempts, now)
+                    if spec.forward_original:
                         originals = _series_instances(conn, row.id)
-                        for target in targets:
+                        for target in spec.targets:
                             add_delivery(
                                 conn, now, job_id, target, DELIVER_ORIGINAL, row.series_instance_uid, originals
                             )
@@ -184,12 +172,12 @@ class JobQueue:
                         EventKind.JOB_QUEUED,
                         calling_ae=row.calling_ae,
                         series_instance_uid=row.series_instance_uid,
-                        detail=f"job {job_id} route {route.name} model {route.model}",
+                        detail=f"job {job_id} route {spec.route} model {spec.model}",
                     )
                 conn.execute(
                     update(s)
                     .where(s.c.id == row.id, s.c.state == SERIES_COMPLETE)
-                    .values(state=SERIES_ROUTED, skip_reason=decision.skipped[:1000])
+                    .values(state=SERIES_ROUTED, skip_reason=assignment.skipped[:1000])
                 )
                 out.append(Routed(row.series_instance_uid, job_id))
         return out
@@ -404,34 +392,6 @@ class JobQueue:
             return list(conn.execute(select(i.c.path).where(i.c.series_id == series_id).order_by(i.c.id)).scalars())
 
 
-def _targets(
-    conn: Connection,
-    now: dt.datetime,
-    route: RouteConfig,
-    destinations: Sequence[DestinationConfig],
-    calling_ae: str,
-    series_uid: str,
-) -> list[Target]:
-    """The route's destinations (config validation guarantees they exist) and, with
-    `send_back`, the destination whose AE title is the sender's (an event when none is)."""
-    by_name = {d.name: d for d in destinations}
-    chosen = [by_name[n] for n in route.destinations if n in by_name]
-    if route.send_back:
-        back = next((d for d in destinations if d.ae_title == calling_ae), None)
-        if back is None:
-            write_event(
-                conn,
-                now,
-                EventKind.DELIVERY_NO_DESTINATION,
-                calling_ae=calling_ae,
-                series_instance_uid=series_uid,
-                detail=f"route {route.name}: send_back, but no destination has AE title {calling_ae}",
-            )
-        elif back not in chosen:
-            chosen.append(back)
-    return [Target(d.name, d.max_attempts) for d in chosen]
-
-
 def _series_facts(conn: Connection, series_id: int) -> tuple[ImageFacts, ...]:
     rows = conn.execute(select(t.instances.c.facts).where(t.instances.c.series_id == series_id)).scalars()
     return tuple(ImageFacts.from_json(text) for text in rows if text)
@@ -455,8 +415,7 @@ def _insert_job(
     conn: Connection,
     series_id: int,
     generation: int,
-    route: RouteConfig,
-    targets: Sequence[Target],
+    spec: JobSpec,
     max_attempts: int,
     now: dt.datetime,
 ) -> int:
@@ -465,8 +424,8 @@ def _insert_job(
             insert(t.jobs).values(
                 series_id=series_id,
                 generation=generation,
-                route=route.name,
-                model=route.model,
+                route=spec.route,
+                model=spec.model,
                 state=JOB_QUEUED,
                 attempts=0,
                 max_attempts=max_attempts,
@@ -474,9 +433,9 @@ def _insert_job(
                 error="",
                 output_count=0,
                 timings="",
-                destinations=json.dumps([{"name": x.name, "max_attempts": x.max_attempts} for x in targets]),
-                strength=route.strength,
-                on_qa_fail=route.on_qa_fail,
+                destinations=json.dumps([{"name": x.name, "max_attempts": x.max_attempts} for x in spec.targets]),
+                strength=spec.strength,
+                on_qa_fail=spec.on_qa_fail,
                 qa="",
             )
         )

@@ -192,12 +192,13 @@ def test_job_page_and_metrics_show_the_qa_figures(
     client: TestClient, ledger: Ledger, engine: Engine, clock: Clock
 ) -> None:
     from node.config import RouteConfig
+    from node.routing import route_complete_series
     from storage.jobs import JobQueue
 
     add_instance(ledger, "1.2.3.100", "1.2.3.100.1")
     complete(ledger, clock)
     queue = JobQueue(engine, now=clock)
-    queue.route_complete_series([RouteConfig("r", "ct-denoise", (), strength="medium")], 3)
+    route_complete_series(queue, [RouteConfig("r", "ct-denoise", (), strength="medium")], 3)
     job = queue.claim("w")
     assert job is not None
     report = {
@@ -223,12 +224,13 @@ def test_series_pages_say_why_a_series_was_skipped(
     client: TestClient, ledger: Ledger, engine: Engine, clock: Clock
 ) -> None:
     from node.config import RouteConfig
-    from storage.jobs import Decision, JobQueue
+    from node.routing import Decision, route_complete_series
+    from storage.jobs import JobQueue
 
     add_instance(ledger, "1.2.3.100", "1.2.3.100.1")
     complete(ledger, clock)
     skip = lambda routes, facts: Decision(None, "own output: made by ct-denoise on this node")  # noqa: E731
-    JobQueue(engine, now=clock).route_complete_series([RouteConfig("r", "ct-denoise", ())], 3, (), skip)
+    route_complete_series(JobQueue(engine, now=clock), [RouteConfig("r", "ct-denoise", ())], 3, (), skip)
     log_in(client)
     listing = client.get("/series").text
     assert "routed (skipped: own output: made by ct-denoise on this node)" in listing

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, Row, select
 
 from core.status import stored
 from node.config import DestinationConfig, RouteConfig
+from node.routing import route_complete_series
 from node.sender import contexts, outcome_of
 from storage import schema as t
 from storage.deliveries import DeliveryQueue, Outgoing, PendingInstance, backoff_seconds
@@ -47,7 +48,7 @@ def routed_job(
     for k in range(instances):
         add_instance(ledger, series, f"{series}.{k}")
     complete(ledger, clock)
-    [routed] = jobs.route_complete_series([route], 3, DESTINATIONS)
+    [routed] = route_complete_series(jobs, [route], 3, DESTINATIONS)
     assert routed.job_id is not None
     return routed.job_id
 
@@ -171,7 +172,7 @@ def test_send_back_without_a_matching_destination_is_an_event(ledger: Ledger, en
     for k in range(2):
         add_instance(ledger, "1.2.3.7", f"1.2.3.7.{k}", ae="MR02")
     complete(ledger, clock)
-    jobs.route_complete_series([RouteConfig("mr", "m", (), send_back=True)], 3, DESTINATIONS)
+    route_complete_series(jobs, [RouteConfig("mr", "m", (), send_back=True)], 3, DESTINATIONS)
     assert events(engine, EventKind.DELIVERY_NO_DESTINATION) == [
         "route mr: send_back, but no destination has AE title MR02"
     ]

@@ -19,9 +19,10 @@ from sqlalchemy import Engine, Row, func, select
 
 from core.header import InstanceHeader
 from node.config import RouteConfig, RouteMatch
+from node.routing import route_complete_series, route_for
 from storage import schema as t
 from storage.db import make_engine
-from storage.jobs import RETRY_MAX_S, Job, JobQueue, Routed, SeriesFacts, route_for
+from storage.jobs import RETRY_MAX_S, Job, JobQueue, Routed, SeriesFacts
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 from tests.helpers import Clock
 
@@ -65,7 +66,7 @@ def queued_jobs(ledger: Ledger, queue: JobQueue, clock: Clock, n: int, max_attem
     for k in range(n):
         add_series(ledger, f"1.2.3.{100 + k}")
     complete(ledger, clock)
-    routed = queue.route_complete_series([ANY], max_attempts)
+    routed = route_complete_series(queue, [ANY], max_attempts)
     ids = sorted(r.job_id for r in routed if r.job_id is not None)
     assert len(ids) == n
     return ids
@@ -173,7 +174,7 @@ def test_a_complete_series_gets_one_job_on_its_first_matching_route(
     assert complete(ledger, clock) == ["1.2.3.4"]
     routes = [route("mr", modality="MR"), route("ct", modality="CT"), ANY]
 
-    routed = queue.route_complete_series(routes, MAX_ATTEMPTS)
+    routed = route_complete_series(queue, routes, MAX_ATTEMPTS)
 
     jobs = all_jobs(engine)
     assert len(jobs) == 1
@@ -193,7 +194,7 @@ def test_each_complete_series_gets_its_own_job(ledger: Ledger, queue: JobQueue, 
     add_series(ledger, "1.2.3.4", modality="CT")
     add_series(ledger, "1.2.3.5", modality="MR")
     complete(ledger, clock)
-    routed = queue.route_complete_series([route("ct", modality="CT"), route("mr", modality="MR")], MAX_ATTEMPTS)
+    routed = route_complete_series(queue, [route("ct", modality="CT"), route("mr", modality="MR")], MAX_ATTEMPTS)
     assert sorted(r.series_instance_uid for r in routed) == ["1.2.3.4", "1.2.3.5"]
     by_series = {r.series_instance_uid: job_row(engine, r.job_id).route for r in routed if r.job_id is not None}
     assert by_series == {"1.2.3.4": "ct", "1.2.3.5": "mr"}
@@ -205,7 +206,7 @@ def test_a_series_without_a_matching_route_is_routed_with_an_event_and_no_job(
     add_series(ledger, "1.2.3.4", modality="US", ae="US01")
     complete(ledger, clock)
 
-    routed = queue.route_complete_series([route("ct", modality="CT")], MAX_ATTEMPTS)
+    routed = route_complete_series(queue, [route("ct", modality="CT")], MAX_ATTEMPTS)
 
     assert routed == [Routed("1.2.3.4", None)]
     assert all_jobs(engine) == []
@@ -226,12 +227,12 @@ def test_routing_again_creates_nothing_new(ledger: Ledger, queue: JobQueue, engi
     add_series(ledger, "1.2.3.5", modality="US")
     complete(ledger, clock)
     routes = [route("ct", modality="CT")]
-    assert len(queue.route_complete_series(routes, MAX_ATTEMPTS)) == 2
+    assert len(route_complete_series(queue, routes, MAX_ATTEMPTS)) == 2
     jobs, n_events = all_jobs(engine), event_count(engine)
 
     clock.advance(60)
-    assert queue.route_complete_series(routes, MAX_ATTEMPTS) == []
-    assert queue.route_complete_series([ANY], MAX_ATTEMPTS) == []  # even when the routes change
+    assert route_complete_series(queue, routes, MAX_ATTEMPTS) == []
+    assert route_complete_series(queue, [ANY], MAX_ATTEMPTS) == []  # even when the routes change
 
     assert all_jobs(engine) == jobs
     assert event_count(engine) == n_events
@@ -242,7 +243,7 @@ def test_a_receiving_series_is_not_routed(ledger: Ledger, queue: JobQueue, engin
     clock.advance(IDLE_S - 1)
     assert ledger.complete_idle_series(IDLE_S, STALE_ASSOCIATION_S) == []
 
-    assert queue.route_complete_series([ANY], MAX_ATTEMPTS) == []
+    assert route_complete_series(queue, [ANY], MAX_ATTEMPTS) == []
 
     assert series_row(engine, "1.2.3.4").state == t.SERIES_RECEIVING
     assert all_jobs(engine) == []
@@ -253,7 +254,7 @@ def test_a_reopened_series_is_routed_again_as_a_new_generation(
 ) -> None:
     add_series(ledger, "1.2.3.4")
     complete(ledger, clock)
-    [first] = queue.route_complete_series([ANY], MAX_ATTEMPTS)
+    [first] = route_complete_series(queue, [ANY], MAX_ATTEMPTS)
     assert first.job_id is not None
     job = queue.claim("w1")
     assert job is not None and job.id == first.job_id
@@ -262,10 +263,10 @@ def test_a_reopened_series_is_routed_again_as_a_new_generation(
     add_instance(ledger, "1.2.3.4", "1.2.3.4.2")  # a late instance reopens the routed series
     series = series_row(engine, "1.2.3.4")
     assert (series.state, series.reopened_count) == (t.SERIES_RECEIVING, 1)
-    assert queue.route_complete_series([ANY], MAX_ATTEMPTS) == []  # not while it is receiving again
+    assert route_complete_series(queue, [ANY], MAX_ATTEMPTS) == []  # not while it is receiving again
     assert complete(ledger, clock) == ["1.2.3.4"]
 
-    [second] = queue.route_complete_series([ANY], MAX_ATTEMPTS)
+    [second] = route_complete_series(queue, [ANY], MAX_ATTEMPTS)
 
     assert second.job_id is not None and second.job_id != first.job_id
     jobs = all_jobs(engine)
@@ -276,7 +277,7 @@ def test_a_reopened_series_is_routed_again_as_a_new_generation(
     assert jobs[0].output_series_uid == "9.9.9"
     assert jobs[1].series_id == jobs[0].series_id
     assert series_row(engine, "1.2.3.4").state == t.SERIES_ROUTED
-    assert queue.route_complete_series([ANY], MAX_ATTEMPTS) == []
+    assert route_complete_series(queue, [ANY], MAX_ATTEMPTS) == []
 
 
 # -- claim ----------------------------------------------------------------------------------
@@ -676,7 +677,7 @@ def test_instance_paths_are_the_series_instances(ledger: Ledger, queue: JobQueue
     mine = [add_instance(ledger, "1.2.3.4", f"1.2.3.4.{k}") for k in range(3)]
     other = add_instance(ledger, "1.2.3.5", "1.2.3.5.1")
     complete(ledger, clock)
-    queue.route_complete_series([ANY], MAX_ATTEMPTS)
+    route_complete_series(queue, [ANY], MAX_ATTEMPTS)
     first = queue.claim("w1")
     second = queue.claim("w1")
     assert first is not None and second is not None
@@ -692,7 +693,7 @@ def test_routing_records_strength_and_qa_policy_and_a_run_keeps_its_qa(
     add_series(ledger, "1.2.3.300")
     complete(ledger, clock)
     gentle = RouteConfig("gentle", "m", (), strength="low", on_qa_fail="deliver-with-warning")
-    (routed,) = queue.route_complete_series([gentle], MAX_ATTEMPTS)
+    (routed,) = route_complete_series(queue, [gentle], MAX_ATTEMPTS)
     job = queue.claim("w1")
     assert job is not None and job.id == routed.job_id
     assert (job.strength, job.on_qa_fail) == ("low", "deliver-with-warning")

@@ -29,9 +29,18 @@ from core.images import ImageFacts, Producer, image_facts
 from engines.manifest import AppliesTo, ModelManifest, load
 from node.config import RouteConfig, RouteMatch
 from node.derive import Processing, derive_image, device_uid
-from node.routing import ManifestCache, Router, applicable, own_output, summary
+from node.routing import (
+    Decision,
+    ManifestCache,
+    Router,
+    applicable,
+    own_output,
+    route_complete_series,
+    route_for,
+    summary,
+)
 from storage import schema as t
-from storage.jobs import Decision, JobQueue, SeriesFacts, route_for
+from storage.jobs import JobQueue, SeriesFacts
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 from tests.dicom_factory import ct_slice, encode_explicit_le, mr_slice
 from tests.helpers import REPO, Clock
@@ -364,7 +373,7 @@ def test_routing_records_a_skipped_series_with_its_reason(engine: Engine, ledger
     clock.advance(60)
     ledger.complete_idle_series(30, 120)
 
-    routed = JobQueue(engine, now=clock).route_complete_series([CT_ROUTE], 3, (), router().decide)
+    routed = route_complete_series(JobQueue(engine, now=clock), [CT_ROUTE], 3, (), router().decide)
 
     jobs = {r.series_instance_uid: r.job_id for r in routed}
     assert jobs["1.2.3.1"] is None and jobs["1.2.3.2"] is not None
