@@ -42,8 +42,8 @@ def conv_flops(model: Path) -> float:
     """FLOPs of one 512x512 slice: 2 x multiply-adds of every convolution (torch forward hooks)."""
     import torch
 
-    from train.nets import build
-    from train.presets import NetSpec
+    from engines.nets import build
+    from engines.netspec import NetSpec
 
     net = build(NetSpec(**load(model).net)).eval()
     total = 0.0

@@ -32,8 +32,8 @@ class TorchEngine:
             import torch
         except ImportError as exc:
             raise EngineUnavailable(f"the torch backend needs the gpu extra ({exc.name} missing)") from None
-        from train.nets import build
-        from train.presets import NetSpec
+        from engines.nets import build
+        from engines.netspec import NetSpec
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineUnavailable(f"device {device}: torch sees no CUDA device")

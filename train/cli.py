@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UsageError
-from train.presets import PRESETS, TRANSFORMS
+from engines.netspec import TRANSFORMS
+from train.presets import PRESETS
 
 COMMANDS = ("train", "evaluate", "export")
 

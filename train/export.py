@@ -17,9 +17,10 @@ import torch
 
 from core.errors import EnhanceNodeError, UsageError
 from engines.manifest import ModelManifest, Tile, dump, sha256_file
+from engines.netspec import NetSpec
 from engines.normalization import Normalization
 from train.loop import CHECKPOINT, net_from_checkpoint
-from train.presets import APPLIES_TO, PRESETS, NetSpec
+from train.presets import APPLIES_TO, PRESETS
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from core.errors import ManifestError
 from engines.manifest import load as load_manifest
+from engines.nets import build, parameter_count
+from engines.netspec import NetSpec
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
 from train.metrics import ROI_SIDE
-from train.nets import build, parameter_count
-from train.presets import NetSpec, Preset
+from train.presets import Preset
 
 log = logging.getLogger(__name__)
 

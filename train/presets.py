@@ -6,52 +6,19 @@ overridden on the command line, and the result records what was used.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from engines.manifest import AppliesTo
+from engines.netspec import NetSpec
 from engines.normalization import Normalization
 
 T = TypeVar("T")
 
 
-TRANSFORMS = ("linear", "asinh")  # dncnn: the domains a denoiser may remove the noise in
 # skimage's FBP filters, sharp (ramp) to smooth (Hann), and MR k-space windows (train.degrade)
 RECON_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 APODISATIONS = ("none", "hamming", "hann", "tukey")
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    """Architecture of a model; stored in checkpoints and model.toml so a net can be rebuilt."""
-
-    kind: str = "dncnn"  # "dncnn" (denoise) or "srnet" (super-resolution)
-    depth: int = 10  # dncnn: convolutions; srnet: residual blocks
-    width: int = 48
-    context_slices: int = 1
-    unshuffle: int = 2  # dncnn: pixel-unshuffle factor (FFDNet-style), 1 = full resolution
-    scale: int = 1  # srnet: upscaling factor
-    offset: float = 0.0  # dncnn: the net sees (x - offset) * gain: CT noise is ~0.005 of the HU window,
-    gain: float = 1.0  # so centring on water and amplifying gives the convolutions signals of order one
-    # srnet: what the net's residual is added to: 0 = bilinear upsampling, a > 0 = a Lanczos-a
-    # windowed sinc (a = 8 comes close to exact zero-filled k-space interpolation, which is
-    # what a k-space-truncated MR image calls for)
-    base_taps: int = 0
-    # dncnn: the domain the noise is predicted and removed in. "linear": z = (x - offset) * gain;
-    # "asinh": u = asinh(z), linear within about one unit of the offset (soft tissue for CT) and
-    # logarithmic beyond it, so a 1000 HU air or bone edge is a step of ~2.3 units, not 5, beside
-    # 0.1 units of noise; the output is offset + sinh(u - noise) / gain
-    transform: str = "linear"
-    # dncnn: one more input channel, the series' estimated noise SD (normalised), as FFDNet's
-    # noise map: the net is told how much to remove instead of guessing it (DESIGN 3.4)
-    noise_map: bool = False
-
-    @property
-    def input_channels(self) -> int:
-        return self.context_slices + int(self.noise_map)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

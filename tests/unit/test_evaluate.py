@@ -11,11 +11,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from engines.manifest import ModelManifest, dump, load, sha256_file
+from engines.netspec import NetSpec
 from tests.dicom_factory import UID_ROOT, ct_slice
 from train.evaluate import evaluate, record_metrics
 from train.export import export
 from train.loop import RunConfig, train
-from train.presets import PRESETS, NetSpec, with_overrides
+from train.presets import PRESETS, with_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS = {"psnr", "ssim", "rmse", "seconds"}

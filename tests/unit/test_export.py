@@ -17,11 +17,12 @@ import torch
 
 from core.errors import ManifestError
 from engines.manifest import Tile, load
+from engines.nets import build
+from engines.netspec import NetSpec
 from engines.normalization import Normalization
 from train.export import OPSET, TOLERANCE, ExportMismatch, check_round_trip, export, onnx_bytes
 from train.loop import RunConfig, net_from_checkpoint, train
-from train.nets import build
-from train.presets import APPLIES_TO, PRESETS, NetSpec, with_overrides
+from train.presets import APPLIES_TO, PRESETS, with_overrides
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

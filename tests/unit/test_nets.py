@@ -1,4 +1,4 @@
-"""train.nets (DnCNN, SRNet), the normalisation contract and model.toml validation."""
+"""engines.nets (DnCNN, SRNet), the normalisation contract and model.toml validation."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from core.errors import ManifestError
 from engines.manifest import ModelManifest, Tile
+from engines.nets import DnCNN, SRNet, _asinh, _sinh, build, lanczos_kernel, parameter_count
+from engines.netspec import NetSpec
 from engines.normalization import Normalization
-from train.nets import DnCNN, SRNet, _asinh, _sinh, build, lanczos_kernel, parameter_count
-from train.presets import PRESETS, NetSpec
+from train.presets import PRESETS
 
 DNCNN = NetSpec("dncnn", depth=4, width=8, unshuffle=2)
 SRNET = NetSpec("srnet", depth=2, width=8, unshuffle=1, scale=2)

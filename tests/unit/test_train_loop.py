@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import train.loop as loop
+from engines.nets import build
+from engines.netspec import NetSpec
 from tests.dicom_factory import write_ct_series
 from train.data import Bank, sample
 from train.loop import (
@@ -28,8 +30,7 @@ from train.loop import (
     train,
 )
 from train.metrics import ROI_SIDE
-from train.nets import build
-from train.presets import PRESETS, NetSpec, Preset, with_overrides
+from train.presets import PRESETS, Preset, with_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = NetSpec("dncnn", depth=3, width=8, unshuffle=2)

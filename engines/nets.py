@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.presets import TRANSFORMS, NetSpec
+from engines.netspec import TRANSFORMS, NetSpec
 
 
 class DnCNN(nn.Module):
@@ -99,7 +99,8 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.2 * self.conv2(F.relu(self.conv1(x)))
+        residual: torch.Tensor = self.conv2(F.relu(self.conv1(x)))  # nn.Module calls are untyped
+        return x + 0.2 * residual
 
 
 class SRNet(nn.Module):
