@@ -144,6 +144,10 @@ class ModelManifest:
     # super-resolution: each output pixel is kept within the range of the 3x3 input pixels round
     # it (engines.pipeline.clamp_to_input): no halo or overshoot beyond what the input shows
     clamp_to_input: bool = False
+    # super-resolution: after the clamp, each scale x scale block of the output is moved this
+    # fraction of the way to the input pixel it came from (engines.pipeline.enforce_consistency;
+    # 1 = the block means reproduce the input exactly). 0 = off
+    consistency: float = 0.0
     applies_to: AppliesTo = AppliesTo()
 
     def refusal(self, facts: ImageFacts) -> str | None:
@@ -167,6 +171,8 @@ class ModelManifest:
             raise ManifestError("restore_mean_px is a denoiser's, and >= 0")
         if self.clamp_to_input and self.task != "sr":
             raise ManifestError("clamp_to_input is for sr models")
+        if not 0.0 <= self.consistency <= 1.0 or (self.consistency and self.task != "sr"):
+            raise ManifestError(f"consistency is for sr models, between 0 and 1, got {self.consistency}")
         if self.noise_map and self.task != "denoise":
             raise ManifestError("noise_map is for denoise models")
         if not self.modalities:
@@ -197,6 +203,7 @@ class ModelManifest:
                 noise_map=_boolean(data.get("noise_map", False)),
                 restore_mean_px=float(data.get("restore_mean_px", 0.0)),
                 clamp_to_input=_boolean(data.get("clamp_to_input", False)),
+                consistency=float(data.get("consistency", 0.0)),
                 applies_to=AppliesTo.from_dict(_table(data.get("applies_to", {}), "applies_to")),
             )
         except KeyError as exc:
@@ -215,6 +222,7 @@ class ModelManifest:
             "noise_map": self.noise_map,
             "restore_mean_px": self.restore_mean_px,
             "clamp_to_input": self.clamp_to_input,
+            "consistency": self.consistency,
             "applies_to": self.applies_to.as_dict(),
             "normalization": self.normalization.as_dict(),
             "tile": {"size": self.tile.size, "overlap": self.tile.overlap},

@@ -105,3 +105,42 @@ def test_clamp_to_input_removes_halos_and_keeps_what_lies_within_the_input(tmp_p
     smooth_edge = high.copy()
     smooth_edge[:, :, 7:9] = 50.0  # an edge drawn at half height: within the input's range there
     assert np.array_equal(clamp_to_input(low, smooth_edge, 2), smooth_edge)
+
+
+def test_enforce_consistency_makes_the_block_means_reproduce_the_input() -> None:
+    from engines.pipeline import enforce_consistency
+
+    rng = np.random.default_rng(3)
+    low = rng.normal(0.0, 50.0, (2, 16, 12)).astype(np.float32)
+    high = rng.normal(0.0, 50.0, (2, 32, 24)).astype(np.float32)  # a net's output unrelated to the input
+
+    def block_means(a: np.ndarray) -> np.ndarray:
+        return a.reshape(*a.shape[:-2], 16, 2, 12, 2).mean(axis=(-3, -1))
+
+    exact = enforce_consistency(low, high, 2, 1.0)
+    assert np.allclose(block_means(exact), low, atol=1e-4)
+    # within each block the net's detail is kept: only the block's mean moves
+    assert np.allclose(exact - high, np.kron(low - block_means(high), np.ones((1, 2, 2))), atol=1e-4)
+    half = enforce_consistency(low, high, 2, 0.5)
+    assert np.allclose(block_means(half), (low + block_means(high)) / 2, atol=1e-4)
+    assert np.array_equal(enforce_consistency(low, high, 2, 0.0), high)
+    assert np.allclose(block_means(enforce_consistency(low[0], high[0], 2, 1.0)), low[0], atol=1e-4)  # one slice
+
+
+def test_the_shipped_ct_sr2_output_reproduces_its_input_and_consistency_is_checked() -> None:
+    package = Path(__file__).resolve().parents[2] / "models" / "ct-sr2"
+    engine = _engine(package)
+    assert engine.manifest.consistency == 1.0
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    low = np.where(np.hypot(yy, xx) < 25, 60.0, -1000.0) + rng.normal(0.0, 8.0, (1, 64, 64))
+    high = enhance_volume(engine, low.astype(np.float32))
+    assert high.shape == (1, 128, 128)
+    assert np.allclose(high.reshape(1, 64, 2, 64, 2).mean(axis=(2, 4)), low, atol=0.05)
+    data = engine.manifest.as_dict()
+    for bad in (1.5, -0.1):
+        with pytest.raises(ManifestError, match="consistency is for sr models, between 0 and 1"):
+            ModelManifest.from_dict({**data, "consistency": bad})
+    denoiser = load(package.parent / "ct-denoise").as_dict()
+    with pytest.raises(ManifestError, match="consistency is for sr models"):
+        ModelManifest.from_dict({**denoiser, "consistency": 0.5})
