@@ -73,13 +73,15 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
         e_sd = _maybe(rng, deg.electronic_sd)
         smooth = _maybe(rng, deg.post_smooth_px)
 
-        def exposure(fraction: float) -> Array:
-            return np.stack([sim.noise(s, slab.spacing, fraction, rng, recon, e_sd) for s in slab.pixels])
+        def exposure(fraction: float, recon_filter: str | None) -> Array:
+            return np.stack([sim.noise(s, slab.spacing, fraction, rng, recon_filter, e_sd) for s in slab.pixels])
 
-        noise = exposure(min(1.0, dose * flux))
+        noise = exposure(min(1.0, dose * flux), recon)
         clean = kernel_blur(slab.pixels, recon) if recon else slab.pixels
         texture_sd = _maybe(rng, deg.texture_sd)
-        texture = exposure(1.0) if texture_sd > 0 else None
+        # the scan's own texture need not share the added noise's spectrum: its filter is drawn
+        # apart (a sharp added noise over a smooth texture is what the net must tell apart)
+        texture = exposure(1.0, _pick(rng, deg.recon_filters) or recon) if texture_sd > 0 else None
         if smooth > 0:
             blur = lambda a: ndimage.gaussian_filter(a, smooth, axes=(-2, -1))  # noqa: E731
             clean, noise = blur(clean), blur(noise)

@@ -52,8 +52,8 @@ class Degradation:
     # at full dose on a soft kernel), which dose x flux alone covered only from ~4 to ~90 HU
     noise_sd: tuple[float, float] = (0.0, 0.0)
     # denoisers: the scan's own noise and texture, of an SD drawn uniformly (lowdose-ct: HU, the
-    # noise of a second full-dose exposure; rician: % of the bright signal), in the target and
-    # the input alike: a full-dose image is not noise-free, and the net must take
+    # noise of a second full-dose exposure through a filter drawn apart; rician: % of the bright
+    # signal), in the target and the input alike: a full-dose image is not noise-free, and the net must take
     # away only the noise it is told of (the noise map), not the texture beneath it
     texture_sd: tuple[float, float] = (0.0, 0.0)
     apodisations: tuple[str, ...] = ("none",)  # mr-kspace: k-space windows (train.degrade.APODISATIONS)
