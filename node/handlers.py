@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from core import status
 from core.errors import InvalidDataset, OutOfResources
 from core.header import DEFLATED_SYNTAXES, parse_header
+from node.background import BackgroundWriter
 from node.config import NodeConfig
 from node.guard import Throttle
 from node.instance import check_matches_request, file_meta, inflated_size, strip_file_meta
@@ -131,20 +132,32 @@ def handle_rejected(event: Event, ledger: Ledger) -> None:
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, why)
 
 
-def tls_refused(ledger: Ledger, host: str, reason: str) -> None:
-    """A client whose TLS handshake failed (no or untrusted certificate, plain TCP, silence)."""
+def tls_refused(writer: BackgroundWriter, ledger: Ledger, host: str, reason: str) -> None:
+    """A client whose TLS handshake failed (no or untrusted certificate, plain TCP, silence);
+    recorded by `writer`, so a busy ledger never holds up the accept loop that calls this."""
     log.warning("refused connection from %s: %s", host, reason)
-    _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, Peer("", "", host, 0), None, None, reason)
+    peer = Peer("", "", host, 0)
+    writer.submit(
+        lambda: _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, reason),
+        f"refusal of {host}",
+    )
 
 
-def connection_refused(ledger: Ledger, throttle: Throttle, host: str, kind: str, reason: str) -> None:
-    """A connection the guard refused or closed (node/guard.py): logged and recorded at most
-    once a minute per host and `kind` of refusal, with the count of those not reported since."""
+def connection_refused(
+    writer: BackgroundWriter, ledger: Ledger, throttle: Throttle, host: str, kind: str, reason: str
+) -> None:
+    """A connection the guard refused or closed (node/guard.py): logged and recorded (by
+    `writer`, off the accept loop) at most once a minute per host and `kind` of refusal, with
+    the count of those not reported since."""
     report, quiet = throttle.take(f"{host} {kind}")
     if report:
         more = f" ({quiet} more since the last report)" if quiet else ""
         log.warning("connection from %s: %s%s", host, reason, more)
-        _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, Peer("", "", host, 0), None, None, reason + more)
+        peer = Peer("", "", host, 0)
+        writer.submit(
+            lambda: _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, reason + more),
+            f"refusal of {host}",
+        )
 
 
 def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool) -> None:

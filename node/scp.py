@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node import handlers
+from node.background import BackgroundWriter
 from node.config import NodeConfig, TLSConfig
 from node.guard import Connection, ConnectionGuard, Throttle
 from storage.filestore import FileStore
@@ -280,18 +281,22 @@ class StorageSCP:
             (evt.EVT_C_STORE, handlers.handle_store, [store, ledger, associations, cfg.max_inflated_mb << 20]),
         ]
         self._server: NodeServer | None = None
+        self._events: BackgroundWriter | None = None
 
     def start(self) -> None:
         quiet_pydicom()
         threading.excepthook = _thread_died
+        self._events = BackgroundWriter("scp-refusals")
         server = self.ae.make_server(
             (self.cfg.host, self.cfg.port),
             ssl_context=tls_context(self.cfg.tls) if self.cfg.tls else None,
             evt_handlers=self.evt_handlers,
             server_class=NodeServer,
-            on_tls_refused=functools.partial(handlers.tls_refused, self.ledger),
+            on_tls_refused=functools.partial(handlers.tls_refused, self._events, self.ledger),
             guard=self.guard,
-            on_refused=functools.partial(handlers.connection_refused, self.ledger, Throttle(REPORT_PERIOD_S)),
+            on_refused=functools.partial(
+                handlers.connection_refused, self._events, self.ledger, Throttle(REPORT_PERIOD_S)
+            ),
             on_ended=functools.partial(handlers.association_ended, self.ledger, self._associations),
         )
         assert isinstance(server, NodeServer)
@@ -318,3 +323,5 @@ class StorageSCP:
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         self.ae.shutdown()
+        if self._events is not None:
+            self._events.close(timeout=max(0.1, deadline - time.monotonic()))
