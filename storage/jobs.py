@@ -1,27 +1,29 @@
 """The job queue in the ledger (DESIGN 3.3): recording the job routing gives each complete
 series (node/routing.py decides it), claiming a job atomically, heartbeats, completion,
-retries with backoff, and re-queueing jobs whose worker died. Each operation is one short
-transaction.
+retries with backoff and jitter, and re-queueing jobs whose worker died. Each operation is one
+short transaction.
 
-Claiming is one transaction that takes the write lock first (SQLite: BEGIN IMMEDIATE, see
-storage/db.py; PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED), so two workers never run the
-same job.
+The lease itself (the atomic claim, heartbeats, guarded state changes, backoff, the stale
+sweep) is storage/leases.py, which deliveries share: `queued -> running -> done | failed`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, Row, insert, select, update
 
 from core.clock import Clock, utcnow
 from core.images import ImageFacts
 from storage import schema as t
 from storage.deliveries import Outgoing, Target, add_delivery, cancel_open, resubmit_failed
-from storage.ledger import EventKind, inserted_id, oldest_due, renew_heartbeat, write_event
+from storage.leases import EVENT_ERROR_CHARS, Backoff, Lease, Moved, Note, RandomSource
+from storage.ledger import EventKind, inserted_id, write_event
 from storage.schema import (
     DELIVER_DERIVED,
     DELIVER_ORIGINAL,
@@ -35,6 +37,19 @@ from storage.schema import (
 
 RETRY_BASE_S = 5.0
 RETRY_MAX_S = 600.0
+
+LEASE = Lease(
+    t.jobs,
+    holder=t.jobs.c.worker,
+    due=t.jobs.c.not_before,
+    waiting=JOB_QUEUED,
+    leased=JOB_RUNNING,
+    failed=JOB_FAILED,
+    retry_event=EventKind.JOB_RETRY,
+    failed_event=EventKind.JOB_FAILED,
+    requeued_event=EventKind.JOB_REQUEUED,
+    resubmitted_event=EventKind.JOB_RESUBMITTED,
+)
 
 
 @dataclass(frozen=True)
@@ -92,10 +107,11 @@ class Routed:
 
 
 class JobQueue:
-    def __init__(self, engine: Engine, now: Clock = utcnow) -> None:
+    def __init__(self, engine: Engine, now: Clock = utcnow, rng: RandomSource | None = None) -> None:
+        """`rng` draws the retries' jitter (storage/leases.py)."""
         self.engine = engine
         self.now = now
-        self._skip_locked = engine.dialect.name == "postgresql"
+        self.backoff = Backoff(RETRY_BASE_S, RETRY_MAX_S, rng or random.Random())
 
     # -- routing -------------------------------------------------------------------------
     def route_complete_series(self, assign: Assign, max_attempts: int) -> list[Routed]:
@@ -188,21 +204,9 @@ class JobQueue:
         now = self.now()
         j, s = t.jobs, t.series
         with self.engine.begin() as conn:
-            job_id = oldest_due(conn, j, JOB_QUEUED, j.c.not_before, now, self._skip_locked)
+            job_id = LEASE.claim(conn, worker, now, error="")
             if job_id is None:
                 return None
-            conn.execute(
-                update(j)
-                .where(j.c.id == job_id)
-                .values(
-                    state=JOB_RUNNING,
-                    worker=worker,
-                    attempts=j.c.attempts + 1,
-                    started_at=now,
-                    heartbeat_at=now,
-                    error="",
-                )
-            )
             row = conn.execute(
                 select(j, s.c.series_instance_uid).join(s, s.c.id == j.c.series_id).where(j.c.id == job_id)
             ).one()
@@ -230,12 +234,8 @@ class JobQueue:
         failed (the route's policy) leaves a `job.qa_warning` event saying why."""
         now = self.now()
         with self.engine.begin() as conn:
-            changed = conn.execute(
-                update(t.jobs)
-                .where(t.jobs.c.id == job_id, t.jobs.c.worker == worker, t.jobs.c.state == JOB_RUNNING)
-                .values(qa=json.dumps(qa))
-            )
-            if changed.rowcount and warning:
+            mine = LEASE.update_held(conn, job_id, worker, qa=json.dumps(qa))
+            if mine and warning:
                 uid = conn.execute(
                     select(t.series.c.series_instance_uid)
                     .join(t.jobs, t.jobs.c.series_id == t.series.c.id)
@@ -243,11 +243,12 @@ class JobQueue:
                 ).scalar_one()
                 detail = f"job {job_id}: {warning}"
                 write_event(conn, now, EventKind.JOB_QA_WARNING, series_instance_uid=uid, detail=detail)
-            return bool(changed.rowcount)
+            return mine
 
     def heartbeat(self, job_id: int, worker: str) -> bool:
         """False when the job is no longer this worker's (re-queued as stale, or cancelled)."""
-        return renew_heartbeat(self.engine, t.jobs, job_id, t.jobs.c.worker, worker, JOB_RUNNING, self.now())
+        with self.engine.begin() as conn:
+            return LEASE.heartbeat(conn, job_id, worker, self.now())
 
     def finish(
         self,
@@ -264,108 +265,56 @@ class JobQueue:
         every destination routing gave it: a done job always has its deliveries."""
         now = self.now()
         with self.engine.begin() as conn:
-            done = conn.execute(
-                update(t.jobs)
-                .where(t.jobs.c.id == job_id, t.jobs.c.worker == worker, t.jobs.c.state == JOB_RUNNING)
-                .values(
-                    state=JOB_DONE,
-                    finished_at=now,
-                    output_series_uid=output_series_uid,
-                    output_count=count,
-                    model_version=model_version,
-                    backend=backend,
-                    timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
-                )
+            done = LEASE.finish(
+                conn,
+                job_id,
+                worker,
+                now,
+                JOB_DONE,
+                EventKind.JOB_DONE,
+                Note(f"job {job_id}: {count} instances", output_series_uid),
+                output_series_uid=output_series_uid,
+                output_count=count,
+                model_version=model_version,
+                backend=backend,
+                timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
             )
-            if done.rowcount:
-                write_event(
-                    conn,
-                    now,
-                    EventKind.JOB_DONE,
-                    series_instance_uid=output_series_uid,
-                    detail=f"job {job_id}: {count} instances",
-                )
+            if done:
                 destinations = conn.execute(select(t.jobs.c.destinations).where(t.jobs.c.id == job_id)).scalar_one()
                 for target in _decode_targets(destinations):
                     add_delivery(conn, now, job_id, target, DELIVER_DERIVED, output_series_uid, outputs)
-            return bool(done.rowcount)
+            return done
 
     def fail(self, job_id: int, worker: str, error: str, permanent: bool) -> str | None:
         """Records the error; the job is re-queued with backoff until max_attempts, or when the
         error is permanent (bad data, bad model) fails at once. Returns the new state, or None
         when the job was no longer this worker's (re-queued meanwhile): then nothing changes."""
         now = self.now()
-        j = t.jobs
         with self.engine.begin() as conn:
-            row = conn.execute(select(j.c.attempts, j.c.max_attempts).where(j.c.id == job_id)).one()
-            retry = not permanent and row.attempts < row.max_attempts
-            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (row.attempts - 1))
-            state = JOB_QUEUED if retry else JOB_FAILED
-            changed = conn.execute(
-                update(j)
-                .where(j.c.id == job_id, j.c.worker == worker, j.c.state == JOB_RUNNING)
-                .values(
-                    state=state,
-                    error=error[:2000],
-                    worker=None,
-                    finished_at=None if retry else now,
-                    not_before=now + dt.timedelta(seconds=delay) if retry else None,
-                )
-            ).rowcount
-            if not changed:
+            row = LEASE.held(conn, job_id, worker)
+            if row is None:
                 return None
-            kind = EventKind.JOB_RETRY if retry else EventKind.JOB_FAILED
-            write_event(conn, now, kind, detail=f"job {job_id} attempt {row.attempts}: {error[:500]}")
-        return state
+            return LEASE.fail(conn, row, worker, now, error, self.backoff, _attempt_note, permanent)
 
     def requeue_stale(self, stale_after_s: float) -> list[int]:
         """Jobs `running` whose worker stopped heartbeating (killed) go back to the queue, or
         fail when that was their last attempt (a job that kills its worker every time must
-        not loop). Returns the re-queued job ids."""
+        not loop). Returns the re-queued job ids; a job another sweeper moved first is left
+        to it."""
         now = self.now()
-        j = t.jobs
-        cutoff = now - dt.timedelta(seconds=stale_after_s)
-        requeued = []
+
+        def why(row: Row[Any]) -> str:
+            return f"no heartbeat for {stale_after_s:g} s (worker died) on attempt {row.attempts}"
+
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(j.c.id, j.c.attempts, j.c.max_attempts).where(
-                    j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff
-                )
-            ).all()
-            for row in rows:
-                last = row.attempts >= row.max_attempts
-                why = f"no heartbeat for {stale_after_s:g} s (worker died) on attempt {row.attempts}"
-                conn.execute(
-                    update(j)
-                    .where(j.c.id == row.id, j.c.state == JOB_RUNNING, j.c.heartbeat_at < cutoff)
-                    .values(
-                        state=JOB_FAILED if last else JOB_QUEUED,
-                        worker=None,
-                        not_before=None,
-                        error=why if last else "",
-                        finished_at=now if last else None,
-                    )
-                )
-                write_event(
-                    conn, now, EventKind.JOB_FAILED if last else EventKind.JOB_REQUEUED, detail=f"job {row.id}: {why}"
-                )
-                if not last:
-                    requeued.append(row.id)
-        return requeued
+            return LEASE.requeue(conn, now, (LEASE.stale(now, stale_after_s),), why, _job_note)
 
     def resubmit(self, job_id: int) -> tuple[bool, list[int]]:
         """An admin's retry: a failed job is queued again with fresh attempts, and the job's
         failed deliveries go back to pending. Returns (job requeued, resubmitted deliveries)."""
         now = self.now()
-        j = t.jobs
         with self.engine.begin() as conn:
-            requeued = conn.execute(
-                update(j)
-                .where(j.c.id == job_id, j.c.state == JOB_FAILED)
-                .values(state=JOB_QUEUED, attempts=0, not_before=None, finished_at=None, worker=None)
-            ).rowcount
-            if requeued:
-                write_event(conn, now, EventKind.JOB_RESUBMITTED, detail=f"job {job_id}")
+            requeued = LEASE.resubmit(conn, now, (t.jobs.c.id == job_id,), _job_note)
             return bool(requeued), resubmit_failed(conn, now, job_id)
 
     def cancel(self, job_id: int) -> tuple[bool, list[int]]:
@@ -374,22 +323,23 @@ class JobQueue:
         unfinished deliveries end `failed` too. `resubmit` undoes it. Returns (job cancelled,
         deliveries cancelled)."""
         now = self.now()
-        j = t.jobs
         why = "cancelled by an admin"
         with self.engine.begin() as conn:
-            cancelled = conn.execute(
-                update(j)
-                .where(j.c.id == job_id, j.c.state.in_((JOB_QUEUED, JOB_RUNNING)))
-                .values(state=JOB_FAILED, error=why, worker=None, finished_at=now, not_before=None)
-            ).rowcount
-            if cancelled:
-                write_event(conn, now, EventKind.JOB_FAILED, detail=f"job {job_id}: {why}")
+            cancelled = LEASE.cancel(conn, now, (t.jobs.c.id == job_id,), why, _job_note)
             return bool(cancelled), cancel_open(conn, now, job_id, why)
 
     def instance_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
             i = t.instances
             return list(conn.execute(select(i.c.path).where(i.c.series_id == series_id).order_by(i.c.id)).scalars())
+
+
+def _job_note(moved: Moved) -> Note:
+    return Note(f"job {moved.row.id}: {moved.why}" if moved.why else f"job {moved.row.id}")
+
+
+def _attempt_note(moved: Moved) -> Note:
+    return Note(f"job {moved.row.id} attempt {moved.row.attempts}: {moved.why[:EVENT_ERROR_CHARS]}")
 
 
 def _series_facts(conn: Connection, series_id: int) -> tuple[ImageFacts, ...]:

@@ -31,9 +31,17 @@ IDLE_S = 30.0
 STALE_ASSOCIATION_S = 120.0
 
 
+class NoJitter:
+    """A jitter source that always draws 0: every retry waits its whole backoff, so a test can
+    name the moment it is due (tests/unit/test_leases.py checks the jitter itself)."""
+
+    def random(self) -> float:
+        return 0.0
+
+
 @pytest.fixture
 def queue(engine: Engine, clock: Clock) -> JobQueue:
-    return JobQueue(engine, now=clock)
+    return JobQueue(engine, now=clock, rng=NoJitter())
 
 
 def route(name: str, modality: str = "*", calling_ae: str = "*", description: str = ".*") -> RouteConfig:
