@@ -6,8 +6,9 @@ a retry sends only what the destination has not stored yet and a kill loses noth
                        -> pending (backoff)     something not stored, attempts left
                        -> failed                attempts used up: visible, `jobs retry` resubmits
 
-Each operation is one short transaction; claiming takes the write lock first (SQLite: BEGIN
-IMMEDIATE, storage/db.py; PostgreSQL: FOR UPDATE SKIP LOCKED).
+Each operation is one short transaction. The lease itself (the atomic claim, heartbeats,
+guarded state changes, backoff with jitter, the stale sweep) is storage/leases.py, which jobs
+share.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import datetime as dt
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, func, insert, select, update
 
 from core.clock import Clock, utcnow
 from storage import schema as t
-from storage.ledger import EventKind, inserted_id, oldest_due, renew_heartbeat, write_event
+from storage.leases import EVENT_ERROR_CHARS, Backoff, Lease, Moved, Note, RandomSource
+from storage.ledger import EventKind, inserted_id, write_event
 from storage.schema import (
     DELIVERY_DELIVERED,
     DELIVERY_FAILED,
@@ -32,6 +33,19 @@ from storage.schema import (
     INSTANCE_PENDING,
     INSTANCE_STORED,
     INSTANCE_WARNING,
+)
+
+LEASE = Lease(
+    t.deliveries,
+    holder=t.deliveries.c.sender,
+    due=t.deliveries.c.next_attempt_at,
+    waiting=DELIVERY_PENDING,
+    leased=DELIVERY_SENDING,
+    failed=DELIVERY_FAILED,
+    retry_event=EventKind.DELIVERY_RETRY,
+    failed_event=EventKind.DELIVERY_FAILED,
+    requeued_event=EventKind.DELIVERY_REQUEUED,
+    resubmitted_event=EventKind.DELIVERY_RESUBMITTED,
 )
 
 
@@ -71,13 +85,6 @@ class PendingInstance:
     sop_class_uid: str
     transfer_syntax_uid: str
     path: str
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: about base * 2^(attempt-1), capped, drawn from its upper
-    half so that deliveries failed together (a PACS restart) do not all come back at once."""
-    delay = min(cap, base * 2 ** max(0, attempt - 1))
-    return float(delay * rng.uniform(0.5, 1.0))
 
 
 def add_delivery(
@@ -145,34 +152,14 @@ def add_delivery(
 def resubmit_failed(conn: Connection, now: dt.datetime, job_id: int) -> list[int]:
     """The job's failed deliveries back to pending with fresh attempts (an admin's retry)."""
     d = t.deliveries
-    ids = list(conn.execute(select(d.c.id).where(d.c.job_id == job_id, d.c.state == DELIVERY_FAILED)).scalars())
-    for delivery_id in ids:
-        conn.execute(
-            update(d)
-            .where(d.c.id == delivery_id)
-            .values(state=DELIVERY_PENDING, attempts=0, next_attempt_at=None, finished_at=None, sender=None)
-        )
-        write_event(conn, now, EventKind.DELIVERY_RESUBMITTED, detail=f"delivery {delivery_id} of job {job_id}")
-    return ids
+    return LEASE.resubmit(conn, now, (d.c.job_id == job_id,), _job_note, columns=(d.c.job_id,))
 
 
 def cancel_open(conn: Connection, now: dt.datetime, job_id: int, why: str) -> list[int]:
     """The job's deliveries not finished yet end `failed` with `why` (an admin's cancel); a
     sender in the middle of one finds it no longer its own and stops after the instance in flight."""
     d = t.deliveries
-    ids = list(
-        conn.execute(
-            select(d.c.id).where(d.c.job_id == job_id, d.c.state.in_((DELIVERY_PENDING, DELIVERY_SENDING)))
-        ).scalars()
-    )
-    for delivery_id in ids:
-        conn.execute(
-            update(d)
-            .where(d.c.id == delivery_id)
-            .values(state=DELIVERY_FAILED, error=why, sender=None, next_attempt_at=None, finished_at=now)
-        )
-        write_event(conn, now, EventKind.DELIVERY_FAILED, detail=f"delivery {delivery_id} of job {job_id}: {why}")
-    return ids
+    return LEASE.cancel(conn, now, (d.c.job_id == job_id,), why, _job_note, columns=(d.c.job_id,))
 
 
 class DeliveryQueue:
@@ -182,14 +169,12 @@ class DeliveryQueue:
         now: Clock = utcnow,
         retry_base_s: float = 10.0,
         retry_max_s: float = 600.0,
-        rng: random.Random | None = None,
+        rng: RandomSource | None = None,
     ) -> None:
+        """`rng` draws the retries' jitter (storage/leases.py)."""
         self.engine = engine
         self.now = now
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
-        self.rng = rng or random.Random()
-        self._skip_locked = engine.dialect.name == "postgresql"
+        self.backoff = Backoff(retry_base_s, retry_max_s, rng or random.Random())
 
     def claim(self, sender: str, destinations: Sequence[str] | None = None) -> Delivery | None:
         """The oldest pending delivery whose backoff has passed, now `sending` for `sender`;
@@ -199,20 +184,9 @@ class DeliveryQueue:
         d = t.deliveries
         with self.engine.begin() as conn:
             known = () if destinations is None else (d.c.destination.in_(list(destinations)),)
-            delivery_id = oldest_due(conn, d, DELIVERY_PENDING, d.c.next_attempt_at, now, self._skip_locked, *known)
+            delivery_id = LEASE.claim(conn, sender, now, *known)
             if delivery_id is None:
                 return None
-            conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id)
-                .values(
-                    state=DELIVERY_SENDING,
-                    sender=sender,
-                    attempts=d.c.attempts + 1,
-                    started_at=now,
-                    heartbeat_at=now,
-                )
-            )
             row = conn.execute(select(d).where(d.c.id == delivery_id)).one()
         return Delivery(
             row.id, row.job_id, row.destination, row.kind, row.series_instance_uid, row.attempts, row.max_attempts
@@ -238,15 +212,14 @@ class DeliveryQueue:
         d, i = t.deliveries, t.delivery_instances
         stored = outcome in (INSTANCE_STORED, INSTANCE_WARNING)
         with self.engine.begin() as conn:
-            mine = conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id, d.c.sender == sender, d.c.state == DELIVERY_SENDING)
-                .values(
-                    heartbeat_at=now,
-                    stored_count=d.c.stored_count + int(stored),
-                    warning_count=d.c.warning_count + int(outcome == INSTANCE_WARNING),
-                )
-            ).rowcount
+            mine = LEASE.update_held(
+                conn,
+                delivery_id,
+                sender,
+                heartbeat_at=now,
+                stored_count=d.c.stored_count + int(stored),
+                warning_count=d.c.warning_count + int(outcome == INSTANCE_WARNING),
+            )
             if not mine:
                 return False
             conn.execute(
@@ -258,8 +231,8 @@ class DeliveryQueue:
 
     def heartbeat(self, delivery_id: int, sender: str) -> bool:
         """False when the delivery is no longer this sender's (re-queued as stale, or cancelled)."""
-        d = t.deliveries
-        return renew_heartbeat(self.engine, d, delivery_id, d.c.sender, sender, DELIVERY_SENDING, self.now())
+        with self.engine.begin() as conn:
+            return LEASE.heartbeat(conn, delivery_id, sender, self.now())
 
     def finish_attempt(self, delivery_id: int, sender: str, error: str = "") -> str | None:
         """Ends an attempt: `delivered` when every instance is stored, else `pending` with
@@ -268,11 +241,7 @@ class DeliveryQueue:
         now = self.now()
         d, i = t.deliveries, t.delivery_instances
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(d.c.attempts, d.c.max_attempts, d.c.series_instance_uid, d.c.destination).where(
-                    d.c.id == delivery_id, d.c.sender == sender, d.c.state == DELIVERY_SENDING
-                )
-            ).first()
+            row = LEASE.held(conn, delivery_id, sender, d.c.series_instance_uid, d.c.destination)
             if row is None:
                 return None
             unsent = conn.execute(
@@ -280,50 +249,32 @@ class DeliveryQueue:
                     i.c.delivery_id == delivery_id, i.c.outcome.in_((INSTANCE_PENDING, INSTANCE_FAILED))
                 )
             ).scalar_one()
-            if not unsent:
-                state, kind, detail, next_at = DELIVERY_DELIVERED, EventKind.DELIVERY_DELIVERED, "", None
-                error = ""
-            else:
+            if unsent:
                 error = error or f"{unsent} instances not stored"
-                retry = row.attempts < row.max_attempts
-                state = DELIVERY_PENDING if retry else DELIVERY_FAILED
-                kind = EventKind.DELIVERY_RETRY if retry else EventKind.DELIVERY_FAILED
-                delay = backoff_seconds(row.attempts, self.retry_base_s, self.retry_max_s, self.rng)
-                next_at = now + dt.timedelta(seconds=delay) if retry else None
-                detail = f"; retry in {delay:.1f} s" if retry else ""
-            changed = conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id, d.c.sender == sender, d.c.state == DELIVERY_SENDING)
-                .values(
-                    state=state,
-                    error=error[:2000],
-                    sender=None,
-                    next_attempt_at=next_at,
-                    finished_at=None if state == DELIVERY_PENDING else now,
-                )
-            ).rowcount
-            if not changed:  # taken over between the read and the write (PostgreSQL, READ COMMITTED)
-                return None
-            write_event(
+                return LEASE.fail(conn, row, sender, now, error, self.backoff, _attempt_note)
+            note = _attempt_note(Moved(row, DELIVERY_DELIVERED))
+            kind = EventKind.DELIVERY_DELIVERED
+            delivered = LEASE.finish(
                 conn,
+                delivery_id,
+                sender,
                 now,
+                DELIVERY_DELIVERED,
                 kind,
-                series_instance_uid=row.series_instance_uid,
-                detail=f"delivery {delivery_id} to {row.destination} attempt {row.attempts}"
-                + (f": {error[:500]}" if error else "")
-                + detail,
+                note,
+                error="",
+                sender=None,
+                next_attempt_at=None,
             )
-        return state
+        return DELIVERY_DELIVERED if delivered else None
 
     def requeue_stale(self, stale_after_s: float) -> list[int]:
         """Deliveries `sending` whose sender stopped heartbeating (killed) go back to pending,
         or fail when that was their last attempt (a delivery that kills its sender every time
         must not loop)."""
-        cutoff = self.now() - dt.timedelta(seconds=stale_after_s)
-        d = t.deliveries
-        return self._requeue(
-            (d.c.heartbeat_at < cutoff,), f"no heartbeat for {stale_after_s:g} s (sender died)", last_fails=True
-        )
+        now = self.now()
+        why = f"no heartbeat for {stale_after_s:g} s (sender died)"
+        return self._requeue((LEASE.stale(now, stale_after_s),), why, refund=False)
 
     def requeue_abandoned(self, node_prefix: str, own: str, quiet_s: float) -> list[int]:
         """Deliveries held by an earlier run of this node's senders (`node_prefix`, not this
@@ -331,48 +282,36 @@ class DeliveryQueue:
         for `stale_after`: the node restarted. Their attempt is not counted against them: the
         node, not the delivery, failed. A live sender heartbeats more often than `quiet_s`."""
         d = t.deliveries
-        cutoff = self.now() - dt.timedelta(seconds=quiet_s)
         mine = (
             d.c.sender.startswith(node_prefix, autoescape=True),
             ~d.c.sender.startswith(own, autoescape=True),
-            d.c.heartbeat_at < cutoff,
+            LEASE.stale(self.now(), quiet_s),
         )
-        return self._requeue(mine, "the node restarted", last_fails=False)
+        return self._requeue(mine, "the node restarted", refund=True)
 
-    def _requeue(self, where: tuple[Any, ...], why: str, last_fails: bool) -> list[int]:
-        now = self.now()
-        d = t.deliveries
-        requeued = []
+    def _requeue(self, where: Sequence[ColumnElement[bool]], why: str, refund: bool) -> list[int]:
+        columns = (t.deliveries.c.series_instance_uid,)
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(d.c.id, d.c.sender, d.c.attempts, d.c.max_attempts, d.c.series_instance_uid).where(
-                    d.c.state == DELIVERY_SENDING, *where
-                )
-            ).all()
-            for row in rows:
-                last = last_fails and row.attempts >= row.max_attempts
-                changed = conn.execute(
-                    update(d)
-                    # the same conditions again: another host may have moved it since the read
-                    .where(d.c.id == row.id, d.c.state == DELIVERY_SENDING, d.c.sender == row.sender, *where)
-                    .values(
-                        state=DELIVERY_FAILED if last else DELIVERY_PENDING,
-                        sender=None,
-                        next_attempt_at=None,
-                        attempts=d.c.attempts if last_fails else d.c.attempts - 1,
-                        error=why if last else "",
-                        finished_at=now if last else None,
-                    )
-                ).rowcount
-                if not changed:
-                    continue
-                write_event(
-                    conn,
-                    now,
-                    EventKind.DELIVERY_FAILED if last else EventKind.DELIVERY_REQUEUED,
-                    series_instance_uid=row.series_instance_uid,
-                    detail=f"delivery {row.id} attempt {row.attempts}: {why}",
-                )
-                if not last:
-                    requeued.append(row.id)
-        return requeued
+            return LEASE.requeue(conn, self.now(), where, lambda _row: why, _requeue_note, refund, columns)
+
+
+def _job_note(moved: Moved) -> Note:
+    job_id = moved.row.job_id
+    return Note(
+        f"delivery {moved.row.id} of job {job_id}: {moved.why}"
+        if moved.why
+        else f"delivery {moved.row.id} of job {job_id}"
+    )
+
+
+def _attempt_note(moved: Moved) -> Note:
+    """A delivery's attempt ended: delivered, retried (with the backoff) or failed."""
+    row = moved.row
+    error = f": {moved.why[:EVENT_ERROR_CHARS]}" if moved.why else ""
+    retry = f"; retry in {moved.delay:.1f} s" if moved.delay is not None else ""
+    return Note(f"delivery {row.id} to {row.destination} attempt {row.attempts}{error}{retry}", row.series_instance_uid)
+
+
+def _requeue_note(moved: Moved) -> Note:
+    row = moved.row
+    return Note(f"delivery {row.id} attempt {row.attempts}: {moved.why}", row.series_instance_uid)

@@ -17,8 +17,9 @@ from node.config import DestinationConfig, RouteConfig
 from node.routing import route_complete_series
 from node.sender import contexts, outcome_of
 from storage import schema as t
-from storage.deliveries import DeliveryQueue, Outgoing, PendingInstance, backoff_seconds
+from storage.deliveries import DeliveryQueue, Outgoing, PendingInstance
 from storage.jobs import JobQueue
+from storage.leases import Backoff
 from storage.ledger import EventKind, Ledger
 from tests.helpers import Clock
 from tests.unit.test_jobs import add_instance, complete, events
@@ -113,9 +114,9 @@ def test_more_contexts_than_an_association_holds_is_an_error() -> None:
 
 
 def test_backoff_doubles_with_jitter_in_its_upper_half_and_is_capped() -> None:
-    rng = random.Random(1)
+    backoff = Backoff(10, 60, random.Random(1))
     for attempt, full in [(1, 10), (2, 20), (3, 40), (4, 60), (9, 60)]:
-        draws = [backoff_seconds(attempt, 10, 60, rng) for _ in range(200)]
+        draws = [backoff.delay(attempt) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in draws)
         assert max(draws) - min(draws) > full / 4  # jittered, not constant
 
