@@ -41,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     from node.serve import ROLES
 
     s = sub.add_parser("serve", help="run the node: receive, process and deliver")
-    s.add_argument("--role", default="all", choices=ROLES, help="which role(s) this process runs")
+    s.add_argument(
+        "--role",
+        default="all",
+        help=f"what this process runs: all (default), or a comma-separated set of {', '.join(ROLES)} "
+        "(completion runs with scp; the dashboard only where named)",
+    )
 
     e = sub.add_parser("echo", help="C-ECHO a peer: exit 0 when it answers success")
     e.add_argument("peer", help="AE@HOST:PORT, e.g. PACS@127.0.0.1:4242")
@@ -159,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(LogSettings(logging.getLevelName(args.log_level), args.log_format))
     try:
         if args.command == "serve":
-            from node.serve import serve
+            from node.serve import parse_roles, serve
 
-            return serve(load_config(args.config), args.role)
+            try:
+                roles = parse_roles(args.role)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            return serve(load_config(args.config), roles)
         if args.command == "echo":
             return _echo(args)
         if args.command in TRAIN_COMMANDS:

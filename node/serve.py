@@ -46,7 +46,24 @@ from storage.recovery import reconcile
 
 log = logging.getLogger(__name__)
 
-ROLES = ("all", "scp", "worker", "sender")
+# What `serve --role` may name, comma-separated; "all" is every one of them. Series completion
+# (and the routing that follows it) runs with the receivers unless named on its own: one place
+# per host that receives, not every worker and sender. The dashboard runs only where named
+# (or with "all"): one port, one process.
+ROLES = ("scp", "worker", "sender", "completion", "dashboard")
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """`scp,dashboard` -> the roles this process runs; "all" -> every role. Raises ValueError."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ROLES) - {"all"})
+    if unknown or not names:
+        expected = f"all or a comma-separated set of {', '.join(ROLES)}"
+        raise ValueError(f"unknown role {', '.join(unknown) or repr(text)} (expected {expected})")
+    roles = frozenset(ROLES) if "all" in names else frozenset(names)
+    return roles | {"completion"} if "scp" in roles else roles
+
+
 MAX_AUTO_PROCESSES = 8
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 1.0
@@ -69,9 +86,10 @@ def open_storage(cfg: Config, *, upgrade: bool = True) -> tuple[FileStore, Ledge
     return store, Ledger(engine)
 
 
-def serve(cfg: Config, role: str = "all") -> int:
-    """Run the node until SIGTERM or SIGINT; 0 after a clean stop, 1 when start-up failed. A
-    signal at any moment of start-up (even before the ledger is open) stops what has started."""
+def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
+    """Run `roles` (parse_roles) until SIGTERM or SIGINT; 0 after a clean stop, 1 when start-up
+    failed. A signal at any moment of start-up (even before the ledger is open) stops what has
+    started."""
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -80,17 +98,18 @@ def serve(cfg: Config, role: str = "all") -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     store, ledger = open_storage(cfg)
-    reconcile(store, ledger)
     ident = node_id(cfg)
-    lost = ledger.close_lost_associations(ident)
-    if lost:
-        log.warning("%d associations were open when the node last stopped; closed as lost", lost)
+    if "scp" in roles:  # what this host's receivers left behind: files to adopt, associations to close
+        reconcile(store, ledger)
+        lost = ledger.close_lost_associations(ident)
+        if lost:
+            log.warning("%d associations were open when the node last stopped; closed as lost", lost)
     groups: list[ProcessGroup] = []
-    if role in ("all", "scp"):
+    if "scp" in roles:
         groups.append(Receivers(cfg, receive_process_count(cfg), ident))
-    if role in ("all", "worker") and cfg.worker.processes > 0:
+    if "worker" in roles and cfg.worker.processes > 0:
         groups.append(ProcessGroup("worker", cfg.worker.processes, run_worker, lambda index: (cfg, ident, index)))
-    if role in ("all", "sender") and cfg.sender.processes > 0:
+    if "sender" in roles and cfg.sender.processes > 0:
         groups.append(ProcessGroup("sender", cfg.sender.processes, run_sender, lambda index: (cfg, ident, index)))
     try:
         for group in groups:
@@ -107,7 +126,7 @@ def serve(cfg: Config, role: str = "all") -> int:
     queue = JobQueue(ledger.engine)
     live = LiveConfig(cfg)
     dashboard = None
-    if cfg.dashboard.port:
+    if "dashboard" in roles and cfg.dashboard.port:
         from node.dashboard.app import Deps
         from node.dashboard.server import DashboardServer
 
@@ -126,11 +145,13 @@ def serve(cfg: Config, role: str = "all") -> int:
         router = Router(cache, device_uid())
         route_complete_series(queue, now.routes, now.worker.max_attempts, now.destinations, router.decide)
 
-    completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
-    completion.start()
+    completion = None
+    if "completion" in roles:
+        completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
+        completion.start()
     log.info(
-        "enhance-node ready (role %s, %s, ledger %s, storage %s)",
-        role,
+        "enhance-node ready (roles %s, %s, ledger %s, storage %s)",
+        ",".join(r for r in ROLES if r in roles),
         ", ".join(f"{g.count} {g.kind} processes" for g in groups) or "no processes",
         make_url(cfg.node.ledger_url).render_as_string(hide_password=True),
         cfg.node.storage_dir,
@@ -139,7 +160,8 @@ def serve(cfg: Config, role: str = "all") -> int:
         for group in groups:
             group.restart_dead()
     log.info("signalled; stopping")
-    completion.stop()
+    if completion is not None:
+        completion.stop()
     if dashboard is not None:
         dashboard.stop()
     _stop_all(groups, ledger)

@@ -114,6 +114,7 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
     log_format: str = "text"
+    roles: str = "all"  # serve --role
 
     @property
     def ledger(self) -> Path:
@@ -127,7 +128,10 @@ class NodeProcess:
         log = self.tmp / f"node-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "--config", str(self.config), "--log-format", self.log_format, "serve"],
+            [
+                *(sys.executable, "-m", "node.cli", "--config", str(self.config), "--log-format", self.log_format),
+                *("serve", "--role", self.roles),
+            ],
             cwd=REPO,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
