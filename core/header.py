@@ -72,7 +72,10 @@ def parse_header(part10: bytes) -> InstanceHeader:
     for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
         if not value:
             raise InvalidDataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} missing")
-    for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop_instance)):
+    # the SOP Class too: the ledger keeps it, and a private one (node.accept_unknown_sop_classes)
+    # is whatever the peer negotiated (one holding a NUL was answered 0xA700 on PostgreSQL)
+    uids = ("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop_instance)
+    for name, value in (*uids, ("SOPClassUID", sop_class)):
         if len(value) > 64:
             raise InvalidDataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{name} longer than 64")
         if not UID_SYNTAX.fullmatch(value):

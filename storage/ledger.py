@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +24,12 @@ from sqlalchemy import (
     update,
 )
 
+from core import status
 from core.clock import Clock, utcnow
+from core.errors import InvalidDataset
 from core.header import InstanceHeader
 from storage import schema as t
-from storage.schema import SERIES_COMPLETE, SERIES_RECEIVING
+from storage.schema import SERIES_COMPLETE, SERIES_RECEIVING, fits
 
 
 class EventKind(enum.StrEnum):
@@ -143,9 +144,12 @@ class Ledger:
     # -- instances ------------------------------------------------------------------------
     def record_instance(self, header: InstanceHeader, received: Received) -> StoreOutcome:
         """Record a durably written file as the instance's current version, in one transaction.
+        InvalidDataset (permanent) when its UIDs cannot be ledger keys (`check_identifiers`);
+        its other text is kept as far as the columns hold it (storage.schema.FittedString).
 
         Runs once per received instance, so its statements are built once (module level).
         """
+        check_identifiers(header)
         now = self.now()
         f = received.file
         with self.engine.begin() as conn:
@@ -333,19 +337,32 @@ def renew_heartbeat(
 
 
 def write_event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
-    """An audit event, inside the caller's transaction (shared with storage.jobs). Its text
-    may come from a hostile peer (a refused UID): control characters (NUL, which PostgreSQL
-    refuses in text) become '?' and each value is cut to its column's length, so a refusal can
-    always be recorded."""
+    """An audit event, inside the caller's transaction (shared with the queues). Its text may
+    come from a hostile peer (a refused UID): the events table's text columns keep it as far as
+    they can (storage.schema.FittedString: NUL, which PostgreSQL refuses in text, becomes '?'
+    and each value is cut to its column), so a refusal can always be recorded."""
     fields.setdefault("detail", "")
-    for name, value in fields.items():
-        if isinstance(value, str):
-            limit = getattr(t.events.c[name].type, "length", None)
-            fields[name] = _CONTROL.sub("?", value)[:limit]
     conn.execute(insert(t.events).values(at=now, kind=str(kind), **fields))
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+def check_identifiers(header: InstanceHeader) -> None:
+    """InvalidDataset (0xA900, permanent) when one of the header's UIDs cannot be a ledger key
+    as it is: longer than its column or holding a character no column holds (NUL). The ledger
+    keys on them, so it never cuts or replaces them; SQLite would store them and PostgreSQL
+    refuse them (DataError, which the SCP answers 0xA700: retry, forever). parse_header
+    refuses them first; this keeps the ledger's answer the same for any caller."""
+    for name, value in (
+        ("SOPInstanceUID", header.sop_instance_uid),
+        ("SOPClassUID", header.sop_class_uid),
+        ("TransferSyntaxUID", header.transfer_syntax_uid),
+        ("SeriesInstanceUID", header.series_instance_uid),
+        ("StudyInstanceUID", header.study_instance_uid),
+    ):
+        if not fits(value, t.UID.length):
+            raise InvalidDataset(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"{name} cannot be kept in the ledger: longer than {t.UID.length} or holds a control character",
+            )
 
 
 # Statements of the per-instance path, built once.
