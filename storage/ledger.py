@@ -23,6 +23,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from core import status
 from core.clock import Clock, utcnow
@@ -30,6 +31,8 @@ from core.errors import InvalidDataset
 from core.header import InstanceHeader
 from storage import schema as t
 from storage.schema import SERIES_COMPLETE, SERIES_RECEIVING, fits
+
+RECORD_TRIES = 4  # the study, the series and the instance may each be lost to another process once
 
 
 class EventKind(enum.StrEnum):
@@ -147,9 +150,22 @@ class Ledger:
         InvalidDataset (permanent) when its UIDs cannot be ledger keys (`check_identifiers`);
         its other text is kept as far as the columns hold it (storage.schema.FittedString).
 
+        On PostgreSQL (READ COMMITTED) two receiving processes can both read that a study,
+        series or instance is new and both insert it; the loser's unique key fails once the
+        winner commits, and it records again, now finding the winner's row (without this it
+        answered 0xA700). On SQLite, BEGIN IMMEDIATE makes them take turns.
+
         Runs once per received instance, so its statements are built once (module level).
         """
         check_identifiers(header)
+        for _ in range(RECORD_TRIES - 1):
+            try:
+                return self._record_once(header, received)
+            except IntegrityError:
+                continue  # another process inserted a row this one was about to: read again
+        return self._record_once(header, received)
+
+    def _record_once(self, header: InstanceHeader, received: Received) -> StoreOutcome:
         now = self.now()
         f = received.file
         with self.engine.begin() as conn:
