@@ -169,13 +169,14 @@ def delivery_instances(engine: Engine, delivery_id: int) -> list[dict[str, Any]]
 
 
 def source_instances(engine: Engine, series_id: int) -> list[dict[str, Any]]:
-    """The series' instances in slice order as received (instance number), for the viewer."""
+    """The series' instances in slice order as received (instance number; those without one
+    last, as PostgreSQL sorts NULL and SQLite does not unless told), for the viewer."""
     i = t.instances
     with engine.connect() as conn:
         rows = conn.execute(
             select(i.c.sop_instance_uid, i.c.path, i.c.instance_number)
             .where(i.c.series_id == series_id)
-            .order_by(i.c.instance_number, i.c.id)
+            .order_by(i.c.instance_number.nulls_last(), i.c.id)
         )
         return [dict(r._mapping) for r in rows]
 
