@@ -1,12 +1,31 @@
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from node.config import ConfigError, load_config, parse_config
+from node.config import (
+    AllowedAE,
+    Config,
+    ConfigError,
+    DashboardConfig,
+    DestinationConfig,
+    NodeConfig,
+    QALimits,
+    RouteConfig,
+    RouteMatch,
+    SenderConfig,
+    SeriesConfig,
+    TLSConfig,
+    WorkerConfig,
+    load_config,
+    parse_config,
+)
 from tests.helpers import REPO
 
 
@@ -68,6 +87,16 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
             "routes[0].forward_original",
         ),
         ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nstrength = "max"', "routes[0].strength"),
+        (
+            '[[routes]]\nname = "a"\nmodel = "m"\ndestinations = []\n'
+            '[[routes]]\nname = "b"\nmodel = "m"\ndestinations = []\nstrength = "max"',
+            "routes[1].strength",
+        ),
+        (
+            '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\n'
+            '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []',
+            "routes",
+        ),
         ('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\non_qa_fail = "ignore"', "routes[0].on_qa_fail"),
         (
             '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []\nmatch = { sop_classes = ["CTImage"] }',
@@ -96,6 +125,15 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
             '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\nmax_attempts = 0',
             "destinations[0].max_attempts",
         ),
+        (
+            '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\n'
+            '[[destinations]]\nname = "q"\nae_title = "Q"\nhost = "h"\nport = "104"',
+            "destinations[1].port",
+        ),
+        ("[worker]\nheartbeat_seconds = 5\nstale_after_seconds = 10", "worker.stale_after_seconds"),
+        ("[worker]\nqa = { max_edge_ratio = 1 }", "worker.qa"),
+        ("[node]\nstorage_dir = 3", "node.storage_dir"),
+        ("[dashboard]\nadmin_password_hash = 3", "dashboard.admin_password_hash"),
     ],
 )
 def test_bad_values_name_their_key(text: str, key: str, tmp_path: Path) -> None:
@@ -236,3 +274,115 @@ def test_route_image_type_sop_classes_and_chain(tmp_path: Path) -> None:
     defaults = parse('[[routes]]\nname = "r"\nmodel = "m"\ndestinations = []', tmp_path)
     assert (defaults.routes[0].match.image_type, defaults.routes[0].match.sop_classes) == ((), ())
     assert defaults.routes[0].chain_from == () and not defaults.node.accept_unknown_sop_classes
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (lambda: NodeConfig(port=70000), "node.port"),
+        (lambda: NodeConfig(ae_title="A\\B"), "node.ae_title"),
+        (lambda: NodeConfig(host="example.org"), "node.host"),
+        (lambda: NodeConfig(ledger_url="mysql://x"), "node.ledger_url"),
+        (lambda: NodeConfig(storage_dir="var/storage"), "node.storage_dir"),  # a str, not a Path
+        (lambda: NodeConfig(allowed=(AllowedAE("A"), AllowedAE("A"))), "node.allowed"),
+        (lambda: NodeConfig(accept_unknown_sop_classes=1), "node.accept_unknown_sop_classes"),
+        (lambda: AllowedAE(""), "node.allowed.ae_title"),
+        (lambda: AllowedAE("A", host="nohost"), "node.allowed.host"),
+        (lambda: TLSConfig("cert.pem", Path("key.pem")), "tls.cert_file"),
+        (lambda: SeriesConfig(idle_seconds=-1), "series.idle_seconds"),
+        (lambda: DestinationConfig("p", "P", "127.0.0.1", 0), "destinations.port"),
+        (lambda: DestinationConfig("no spaces", "P", "127.0.0.1", 104), "destinations.name"),
+        (lambda: DestinationConfig("p", "P", "127.0.0.1", 104, max_attempts=True), "destinations.max_attempts"),
+        (lambda: RouteMatch(series_description="("), "routes.match.series_description"),
+        (lambda: RouteMatch(image_type=["AXIAL"]), "routes.match.image_type"),  # a list, not a tuple
+        (lambda: RouteConfig("r", "m", (), strength="max"), "routes.strength"),
+        (lambda: RouteConfig("r", "m", (), on_qa_fail="ignore"), "routes.on_qa_fail"),
+        (lambda: RouteConfig("r", "m", (), chain_from=("m",)), "routes.chain_from"),
+        (lambda: RouteConfig("r", "m", (), forward_original=True), "routes.forward_original"),
+        (lambda: QALimits(max_removed_ratio=-1), "qa.max_removed_ratio"),
+        (lambda: WorkerConfig(backend="cuda"), "worker.backend"),
+        (lambda: WorkerConfig(device="gpu"), "worker.device"),
+        (lambda: WorkerConfig(qa_warning_suffix=""), "worker.qa_warning_suffix"),
+        (lambda: WorkerConfig(heartbeat_seconds=5, stale_after_seconds=10), "worker.stale_after_seconds"),
+        (lambda: SenderConfig(concurrency=0), "sender.concurrency"),
+        (lambda: SenderConfig(heartbeat_seconds=5, stale_after_seconds=8), "sender.stale_after_seconds"),
+        (lambda: DashboardConfig(host="localhost"), "dashboard.host"),
+        (lambda: DashboardConfig(port="8080"), "dashboard.port"),
+        (lambda: Config(routes=(RouteConfig("r", "m", ("nowhere",)),)), "routes[0].destinations"),
+        (lambda: Config(destinations=(DestinationConfig("p", "P", "h", 1),) * 2), "destinations"),
+        (lambda: Config(worker=SenderConfig()), "worker"),
+    ],
+)
+def test_config_objects_built_in_code_check_themselves(build: Callable[[], object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.key == key
+
+
+def test_an_object_built_in_code_fails_as_the_file_does(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as in_code:
+        SenderConfig(retry_base_seconds=10, retry_max_seconds=1)
+    with pytest.raises(ConfigError) as in_file:
+        parse("[sender]\nretry_base_seconds = 10\nretry_max_seconds = 1", tmp_path)
+    assert str(in_code.value) == str(in_file.value) == "sender.retry_max_seconds: must be >= retry_base_seconds"
+    assert SenderConfig(retry_base_seconds=10).retry_base_seconds == 10.0  # a float setting holds a float
+    assert type(SenderConfig(retry_base_seconds=10).retry_base_seconds) is float
+
+
+def _same_fields(parsed: Any, default: Any, base_dir: Path) -> None:
+    """Field by field, `parsed` holds `default`'s values, its relative paths resolved against base_dir."""
+    assert type(parsed) is type(default)
+    for f in dataclasses.fields(default):
+        want = getattr(default, f.name)
+        if isinstance(want, Path):
+            want = base_dir / want
+        if f.name == "ledger_url":
+            want = want.replace("sqlite:///", f"sqlite:///{base_dir}/")
+        assert getattr(parsed, f.name) == want, f.name
+
+
+@pytest.fixture
+def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    for env in ("ENHANCE_NODE_STORAGE_DIR", "ENHANCE_NODE_LEDGER_URL", "ENHANCE_NODE_ADMIN_PASSWORD_HASH"):
+        monkeypatch.delenv(env, raising=False)
+
+
+@pytest.mark.usefixtures("no_env_overrides")
+def test_an_empty_file_gives_the_dataclass_defaults(tmp_path: Path) -> None:
+    """The defaults are written once, on the dataclass fields: the reader has none of its own."""
+    cfg = parse("", tmp_path)
+    _same_fields(cfg.node, NodeConfig(), tmp_path)
+    _same_fields(cfg.series, SeriesConfig(), tmp_path)
+    _same_fields(cfg.worker, WorkerConfig(), tmp_path)
+    _same_fields(cfg.worker.qa, QALimits(), tmp_path)
+    _same_fields(cfg.sender, SenderConfig(), tmp_path)
+    _same_fields(cfg.dashboard, DashboardConfig(), tmp_path)
+    assert (cfg.destinations, cfg.routes, cfg.node.allowed) == ((), (), ())
+    assert cfg.source is None
+    sections = ["node", "series", "destinations", "routes", "worker", "sender", "dashboard", "source"]
+    assert [f.name for f in dataclasses.fields(Config)] == sections  # a new one: compare it above
+    # tables in arrays: only their required keys given, the rest their fields' defaults
+    arrays = parse(
+        '[[node.allowed]]\nae_title = "CT01"\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+        '[[routes]]\nname = "r"\nmodel = "m"\ndestinations = ["pacs"]',
+        tmp_path,
+    )
+    _same_fields(arrays.node.allowed[0], AllowedAE("CT01"), tmp_path)
+    _same_fields(arrays.destinations[0], DestinationConfig("pacs", "PACS", "h", 104), tmp_path)
+    _same_fields(arrays.routes[0], RouteConfig("r", "m", ("pacs",)), tmp_path)
+    _same_fields(arrays.routes[0].match, RouteMatch(), tmp_path)
+
+
+@pytest.mark.usefixtures("no_env_overrides")
+def test_the_shipped_config_shows_the_defaults() -> None:
+    """config.toml says its values are the defaults unless marked example: it must not drift."""
+    shipped = load_config(REPO / "config.toml")
+    defaults = parse_config({}, base_dir=REPO)
+    assert dataclasses.replace(shipped.node, allowed=()) == defaults.node  # its allowed AE is an example
+    assert (shipped.series, shipped.worker, shipped.sender, shipped.dashboard) == (
+        defaults.series,
+        defaults.worker,
+        defaults.sender,
+        defaults.dashboard,
+    )
