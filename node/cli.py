@@ -120,6 +120,20 @@ def _parser() -> argparse.ArgumentParser:
         "id", type=int
     )
 
+    led = sub.add_parser("ledger", help="the ledger database")
+    led_sub = led.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    mig = led_sub.add_parser(
+        "migrate",
+        help="copy this node's SQLite ledger (node.ledger_url) into an empty database, with the node stopped",
+    )
+    mig.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="the new ledger, e.g. postgresql+psycopg://enhance@db.example/enhance (the password may come from "
+        "PGPASSWORD or ~/.pgpass); it is brought to the newest schema first",
+    )
+
     en = sub.add_parser("engines", help="inference backends and TensorRT plans")
     en_sub = en.add_subparsers(dest="action", required=True, parser_class=_Parser)
     en_sub.add_parser("list", help="which backends can run here, and the models they would load")
@@ -181,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             from node.jobs_cli import run_jobs
 
             return run_jobs(args, load_config(args.config))
+        if args.command == "ledger":
+            from node.ledger_cli import run_ledger
+
+            return run_ledger(args, load_config(args.config))
         if args.command == "dashboard":
             return _hash_password()
         from node.admin_cli import run_admin
