@@ -194,13 +194,19 @@ def _open_exclusive(path: Path) -> sqlite3.Connection:
 
 def _current_revision(src: Connection, source_url: str) -> str:
     """The source's schema revision, which must be the newest (the copy is the newest schema's)."""
-    head = ScriptDirectory.from_config(alembic_config(source_url)).get_current_head()
+    scripts = ScriptDirectory.from_config(alembic_config(source_url))
+    head = scripts.get_current_head()
     try:
         current = MigrationContext.configure(src).get_current_revision()
     except SQLAlchemyError as exc:
         raise UsageError(f"the source is not a ledger: {_why(exc)}") from None
     if current is None:
         raise UsageError("the source ledger has no schema revision (not a ledger, or never started)")
+    if current not in {r.revision for r in scripts.walk_revisions()}:
+        raise UsageError(
+            f"the source ledger's schema is revision {current}, newer than this enhance-node's ({head}): "
+            "migrate it with the version that wrote it"
+        )
     if current != head:
         raise UsageError(
             f"the source ledger's schema is revision {current}, this enhance-node's is {head}: run this "
@@ -233,23 +239,31 @@ def _refuse_rows(held: dict[str, int], target: URL) -> None:
 
 def _copy_all(src: Connection, engine: Engine, target: URL, batch_rows: int) -> tuple[TableCount, ...]:
     tables = t.metadata.sorted_tables  # parents before the rows that refer to them
+    step = "locking the target's tables"
     try:
         with engine.begin() as dst:
             if dst.dialect.name == "postgresql":  # nothing else writes them until this commits
                 names = ", ".join(dst.dialect.identifier_preparer.format_table(tb) for tb in tables)
                 dst.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
             _refuse_rows({tb.name: _count(dst, tb) for tb in tables}, target)  # written since the check?
-            counts = tuple(TableCount(tb.name, _copy_table(src, dst, tb, batch_rows)) for tb in tables)
+            counts = []
+            for tb in tables:
+                step = f"copying table {tb.name}"
+                counts.append(TableCount(tb.name, _copy_table(src, dst, tb, batch_rows)))
+            step = "setting the id sequences"
             if dst.dialect.name == "postgresql":
                 for tb in tables:
                     _reset_sequence(dst, tb)
+            step = "counting rows"
             for tb in tables:  # the source is locked: its counts are what was copied
                 here, there = _count(src, tb), _count(dst, tb)
                 if here != there:
                     raise EnhanceNodeError(f"table {tb.name}: {here} rows in the source but {there} in the target")
-            return counts
+            step = "committing"
+        return tuple(counts)
     except SQLAlchemyError as exc:
-        raise EnhanceNodeError(f"copying into {shown(target)} failed, nothing was committed: {_why(exc)}") from None
+        why = _why(exc)
+        raise EnhanceNodeError(f"{step} into {shown(target)} failed, nothing was committed: {why}") from None
 
 
 def _copy_table(src: Connection, dst: Connection, table: Table, batch_rows: int) -> int:

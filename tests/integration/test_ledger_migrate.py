@@ -5,7 +5,7 @@ failed, deliveries pending, sending, delivered and failed, per-instance results)
 into a fresh database on a real PostgreSQL server by the console script; every table is then
 compared row by row, and the PostgreSQL ledger takes new rows through the same APIs (its
 sequences continue after the copied ids). The refusals: a target holding data, unusable URLs,
-a source at an older schema revision, and a running node (a real `enhance-node serve`)."""
+a source at an older or newer schema revision, and a running node (a real `enhance-node serve`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from alembic import command
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from sqlalchemy import Engine, Row, select
+from sqlalchemy import Engine, Row, column, select, table, update
 from sqlalchemy.engine import make_url
 
 from core.header import InstanceHeader
@@ -50,7 +50,7 @@ def header(series: str, k: int, study: str = "1.2.826.0.1.3680043.2") -> Instanc
     return InstanceHeader(CT, f"{series}.{k}", study, series, ExplicitVRLittleEndian, "CT", "Chest", k)
 
 
-def received(path: str, association: int) -> Received:
+def received(path: str, association: int | None) -> Received:
     return Received(
         StoredFile(path, hashlib.sha256(path.encode()).hexdigest(), 1000 + len(path)), "CT01", "10.0.0.5", association
     )
@@ -242,7 +242,7 @@ def test_an_unreachable_server_is_a_runtime_failure_without_the_password(
     assert PASSWORD not in out
 
 
-def test_a_source_at_an_older_schema_is_refused_until_the_node_upgrades_it(
+def test_a_source_at_another_schema_revision_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old = f"sqlite:///{tmp_path / 'old.db'}"
@@ -255,6 +255,13 @@ def test_a_source_at_an_older_schema_is_refused_until_the_node_upgrades_it(
     target = tmp_path / "new.db"
     code, out = run_main(["ledger", "migrate", "--to", f"sqlite:///{target}"], old, monkeypatch, capsys)
     assert code == 2 and "revision 0004" in out and "enhance-node serve" in out
+    assert not target.exists()
+    engine = make_engine(old)
+    with engine.begin() as conn:  # as if a later enhance-node had upgraded it
+        conn.execute(update(table("alembic_version", column("version_num"))).values(version_num="0099"))
+    engine.dispose()
+    code, out = run_main(["ledger", "migrate", "--to", f"sqlite:///{target}"], old, monkeypatch, capsys)
+    assert code == 2 and "revision 0099, newer than this enhance-node's" in out
     assert not target.exists()
 
 
@@ -271,3 +278,55 @@ def test_a_running_node_is_refused_and_a_stopped_one_migrates(
     code, out = run_main(["ledger", "migrate", "--to", f"sqlite:///{target}"], source, monkeypatch, capsys)
     assert code == 0, out
     assert all_rows(make_engine(f"sqlite:///{target}")) == all_rows(make_engine(source))
+
+
+def test_values_sqlite_kept_and_postgresql_refuses_are_fitted_or_stop_the_copy(
+    tmp_path: Path,
+    postgres_server: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An older node's SQLite ledger may hold what PostgreSQL refuses (docs/ledger.md, "What the
+    columns keep"): text from outside is fitted on the way as the ledger fits it now, an
+    instance number beyond 32 bits becomes NULL, and a UID that cannot be a key stops the copy
+    with nothing committed."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    clock = Clock()
+    Ledger(engine, now=clock).record_instance(header(SERIES[0], 1), received(f"objects/{SERIES[0]}/1.dcm", None))
+    with engine.begin() as conn:  # as an older node wrote them, past today's checks
+        conn.exec_driver_sql("UPDATE instances SET instance_number = ?, calling_ae = ?", (2**40, "CT01\x00" + "X" * 20))
+        conn.exec_driver_sql(
+            "INSERT INTO events (at, kind, calling_ae, detail) VALUES ('2026-11-23 12:00:00', 'store.refused', ?, ?)",
+            ("A" * 30, "bad\x00uid"),
+        )
+    engine.dispose()
+    database = postgres_server.create_database()
+    try:
+        code, out = run_main(["ledger", "migrate", "--to", postgres_server.url(database)], url, monkeypatch, capsys)
+        assert code == 0, out
+        pg = make_engine(postgres_server.url(database))
+        [instance] = all_rows(pg)["instances"]
+        assert instance.instance_number is None and instance.calling_ae == "CT01?" + "X" * 11
+        event = all_rows(pg)["events"][-1]
+        assert (event.calling_ae, event.detail) == ("A" * 16, "bad?uid")
+        pg.dispose()
+    finally:
+        postgres_server.drop_database(database)
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE instances SET sop_instance_uid = ?", (f"{SERIES[0]}.1\x00",))
+    engine.dispose()
+    database = postgres_server.create_database()
+    try:
+        code, out = run_main(["ledger", "migrate", "--to", postgres_server.url(database)], url, monkeypatch, capsys)
+        reason = out.strip().splitlines()[-1]  # (after the log lines)
+        assert code == 1 and reason.startswith("enhance-node: copying table instances into postgresql"), out
+        assert "failed, nothing was committed: PostgreSQL text fields cannot contain NUL" in reason
+        pg = make_engine(postgres_server.url(database))
+        assert not any(all_rows(pg).values())  # the schema, empty: the command can run again
+        pg.dispose()
+    finally:
+        postgres_server.drop_database(database)
