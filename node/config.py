@@ -8,7 +8,8 @@ array indices, relative paths, environment overrides and cross-references.
 
 Every error names the key it is about, so `enhance-node` can exit 2 with a one-line reason.
 Relative paths are resolved against the config file's folder (or the working directory for
-the embedded defaults). Environment variables may override paths and secrets only.
+the embedded defaults). Environment variables may override paths and secrets only, and the
+one setting that names a process rather than a deployment (node.host_id).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ENV_CONFIG = "ENHANCE_NODE_CONFIG"
 ENV_STORAGE_DIR = "ENHANCE_NODE_STORAGE_DIR"
 ENV_LEDGER_URL = "ENHANCE_NODE_LEDGER_URL"
 ENV_ADMIN_PASSWORD_HASH = "ENHANCE_NODE_ADMIN_PASSWORD_HASH"
+ENV_HOST_ID = "ENHANCE_NODE_HOST_ID"
 
 _AE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
 _NAME = r"[A-Za-z0-9_.-]{1,64}"  # a destination, route or model name
@@ -232,6 +234,11 @@ class NodeConfig(_Settings):
     # accept private and unknown SOP classes as storage (pynetdicom's unrestricted storage
     # service); the standard's storage classes are always accepted
     accept_unknown_sop_classes: bool = False
+    # what this `serve` process is called in the ledger (associations it holds, the jobs and
+    # deliveries its workers and senders lease); None: hostname:port. Each process sharing a
+    # ledger needs its own (docs/deployment.md, "Host identities"): unlike other settings it
+    # differs per process, not per file, so the environment may set it too
+    host_id: str | None = setting(default=None, pattern=r"[A-Za-z0-9_.:-]{1,64}", env=ENV_HOST_ID)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -71,7 +71,13 @@ _PR_SET_PDEATHSIG = 1
 
 
 def node_id(cfg: Config) -> str:
-    return f"{socket.gethostname()}:{cfg.node.port}"
+    """This process's name in the ledger: `node.host_id` (or ENHANCE_NODE_HOST_ID), else
+    hostname:port. Its receivers' associations are recorded under it (and closed as lost
+    when it starts again), its workers and senders lease jobs and deliveries as
+    `NAME/worker-N/PID`, and a sender resumes at once what a sender of the same name left
+    in flight. Two processes sharing a ledger under one name would take each other's work
+    for their own earlier run's (docs/deployment.md, "Host identities")."""
+    return cfg.node.host_id or f"{socket.gethostname()}:{cfg.node.port}"
 
 
 def receive_process_count(cfg: Config) -> int:
@@ -150,9 +156,10 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
         completion = CompletionLoop(ledger, cfg.series.idle_seconds, cfg.node.network_timeout, after=route)
         completion.start()
     log.info(
-        "enhance-node ready (roles %s, %s, ledger %s, storage %s)",
+        "enhance-node ready (roles %s, %s, host id %s, ledger %s, storage %s)",
         ",".join(r for r in ROLES if r in roles),
         ", ".join(f"{g.count} {g.kind} processes" for g in groups) or "no processes",
+        ident,
         make_url(cfg.node.ledger_url).render_as_string(hide_password=True),
         cfg.node.storage_dir,
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from node.config import (
     load_config,
     parse_config,
 )
+from node.serve import node_id
 from tests.helpers import REPO
 
 
@@ -134,6 +136,8 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("[worker]\nqa = { max_edge_ratio = 1 }", "worker.qa"),
         ("[node]\nstorage_dir = 3", "node.storage_dir"),
         ("[dashboard]\nadmin_password_hash = 3", "dashboard.admin_password_hash"),
+        ('[node]\nhost_id = "worker/1"', "node.host_id"),  # "/" separates it from the worker's index
+        ('[node]\nhost_id = ""', "node.host_id"),
     ],
 )
 def test_bad_values_name_their_key(text: str, key: str, tmp_path: Path) -> None:
@@ -163,6 +167,20 @@ def test_env_overrides_paths_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     cfg = parse('[node]\nstorage_dir = "s"', tmp_path)
     assert cfg.node.storage_dir == tmp_path / "elsewhere"
     assert cfg.node.ledger_url == "sqlite:////tmp/x.db"
+
+
+def test_each_process_may_be_given_its_own_host_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several workers or senders on one host sharing one config.toml: the environment names
+    each (a systemd template unit's instance); without either, hostname:port."""
+    monkeypatch.delenv("ENHANCE_NODE_HOST_ID", raising=False)
+    assert node_id(parse("[node]\nport = 104", tmp_path)) == f"{socket.gethostname()}:104"
+    assert node_id(parse('[node]\nhost_id = "gpu-1.worker-a"', tmp_path)) == "gpu-1.worker-a"
+    monkeypatch.setenv("ENHANCE_NODE_HOST_ID", "gpu-1:worker-b")
+    assert node_id(parse('[node]\nhost_id = "gpu-1.worker-a"', tmp_path)) == "gpu-1:worker-b"
+    monkeypatch.setenv("ENHANCE_NODE_HOST_ID", "gpu 1")
+    with pytest.raises(ConfigError) as info:
+        parse("", tmp_path)
+    assert info.value.key == "node.host_id"
 
 
 def test_cli_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
@@ -343,7 +361,12 @@ def _same_fields(parsed: Any, default: Any, base_dir: Path) -> None:
 
 @pytest.fixture
 def no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    for env in ("ENHANCE_NODE_STORAGE_DIR", "ENHANCE_NODE_LEDGER_URL", "ENHANCE_NODE_ADMIN_PASSWORD_HASH"):
+    for env in (
+        "ENHANCE_NODE_STORAGE_DIR",
+        "ENHANCE_NODE_LEDGER_URL",
+        "ENHANCE_NODE_ADMIN_PASSWORD_HASH",
+        "ENHANCE_NODE_HOST_ID",
+    ):
         monkeypatch.delenv(env, raising=False)
 
 
