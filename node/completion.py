@@ -49,13 +49,23 @@ class CompletionLoop:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def run_once(self) -> bool:
+        """One round: the sweep, then `after`. False (logged as an error) when it failed; the
+        next round tries again. Several processes or hosts may run rounds at once: the sweep
+        and the routing each move a series once (storage/ledger.py, storage/jobs.py), so the
+        others find nothing to do rather than an error."""
+        try:
+            sweep(self.ledger, self.idle_seconds, self.network_timeout)
+            if self.after is not None:
+                self.after()
+        except SQLAlchemyError as exc:  # the ledger may be briefly unavailable: try again
+            log.error("completion sweep failed: %s", type(exc).__name__)
+            return False
+        except Exception:  # a bug in routing must not end completion for good: log it, go on
+            log.exception("completion sweep failed")
+            return False
+        return True
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                sweep(self.ledger, self.idle_seconds, self.network_timeout)
-                if self.after is not None:
-                    self.after()
-            except SQLAlchemyError as exc:  # the ledger may be briefly unavailable: try again
-                log.error("completion sweep failed: %s", type(exc).__name__)
-            except Exception:  # a bug in routing must not end completion for good: log it, go on
-                log.exception("completion sweep failed")
+            self.run_once()

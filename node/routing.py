@@ -110,7 +110,9 @@ def route_complete_series(
     decide: Decide = first_matching_route,
 ) -> list[Routed]:
     """Every complete series in the ledger gets a job on the route `decide` gives it, or is
-    recorded as unrouted or skipped (storage.jobs.JobQueue.route_complete_series)."""
+    recorded as unrouted or skipped (storage.jobs.JobQueue.route_complete_series). Safe to run
+    from several processes and hosts at once (the `completion` role on each front host): each
+    series is decided and recorded by one of them, and the others neither wait nor fail."""
 
     def assign(facts: SeriesFacts) -> Assignment:
         decision = decide(routes, facts)

@@ -278,13 +278,16 @@ class DeliveryQueue:
 
     def requeue_abandoned(self, node_prefix: str, own: str, quiet_s: float) -> list[int]:
         """Deliveries held by an earlier run of this node's senders (`node_prefix`, not this
-        process, `own`) whose heartbeat stopped `quiet_s` ago resume at once, without waiting
-        for `stale_after`: the node restarted. Their attempt is not counted against them: the
-        node, not the delivery, failed. A live sender heartbeats more often than `quiet_s`."""
+        process, `own`, nor its slots `own/N`) whose heartbeat stopped `quiet_s` ago resume at
+        once, without waiting for `stale_after`: the node restarted. Their attempt is not
+        counted against them: the node, not the delivery, failed. A live sender heartbeats
+        more often than `quiet_s`. (`own` ends with a PID: `node/sender-0/12` is not
+        `node/sender-0/123`'s own.)"""
         d = t.deliveries
         mine = (
             d.c.sender.startswith(node_prefix, autoescape=True),
-            ~d.c.sender.startswith(own, autoescape=True),
+            d.c.sender != own,
+            ~d.c.sender.startswith(f"{own}/", autoescape=True),
             LEASE.stale(self.now(), quiet_s),
         )
         return self._requeue(mine, "the node restarted", refund=True)

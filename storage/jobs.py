@@ -120,81 +120,40 @@ class JobQueue:
         keeps too) and becomes `routed`. A reopened series is routed again as a new
         generation; its output UIDs are the same (node/derive.py), so PACS sees one copy.
         The job records where its output goes; a route that forwards originals gets their
-        deliveries now, so they do not wait for (or depend on) the processing."""
+        deliveries now, so they do not wait for (or depend on) the processing.
+
+        Sweeps may run at once (the `completion` role on several hosts): each series is routed
+        by exactly one of them, which alone writes its job and events; the others skip it,
+        without waiting for it or failing on the jobs' unique key."""
         now = self.now()
         s = t.series
         out: list[Routed] = []
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(
-                    s.c.id,
-                    s.c.series_instance_uid,
-                    s.c.modality,
-                    s.c.calling_ae,
-                    s.c.series_description,
-                    s.c.reopened_count,
-                ).where(s.c.state == SERIES_COMPLETE)
-            ).all()
-            for row in rows:
+            query = select(
+                s.c.id,
+                s.c.series_instance_uid,
+                s.c.modality,
+                s.c.calling_ae,
+                s.c.series_description,
+                s.c.reopened_count,
+            ).where(s.c.state == SERIES_COMPLETE)
+            if conn.dialect.name == "postgresql":  # what another sweep is routing is skipped, not waited for
+                query = query.with_for_update(skip_locked=True)
+            for row in conn.execute(query.order_by(s.c.id)).all():
                 facts = SeriesFacts(row.modality, row.calling_ae, row.series_description, _series_facts(conn, row.id))
                 assignment = assign(facts)
-                spec = assignment.job
-                job_id = None
-                if assignment.skipped:
-                    write_event(
-                        conn,
-                        now,
-                        EventKind.SERIES_SKIPPED,
-                        calling_ae=row.calling_ae,
-                        series_instance_uid=row.series_instance_uid,
-                        detail=assignment.skipped,
-                    )
-                elif spec is None:
-                    write_event(
-                        conn,
-                        now,
-                        EventKind.SERIES_UNROUTED,
-                        calling_ae=row.calling_ae,
-                        series_instance_uid=row.series_instance_uid,
-                        detail="no route matches",
-                    )
-                else:
-                    exists = conn.execute(
-                        select(t.jobs.c.id).where(
-                            t.jobs.c.series_id == row.id,
-                            t.jobs.c.route == spec.route,
-                            t.jobs.c.generation == row.reopened_count,
-                        )
-                    ).scalar()
-                    if spec.no_destination:
-                        write_event(
-                            conn,
-                            now,
-                            EventKind.DELIVERY_NO_DESTINATION,
-                            calling_ae=row.calling_ae,
-                            series_instance_uid=row.series_instance_uid,
-                            detail=spec.no_destination,
-                        )
-                    job_id = exists or _insert_job(conn, row.id, row.reopened_count, spec, max_attempts, now)
-                    if spec.forward_original:
-                        originals = _series_instances(conn, row.id)
-                        for target in spec.targets:
-                            add_delivery(
-                                conn, now, job_id, target, DELIVER_ORIGINAL, row.series_instance_uid, originals
-                            )
-                    write_event(
-                        conn,
-                        now,
-                        EventKind.JOB_QUEUED,
-                        calling_ae=row.calling_ae,
-                        series_instance_uid=row.series_instance_uid,
-                        detail=f"job {job_id} route {spec.route} model {spec.model}",
-                    )
-                conn.execute(
+                # The series is this sweep's to route only if this UPDATE moves it: still complete,
+                # in the generation read (not routed by another sweep, not reopened since). On
+                # SQLite the transaction's write lock and on PostgreSQL the row lock make that
+                # certain already; the guard keeps it so however the rows were read.
+                moved = conn.execute(
                     update(s)
-                    .where(s.c.id == row.id, s.c.state == SERIES_COMPLETE)
+                    .where(s.c.id == row.id, s.c.state == SERIES_COMPLETE, s.c.reopened_count == row.reopened_count)
                     .values(state=SERIES_ROUTED, skip_reason=assignment.skipped[:1000])
-                )
+                ).rowcount
+                if moved != 1:
+                    continue
+                job_id = _record_routing(conn, row, assignment, max_attempts, now)
                 out.append(Routed(row.series_instance_uid, job_id))
         return out
 
@@ -342,6 +301,64 @@ def _attempt_note(moved: Moved) -> Note:
     return Note(f"job {moved.row.id} attempt {moved.row.attempts}: {moved.why[:EVENT_ERROR_CHARS]}")
 
 
+def _record_routing(
+    conn: Connection, row: Row[*tuple[Any, ...]], assignment: Assignment, max_attempts: int, now: dt.datetime
+) -> int | None:
+    """The job (and the forwarded originals' deliveries) or the event `assignment` makes of a
+    series the caller's sweep routes; the job's id, or None."""
+    spec = assignment.job
+    if assignment.skipped:
+        write_event(
+            conn,
+            now,
+            EventKind.SERIES_SKIPPED,
+            calling_ae=row.calling_ae,
+            series_instance_uid=row.series_instance_uid,
+            detail=assignment.skipped,
+        )
+        return None
+    if spec is None:
+        write_event(
+            conn,
+            now,
+            EventKind.SERIES_UNROUTED,
+            calling_ae=row.calling_ae,
+            series_instance_uid=row.series_instance_uid,
+            detail="no route matches",
+        )
+        return None
+    exists = conn.execute(
+        select(t.jobs.c.id).where(
+            t.jobs.c.series_id == row.id,
+            t.jobs.c.route == spec.route,
+            t.jobs.c.generation == row.reopened_count,
+        )
+    ).scalar()
+    if spec.no_destination:
+        write_event(
+            conn,
+            now,
+            EventKind.DELIVERY_NO_DESTINATION,
+            calling_ae=row.calling_ae,
+            series_instance_uid=row.series_instance_uid,
+            detail=spec.no_destination,
+        )
+    job_id: int = exists or _insert_job(conn, row.id, row.reopened_count, spec, max_attempts, now)
+    if spec.forward_original:
+        originals = _series_instances(conn, row.id)
+        for target in spec.targets:
+            add_delivery(conn, now, job_id, target, DELIVER_ORIGINAL, row.series_instance_uid, originals)
+    write_event(
+        conn,
+        now,
+        EventKind.JOB_QUEUED,
+        calling_ae=row.calling_ae,
+        series_instance_uid=row.series_instance_uid,
+        detail=f"job {job_id} route {spec.route} model {spec.model}",
+    )
+    return job_id
+
+
 def _series_facts(conn: Connection, series_id: int) -> tuple[ImageFacts, ...]:
     rows = conn.execute(select(t.instances.c.facts).where(t.instances.c.series_id == series_id)).scalars()
     return tuple(ImageFacts.from_json(text) for text in rows if text)
@@ -356,7 +373,7 @@ def _series_instances(conn: Connection, series_id: int) -> list[Outgoing]:
     rows = conn.execute(
         select(i.c.sop_instance_uid, i.c.sop_class_uid, i.c.transfer_syntax_uid, i.c.path)
         .where(i.c.series_id == series_id)
-        .order_by(i.c.instance_number, i.c.id)
+        .order_by(i.c.instance_number.nulls_last(), i.c.id)  # unnumbered last, on SQLite as on PostgreSQL
     ).all()
     return [Outgoing(*row) for row in rows]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 import multiprocessing
 import traceback
 from collections import Counter
@@ -32,9 +33,11 @@ from sqlalchemy import Engine, func, inspect, select
 from core import status
 from core.errors import InvalidDataset
 from core.header import InstanceHeader, parse_header
-from node.config import ENV_LEDGER_URL
+from node.completion import CompletionLoop
+from node.config import ENV_LEDGER_URL, DestinationConfig, RouteConfig, RouteMatch
 from node.dashboard.metrics import LedgerCollector
 from node.instance import file_meta
+from node.routing import route_complete_series
 from storage import reports
 from storage import schema as t
 from storage.db import alembic_config, make_engine, migrate
@@ -217,6 +220,40 @@ def _claim_deliveries(url: str, name: str, barrier: Any) -> list[int]:
             assert queue.record(delivery.id, name, item.id, t.INSTANCE_STORED, 0x0000, "")
         assert queue.finish_attempt(delivery.id, name) == t.DELIVERY_DELIVERED
     return claimed
+
+
+class _Errors(logging.Handler):
+    """The messages of the records logged at ERROR or above while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _complete_and_route(url: str, now: dt.datetime, name: str, barrier: Any) -> tuple[list[str], list[Any]]:
+    """Rounds of the completion loop (the sweep, then node/routing.py with a route that forwards
+    the originals too), as each host running the `completion` role does them: the errors they
+    logged and the (series, job) pairs this process routed."""
+    engine = make_engine(url)
+    ledger, queue = Ledger(engine, now=lambda: now), JobQueue(engine, now=lambda: now)
+    route = RouteConfig("ct", "ct-denoise", ("pacs",), match=RouteMatch(modality="CT"), forward_original=True)
+    pacs = DestinationConfig("pacs", "PACS", "127.0.0.1", 104, max_attempts=3)
+    routed: list[Any] = []
+    loop = CompletionLoop(
+        ledger,
+        IDLE_S,
+        STALE_ASSOCIATION_S / 2,
+        after=lambda: routed.extend(route_complete_series(queue, (route,), MAX_ATTEMPTS, (pacs,))),
+    )
+    errors = _Errors()
+    logging.getLogger().addHandler(errors)
+    barrier.wait()
+    for _ in range(2):
+        loop.run_once()
+    return errors.messages, [(r.series_instance_uid, r.job_id) for r in routed]
 
 
 def _sweep(url: str, kind: str, now: dt.datetime, name: str, barrier: Any) -> list[int]:
@@ -486,6 +523,40 @@ class TestStorageContract:
         assert {d["job_id"] for d in made} == {routed.job_id}
         assert len(rows_of(engine, t.delivery_instances)) == 4
 
+    def test_forwarded_originals_go_in_instance_number_order_unnumbered_last(
+        self, ledger: Ledger, jobs: JobQueue, engine: Engine, clock: Clock
+    ) -> None:
+        for sop, number in (("1.9.1", 2), ("1.9.2", None), ("1.9.3", 1)):
+            ledger.record_instance(header(sop, "1.2.3.100", instance_number=number), received(sop))
+        complete(ledger, clock)
+        jobs.route_complete_series(assigner((PACS,), forward_original=True), MAX_ATTEMPTS)
+        assert [i["sop_instance_uid"] for i in rows_of(engine, t.delivery_instances)] == ["1.9.3", "1.9.1", "1.9.2"]
+
+    def test_processes_completing_and_routing_the_same_series_at_once_make_one_job_each_and_log_no_error(
+        self, ledger: Ledger, engine: Engine, clock: Clock
+    ) -> None:
+        """Every host with the `completion` role sweeps the one ledger: each series is completed
+        and routed by one of them, with one job, one set of forwarded originals and one event of
+        each kind; the others find nothing to do (no unique-key failure, nothing logged)."""
+        uids = [f"1.2.3.{100 + k}" for k in range(16)]
+        for uid in uids:
+            add_series(ledger, uid, 3)
+        engine.dispose()
+        later = clock.now + dt.timedelta(seconds=IDLE_S + 1)
+        results = run_processes(_complete_and_route, url_of(engine), later)
+        assert [errors for errors, _ in results] == [[]] * PROCESSES
+        routed = [pair for _, pairs in results for pair in pairs]
+        assert sorted(uid for uid, _ in routed) == uids  # each series by one process
+        jobs_made = rows_of(engine, t.jobs)
+        assert sorted(job_id for _, job_id in routed) == [j["id"] for j in jobs_made]
+        assert len(jobs_made) == len(uids) and {j["generation"] for j in jobs_made} == {0}
+        forwarded = rows_of(engine, t.deliveries)
+        assert sorted(d["job_id"] for d in forwarded) == [j["id"] for j in jobs_made]
+        assert len(rows_of(engine, t.delivery_instances)) == 3 * len(uids)
+        assert {r["state"] for r in rows_of(engine, t.series)} == {t.SERIES_ROUTED}
+        for kind in (EventKind.SERIES_COMPLETE, EventKind.JOB_QUEUED):
+            assert len(events(engine, kind)) == len(uids), kind
+
     def test_a_job_is_claimed_heartbeaten_and_finished_by_its_worker_only(
         self, ledger: Ledger, jobs: JobQueue, engine: Engine, clock: Clock
     ) -> None:
@@ -664,10 +735,16 @@ class TestStorageContract:
         clock.advance(10)
         assert deliveries.requeue_abandoned("node:104/", "node:104/5678", quiet_s=5) == [abandoned]
         assert one(engine, t.deliveries, t.deliveries.c.id == abandoned)["attempts"] == 0  # the node failed
+        assert deliveries.claim("node:104/5678/0") is not None  # a slot of the process itself
+        clock.advance(10)
+        assert deliveries.requeue_abandoned("node:104/", "node:104/5678", quiet_s=5) == []
+        assert deliveries.requeue_abandoned("node:104/", "node:104/567", quiet_s=5) == [
+            abandoned
+        ]  # PID 567 is not 5678
         clock.advance(60)
         assert deliveries.requeue_stale(60) == [stale]
         assert one(engine, t.deliveries, t.deliveries.c.id == stale)["attempts"] == 1
-        assert len(events(engine, EventKind.DELIVERY_REQUEUED)) == 2
+        assert len(events(engine, EventKind.DELIVERY_REQUEUED)) == 3
 
     def test_each_delivery_is_claimed_once_by_senders_racing_in_several_processes(
         self, ledger: Ledger, jobs: JobQueue, engine: Engine, clock: Clock
