@@ -77,6 +77,11 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
             return np.stack([sim.noise(s, slab.spacing, fraction, rng, recon_filter, e_sd) for s in slab.pixels])
 
         noise = exposure(min(1.0, dose * flux), recon)
+        white = _maybe(rng, deg.white_fraction)
+        if white > 0:  # same SD, that share of its variance pixel-independent
+            sd = float(np.std(noise)) or 1.0
+            fresh = rng.normal(0.0, sd, noise.shape).astype(np.float32)
+            noise = (np.sqrt(1.0 - white) * noise + np.sqrt(white) * fresh).astype(np.float32)
         clean = kernel_blur(slab.pixels, recon) if recon else slab.pixels
         texture_sd = _maybe(rng, deg.texture_sd)
         # the scan's own texture need not share the added noise's spectrum: its filter is drawn

@@ -56,6 +56,12 @@ class Degradation:
     # signal), in the target and the input alike: a full-dose image is not noise-free, and the net must take
     # away only the noise it is told of (the noise map), not the texture beneath it
     texture_sd: tuple[float, float] = (0.0, 0.0)
+    # lowdose-ct: the share of the added noise's variance that is pixel-independent (white),
+    # drawn uniformly. FBP noise reconstructed on the image grid has almost no power beyond the
+    # radial Nyquist frequency; a sharp or edge-enhancing kernel, another scanner's
+    # interpolation, or noise synthesised on the grid puts power up to its corners, which a net
+    # that never saw it leaves in place (issue 17: 2.0.0 left a third of it)
+    white_fraction: tuple[float, float] = (0.0, 0.0)
     apodisations: tuple[str, ...] = ("none",)  # mr-kspace: k-space windows (train.degrade.APODISATIONS)
     partial_fourier: tuple[float, float] = (1.0, 1.0)  # mr-kspace: fraction of phase-encoding lines
 
@@ -122,7 +128,8 @@ PRESETS: dict[str, Preset] = {
                 flux=(0.5, 2.0),
                 electronic_sd=(0.0, 10.0),
                 noise_sd=(0.7, 300.0),
-                texture_sd=(0.0, 15.0),
+                texture_sd=(0.0, 10.0),
+                white_fraction=(0.0, 0.8),
             ),
             phantom_size=512,
             phantoms=48,

@@ -114,6 +114,25 @@ def test_texture_is_in_the_target_and_the_input_alike(ct_slab: Slab, mr_slab: Sl
     assert np.allclose(low[0], target, atol=0.001 * bright)
 
 
+def test_white_fraction_puts_noise_power_beyond_the_reconstructions_band(ct_slab: Slab) -> None:
+    sim = LowDoseCT()
+    fy, fx = np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij")
+    corners = np.hypot(fy, fx) > 0.5  # beyond the radial Nyquist frequency FBP reconstructs to
+
+    def corner_share(white: float) -> float:
+        deg = Degradation("lowdose-ct", recon_filters=("ramp",), noise_sd=(30.0, 30.0), white_fraction=(white, white))
+        low, target = degrade(ct_slab, deg, np.random.default_rng(8), sim)
+        power = np.abs(np.fft.fft2(low[0] - target)) ** 2
+        return float(power[corners].sum() / power.sum())
+
+    physics, mixed = corner_share(0.0), corner_share(0.8)
+    assert physics < 0.12 and mixed > physics + 0.08  # white noise has ~21% of its power there
+    tissue = object_mask(ct_slab.pixels[0], ct=True)
+    deg = Degradation("lowdose-ct", recon_filters=("ramp",), noise_sd=(30.0, 30.0), white_fraction=(0.8, 0.8))
+    low, target = degrade(ct_slab, deg, np.random.default_rng(8), sim)
+    assert float(np.std((low[0] - target)[tissue])) == pytest.approx(30.0, rel=1e-3)  # the level is kept
+
+
 def test_noise_map_levels_are_the_added_noise_not_the_texture(ct_slab: Slab) -> None:
     sim, norm = LowDoseCT(), Normalization("hu", -1024.0, 3071.0)
     deg = Degradation("lowdose-ct", noise_sd=(20.0, 20.0), texture_sd=(15.0, 15.0))
@@ -180,6 +199,7 @@ def test_presets_cover_the_ranges_of_issue_17() -> None:
     assert ct.dose[0] <= 0.05 and ct.dose[1] == 1.0 and set(ct.recon_filters) == set(RECON_FILTERS)
     assert ct.post_smooth_px[1] > 0 and ct.flux[1] / ct.flux[0] >= 4 and ct.electronic_sd[1] > 0
     assert ct.noise_sd[0] <= 1.0 and ct.noise_sd[1] >= 250.0 and ct.texture_sd[1] >= 10.0
+    assert ct.white_fraction[0] == 0.0 and ct.white_fraction[1] >= 0.5
     mr = PRESETS["mr-denoise"].degradation
     assert mr.sigma_percent[1] / mr.sigma_percent[0] >= 10 and mr.bias_field > 0 and mr.texture_sd[1] > 0
     sr = PRESETS["ct-sr2"].degradation
