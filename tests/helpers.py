@@ -115,6 +115,7 @@ class NodeProcess:
     logs: list[Path] = field(default_factory=list)
     log_format: str = "text"
     roles: str = "all"  # serve --role
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment, e.g. ENHANCE_NODE_HOST_ID
 
     @property
     def ledger(self) -> Path:
@@ -125,6 +126,10 @@ class NodeProcess:
         return self.tmp / "storage"
 
     def start(self) -> NodeProcess:
+        return self.launch().wait_ready()
+
+    def launch(self) -> NodeProcess:
+        """Start it without waiting (wait_ready waits): several nodes start side by side."""
         log = self.tmp / f"node-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
@@ -135,8 +140,13 @@ class NodeProcess:
             cwd=REPO,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
-        wait_for(lambda: self._ready(log), timeout=60, what="node to listen")
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> NodeProcess:
+        log = self.logs[-1]
+        wait_for(lambda: self._ready(log), timeout=timeout, what="node to listen")
         return self
 
     def _ready(self, log: Path) -> bool:

@@ -32,6 +32,9 @@ class Orthanc:
     check_called_aet: bool = False
     modalities: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (AE, port) on 127.0.0.1
     store_delay: float = 0.0  # seconds each received instance takes (a Lua filter), for a slow PACS
+    # log the SOP Instance UID of every C-STORE received, resends of stored instances included
+    # (Orthanc keeps one copy and counts one: only its filter sees the second); see received()
+    log_received: bool = False
     lua: str = ""  # a Lua script Orthanc runs (e.g. auto-routing with OnStoredInstance)
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
@@ -63,13 +66,19 @@ class Orthanc:
             "SaveJobs": False,
         }
         scripts = []
-        if self.store_delay:
-            slow = self.tmp / "slow.lua"
-            slow.write_text(
-                f'function ReceivedInstanceFilter(dicom, origin, info)\n  os.execute("sleep {self.store_delay}")\n'
-                "  return true\nend\n"
+        if self.store_delay or self.log_received:
+            body = []
+            if self.log_received:
+                body.append(f'  local log = io.open("{self.received_log}", "a")')
+                body.append('  log:write(dicom.SOPInstanceUID, "\\n")')
+                body.append("  log:close()")
+            if self.store_delay:
+                body.append(f'  os.execute("sleep {self.store_delay}")')
+            received = self.tmp / "received.lua"
+            received.write_text(
+                "function ReceivedInstanceFilter(dicom, origin, info)\n" + "\n".join(body) + "\n  return true\nend\n"
             )
-            scripts.append(str(slow))
+            scripts.append(str(received))
         if self.lua:
             script = self.tmp / "script.lua"
             script.write_text(self.lua)
@@ -82,6 +91,15 @@ class Orthanc:
         self.proc = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._ready, timeout=60, what="Orthanc to answer")
         return self
+
+    @property
+    def received_log(self) -> Path:
+        return self.tmp / "received.txt"
+
+    def received(self) -> list[str]:
+        """SOP Instance UIDs of every C-STORE Orthanc received (with `log_received`), in order,
+        each as often as it was sent."""
+        return self.received_log.read_text().split() if self.received_log.exists() else []
 
     def _ready(self) -> bool:
         assert self.proc is not None
