@@ -21,7 +21,7 @@ def _listening(port: int) -> bool:
 def _process(config: Path, tmp: Path, roles: str) -> NodeProcess:
     logs = tmp / roles.replace(",", "-")  # each process its own log; the config is shared
     logs.mkdir()
-    return NodeProcess(config, 0, logs, roles=roles).start()
+    return NodeProcess(config, 0, logs, roles=roles).launch()
 
 
 def _ready_line(node: NodeProcess) -> str:
@@ -33,16 +33,16 @@ def test_each_process_runs_only_its_roles(tmp_path: Path) -> None:
     config = toml_config(tmp_path, free_port(), worker_processes=1, sender_processes=1, dashboard_port=dash)
     nodes = []
     try:
-        worker = _process(config, tmp_path, "worker")
-        nodes.append(worker)
+        worker, sender = _process(config, tmp_path, "worker"), _process(config, tmp_path, "sender")
+        nodes += [worker, sender]  # started side by side
+        for node in nodes:
+            node.wait_ready()
         assert "roles worker, 1 worker processes" in _ready_line(worker)
-        assert not _listening(dash)  # a worker process has no dashboard
-        sender = _process(config, tmp_path, "sender")
-        nodes.append(sender)
         assert "roles sender, 1 sender processes" in _ready_line(sender)
-        assert not _listening(dash)
+        assert not _listening(dash)  # neither a worker nor a sender process has the dashboard
         front = _process(config, tmp_path, "scp,dashboard")
         nodes.append(front)
+        front.wait_ready()
         assert "roles scp,completion,dashboard, 2 scp processes" in _ready_line(front)
         wait_for(lambda: _listening(dash), timeout=30, what="the dashboard")
         for node in nodes:
