@@ -76,6 +76,12 @@ def add_parsers(sub: Any) -> None:
         default=0.0,
         help="add w * the squared error of 15x15 local means (mean HU in uniform regions) to the loss",
     )
+    t.add_argument(
+        "--loss-per-level",
+        action="store_true",
+        help="divide each pair's loss by its noise level (squared for l2), so every noise level counts alike "
+        "(needs --noise-map)",
+    )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
     t.add_argument(
         "--noise-map",
@@ -250,8 +256,12 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--mean-weight compares {ROI_SIDE}x{ROI_SIDE} local means: --patch must be at least {ROI_SIDE}"
         )
-    if args.self_supervised and (args.mean_weight or args.ssim_weight):
-        raise UsageError("--mean-weight and --ssim-weight apply to supervised training (no clean targets here)")
+    if args.loss_per_level and not preset.net.noise_map:
+        raise UsageError("--loss-per-level divides by the noise map's level: add --noise-map")
+    if args.self_supervised and (args.mean_weight or args.ssim_weight or args.loss_per_level):
+        raise UsageError(
+            "--mean-weight, --ssim-weight and --loss-per-level apply to supervised training (no clean targets here)"
+        )
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,6 +274,7 @@ def _train(args: argparse.Namespace) -> int:
         device=device,
         ssim_weight=args.ssim_weight,
         mean_weight=args.mean_weight,
+        loss_per_level=args.loss_per_level,
         workers=args.workers,
         command=shlex.join(["enhance-node", *args.argv]),
         init_from=args.init_from,

@@ -47,6 +47,7 @@ class RunConfig:
     device: str = "cpu"
     ssim_weight: float = 0.0
     mean_weight: float = 0.0  # weight of the local-mean term (ROI_SIDE): keeps mean HU in uniform regions
+    loss_per_level: bool = False  # divide each pair's loss by its noise level (loss_fn; needs a noise map)
     workers: int = 2
     command: str = ""
     init_from: Path | None = None  # fine-tune: start from this checkpoint's or package's weights (same net)
@@ -67,6 +68,7 @@ class RunConfig:
             "loss": p.loss,
             "ssim_weight": self.ssim_weight,
             "mean_weight": self.mean_weight,
+            "loss_per_level": self.loss_per_level,
             "seed": self.seed,
             "self_supervised": self.self_supervised,
             "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
@@ -99,21 +101,44 @@ def local_means(x: torch.Tensor, size: int = ROI_SIDE) -> torch.Tensor:
     return F.avg_pool2d(x, size, stride=1)
 
 
-def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0) -> Any:
+# --loss-per-level: the floor of the level a pair's loss is divided by, in normalised units (1 HU
+# of the CT window), so that nearly noise-free pairs do not take over the loss
+LEVEL_FLOOR = 2.5e-4
+
+
+def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: bool = False) -> Any:
     """The pixel loss, plus w * (1 - SSIM), plus w * the squared error of 15x15 local means: the
     pixel loss barely sees a shift of 2 HU spread over a region (noise dominates it pixel by
-    pixel), which is what a radiologist's ROI measures."""
+    pixel), which is what a radiologist's ROI measures.
+
+    `per_level`: each pair's pixel and local-mean terms are divided by its noise level (squared for
+    the squared errors, the level being the noise map's channel, the input's last): an error of a tenth of the
+    noise costs the same at 1 HU as at 300 HU, so the loss weighs every noise level alike, as the
+    dB gain does, instead of being ruled by the noisiest pairs."""
     base = F.l1_loss if kind == "l1" else F.mse_loss
 
-    def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        value = base(pred, target)
+    def per_pair(fn: Any, a: torch.Tensor, b: torch.Tensor, level: torch.Tensor | None, power: int) -> torch.Tensor:
+        if not per_level:
+            return fn(a, b)
+        if level is None:
+            raise ValueError("a per-level loss needs each pair's noise level")
+        weight = level.clamp_min(LEVEL_FLOOR) ** -power
+        return torch.mean(fn(a, b, reduction="none").flatten(1).mean(1) * weight)
+
+    def loss(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+        value = per_pair(base, pred, target, level, 1 if kind == "l1" else 2)
         if ssim_weight > 0:
             value = value + ssim_weight * (1 - ssim(pred, target, data_range=float(target.max() - target.min()) or 1.0))
         if mean_weight > 0:
-            value = value + mean_weight * F.mse_loss(local_means(pred), local_means(target))
+            value = value + mean_weight * per_pair(F.mse_loss, local_means(pred), local_means(target), level, 2)
         return value
 
     return loss
+
+
+def noise_map_level(x: torch.Tensor) -> torch.Tensor:
+    """Each input's noise level (N,): the constant last channel `train.data.sample` appends."""
+    return x[:, -1, 0, 0]
 
 
 def neighbour_pair(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +194,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         len(val),
         parameter_count(model),
     )
-    criterion = loss_fn(preset.loss, cfg.ssim_weight, cfg.mean_weight)
+    if cfg.loss_per_level and not preset.net.noise_map:
+        raise ValueError("a loss per noise level needs a net with a noise map (--noise-map)")
+    criterion = loss_fn(preset.loss, cfg.ssim_weight, cfg.mean_weight, cfg.loss_per_level)
     gen = torch.Generator().manual_seed(cfg.seed)
     if start_epoch and gen_state is not None:
         gen.set_state(gen_state)
@@ -187,7 +214,11 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
             x, y = sample(bank, rng, preset.batch, preset.patch, scale, preset.net.noise_map)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = _neighbour_loss(model, x, gen) if cfg.self_supervised else criterion(model(x), y)
+                if cfg.self_supervised:
+                    loss = _neighbour_loss(model, x, gen)
+                else:
+                    level = noise_map_level(x) if preset.net.noise_map else None
+                    loss = criterion(model(x), y, level)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

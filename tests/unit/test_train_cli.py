@@ -212,12 +212,28 @@ def test_in_process_train_records_the_command_it_was_given(tmp_path: Path) -> No
     assert state["run"]["mean_weight"] == 5.0  # export copies the run's description into model.toml
 
 
+def test_loss_per_level_reaches_the_loop_and_is_recorded(tmp_path: Path) -> None:
+    """The same tiny run with and without --loss-per-level: divided by each pair's noise level
+    (squared, l2), the training loss is of the order of (error / noise)^2, hundreds of times the
+    plain loss, which is of the order of the noise's square in normalised units."""
+    import torch
+
+    def run(name: str, *extra: str) -> dict[str, object]:
+        assert main(["train", *TINY_DN, "--noise-map", "--loss", "l2", *extra, "--out", str(tmp_path / name)]) == 0
+        return dict(torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=False))
+
+    plain, per_level = run("plain"), run("per-level", "--loss-per-level")
+    assert per_level["run"]["loss_per_level"] is True and plain["run"]["loss_per_level"] is False  # type: ignore[index]
+    assert per_level["history"][0]["train_loss"] > 100 * plain["history"][0]["train_loss"]  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
         (["--mean-weight", "-1"], "--mean-weight and --ssim-weight must be >= 0"),
         (["--ssim-weight", "-0.5"], "--mean-weight and --ssim-weight must be >= 0"),
         (["--mean-weight", "1", "--patch", "8"], "--patch must be at least 15"),
+        (["--loss-per-level"], "add --noise-map"),
     ],
 )
 def test_loss_weights_are_checked(

@@ -22,11 +22,13 @@ from train.data import Bank, sample
 from train.loop import (
     CHECKPOINT,
     CURVES_PNG,
+    LEVEL_FLOOR,
     LOG_CSV,
     RunConfig,
     local_means,
     loss_fn,
     neighbour_pair,
+    noise_map_level,
     ssim,
     train,
 )
@@ -426,6 +428,48 @@ def test_mean_term_penalises_a_regional_shift_not_noise_of_the_same_size() -> No
     assert float(with_mean(shifted, target)) == pytest.approx(11e-4, rel=1e-3)
     assert float(with_mean(checker, target)) == pytest.approx(1e-4, rel=1e-3)  # 1/225 of 0.01 left, squared
     assert local_means(target).shape == (2, 1, 48 - ROI_SIDE + 1, 48 - ROI_SIDE + 1)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_loss_per_level_weighs_every_noise_level_alike(kind: str) -> None:
+    """Two pairs, one with 100x the noise level and 100x the error (the same error relative to
+    its noise): divided by the level, each costs the same; undivided, the noisy pair is
+    10^4 (l2) or 10^2 (l1) times the other and rules the loss."""
+    torch.manual_seed(0)
+    target = torch.rand(2, 1, 32, 32)
+    error = torch.randn(1, 1, 32, 32)
+    pred = target + torch.cat([0.001 * error, 0.1 * error])
+    level = torch.tensor([0.002, 0.2])
+    per_pair = [
+        loss_fn(kind, 0.0, per_level=True)(pred[i : i + 1], target[i : i + 1], level[i : i + 1]) for i in (0, 1)
+    ]
+    assert float(per_pair[0]) == pytest.approx(float(per_pair[1]), rel=1e-4)
+    both = loss_fn(kind, 0.0, per_level=True)(pred, target, level)
+    assert float(both) == pytest.approx(float(per_pair[0]), rel=1e-4)
+    plain = [float(loss_fn(kind, 0.0)(pred[i : i + 1], target[i : i + 1])) for i in (0, 1)]
+    assert plain[1] / plain[0] == pytest.approx(1e4 if kind == "l2" else 1e2, rel=1e-3)
+    # the local-mean term is divided alike; a level under the floor counts as the floor
+    with_mean = loss_fn(kind, 0.0, mean_weight=1.0, per_level=True)
+    a = with_mean(pred[:1], target[:1], level[:1])
+    b = with_mean(pred[1:], target[1:], level[1:])
+    assert float(a) == pytest.approx(float(b), rel=1e-4)
+    tiny = loss_fn(kind, 0.0, per_level=True)(pred[:1], target[:1], torch.tensor([1e-9]))
+    floor = loss_fn(kind, 0.0, per_level=True)(pred[:1], target[:1], torch.tensor([LEVEL_FLOOR]))
+    assert float(tiny) == pytest.approx(float(floor))
+    with pytest.raises(ValueError, match="noise level"):
+        loss_fn(kind, 0.0, per_level=True)(pred, target)
+
+
+def test_the_level_is_read_from_the_noise_map_channel() -> None:
+    rng = np.random.default_rng(0)
+    bank = Bank(
+        rng.uniform(0.2, 1.0, (3, 1, 40, 40)).astype(np.float32),
+        rng.uniform(0.2, 1.0, (3, 1, 40, 40)).astype(np.float32),
+        np.array([0.01, 0.02, 0.03], np.float32),
+    )
+    x, _ = sample(bank, rng, 6, 16, 1, noise_map=True)
+    assert {round(v, 6) for v in noise_map_level(x).tolist()} <= {0.01, 0.02, 0.03}
+    assert torch.allclose(noise_map_level(x), x[:, 1].mean(dim=(-2, -1)))
 
 
 # --- the patch sampler ------------------------------------------------------------------------
