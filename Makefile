@@ -13,8 +13,10 @@ test: $(STAMP)
 	scripts/ensure-debian-packages dcmtk orthanc chromium sqlite3 openssl postgresql
 	# BM3D, an evaluation-only baseline: non-commercial licence, so never a dependency of the product
 	$(VENV)/bin/pip install --quiet bm3d
-	# the storage contract suite runs on a real PostgreSQL server too: missing, it fails, never skips
-	ENHANCE_NODE_REQUIRE_POSTGRES=1 $(VENV)/bin/python -m pytest
+	# the storage contract suite runs on a real PostgreSQL server too: missing, it fails, never skips.
+	# Test processes in parallel (pytest-xdist), one per core up to 4: half the suite waits on
+	# peers, servers and subprocesses (about 10 minutes on 2 cores, 16 in one process)
+	ENHANCE_NODE_REQUIRE_POSTGRES=1 $(VENV)/bin/python -m pytest --numprocesses auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
