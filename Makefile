@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/inference.py
 	scripts/ensure-debian-packages orthanc
 	$(VENV)/bin/python bench/e2e.py
+	scripts/ensure-debian-packages postgresql
+	$(VENV)/bin/python bench/scale.py
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
