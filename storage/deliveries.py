@@ -285,9 +285,9 @@ class DeliveryQueue:
         `node/sender-0/123`'s own.)"""
         d = t.deliveries
         mine = (
-            d.c.sender.startswith(node_prefix, autoescape=True),
+            _starts_with(d.c.sender, node_prefix),
             d.c.sender != own,
-            ~d.c.sender.startswith(f"{own}/", autoescape=True),
+            ~_starts_with(d.c.sender, f"{own}/"),
             LEASE.stale(self.now(), quiet_s),
         )
         return self._requeue(mine, "the node restarted", refund=True)
@@ -296,6 +296,12 @@ class DeliveryQueue:
         columns = (t.deliveries.c.series_instance_uid,)
         with self.engine.begin() as conn:
             return LEASE.requeue(conn, self.now(), where, lambda _row: why, _requeue_note, refund, columns)
+
+
+def _starts_with(column: ColumnElement[str], prefix: str) -> ColumnElement[bool]:
+    """Case-sensitive on every backend, unlike startswith (LIKE), which SQLite compares
+    ignoring ASCII case: host ids `NODE` and `node` are two hosts."""
+    return func.substr(column, 1, len(prefix)) == prefix
 
 
 def _job_note(moved: Moved) -> Note:

@@ -746,6 +746,18 @@ class TestStorageContract:
         assert one(engine, t.deliveries, t.deliveries.c.id == stale)["attempts"] == 1
         assert len(events(engine, EventKind.DELIVERY_REQUEUED)) == 3
 
+    def test_host_ids_differing_only_in_case_are_different_hosts(
+        self, ledger: Ledger, jobs: JobQueue, deliveries: DeliveryQueue, clock: Clock
+    ) -> None:
+        """A restarted node takes back only its own deliveries: SQLite's LIKE (what startswith
+        compiles to) ignores ASCII case unless told otherwise, PostgreSQL's does not."""
+        [theirs, mine] = pending_deliveries(ledger, jobs, clock, 2)
+        assert deliveries.claim("NODE:104/1") is not None
+        assert deliveries.claim("node:104/2") is not None
+        clock.advance(10)
+        assert deliveries.requeue_abandoned("node:104/", "node:104/3", quiet_s=5) == [mine]
+        assert deliveries.requeue_abandoned("NODE:104/", "NODE:104/3", quiet_s=5) == [theirs]
+
     def test_each_delivery_is_claimed_once_by_senders_racing_in_several_processes(
         self, ledger: Ledger, jobs: JobQueue, engine: Engine, clock: Clock
     ) -> None:
