@@ -10,16 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    Column,
     Connection,
     CursorResult,
     Engine,
-    Table,
     and_,
     bindparam,
     exists,
     insert,
-    or_,
     select,
     update,
 )
@@ -320,36 +317,6 @@ def inserted_id(result: CursorResult[Any]) -> int:
     key = result.inserted_primary_key
     assert key is not None
     return int(key[0])
-
-
-def oldest_due(
-    conn: Connection, table: Table, state: str, due: Column[Any], now: dt.datetime, skip_locked: bool, *where: Any
-) -> int | None:
-    """The id of the oldest row of a queue (jobs, deliveries) in `state` whose `due` time has
-    passed, inside the caller's claiming transaction; on PostgreSQL rows other claimers hold
-    are skipped (FOR UPDATE SKIP LOCKED), on SQLite the transaction holds the write lock."""
-    query = (
-        select(table.c.id)
-        .where(table.c.state == state, or_(due.is_(None), due <= now), *where)
-        .order_by(table.c.id)
-        .limit(1)
-    )
-    if skip_locked:
-        query = query.with_for_update(skip_locked=True)
-    found = conn.execute(query).scalar()
-    return None if found is None else int(found)
-
-
-def renew_heartbeat(
-    engine: Engine, table: Table, row_id: int, owner: Column[Any], claimer: str, state: str, now: dt.datetime
-) -> bool:
-    """A claimed queue row's heartbeat, set to `now`; False when the row is no longer
-    `claimer`'s in `state` (re-queued as stale, or cancelled)."""
-    with engine.begin() as conn:
-        done = conn.execute(
-            update(table).where(table.c.id == row_id, owner == claimer, table.c.state == state).values(heartbeat_at=now)
-        )
-    return bool(done.rowcount)
 
 
 def write_event(conn: Connection, now: dt.datetime, kind: EventKind, **fields: object) -> None:
