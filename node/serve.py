@@ -88,7 +88,7 @@ def open_storage(cfg: Config, *, upgrade: bool = True) -> tuple[FileStore, Ledge
     engine = make_engine(cfg.node.ledger_url)
     if upgrade:
         migrate(engine)
-    store = FileStore(cfg.node.storage_dir, cfg.node.min_free_disk_mb * 2**20)
+    store = FileStore(cfg.node.storage_dir, cfg.node.min_free_disk_mb * 2**20, node_id(cfg))
     return store, Ledger(engine)
 
 

@@ -2,7 +2,7 @@
 whole file under its final name or nothing but a temp file that start-up discards.
 
 Layout under storage_dir:
-    tmp/<random>.part                 being written; never an instance
+    tmp/<host>/<random>.part          being written by that host; never an instance
     objects/<study>/<series>/<sop>_<sha256[:12]>.dcm
     outbox/<output series>/<sop>.dcm  the derived instances the worker writes (kept after delivery)
     quarantine/                       files found at start-up that cannot be parsed
@@ -55,13 +55,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: Path) -> None:
+    """mkdir -p that makes each new folder's name durable (fsync of its parent): a file fsynced
+    into a new series folder is lost with the folder if only the file was synced."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another thread or host may have made it first
+        _fsync_dir(folder.parent)
+
+
+def host_component(host: str) -> str:
+    """A host id (node.host_id, hostname:port) as one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", host) or "_"
+
+
 class FileStore:
-    def __init__(self, root: Path, min_free_bytes: int) -> None:
+    """The storage directory as one host sees it: `host` (node_id) names its own temp folder, so
+    that a host starting on shared storage discards only its own interrupted writes, never
+    another host's writes in flight."""
+
+    def __init__(self, root: Path, min_free_bytes: int, host: str = "local") -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self._tmp = root / TMP_DIR
-        for sub in (TMP_DIR, OBJECTS_DIR, QUARANTINE_DIR):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._tmp = root / TMP_DIR / host_component(host)
+        for folder in (self._tmp, root / OBJECTS_DIR, root / QUARANTINE_DIR):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def abspath(self, rel: str) -> Path:
         return self.root / rel
@@ -97,7 +118,7 @@ class FileStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(final.parent)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
@@ -108,12 +129,12 @@ class FileStore:
         (self.root / rel).unlink(missing_ok=True)
 
     def discard_temp_files(self) -> int:
-        """Delete leftovers of writes interrupted by a crash (never acknowledged)."""
-        count = 0
-        for path in self._tmp.iterdir():
+        """Delete this host's leftovers of writes interrupted by a crash (never acknowledged),
+        and any loose in tmp/ itself, where versions before per-host folders wrote."""
+        leftovers = [*self._tmp.iterdir(), *(p for p in (self.root / TMP_DIR).iterdir() if p.is_file())]
+        for path in leftovers:
             path.unlink(missing_ok=True)
-            count += 1
-        return count
+        return len(leftovers)
 
     def iter_objects(self) -> Iterator[str]:
         """Relative paths of every instance file (temp files are elsewhere and never listed)."""

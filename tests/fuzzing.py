@@ -215,5 +215,5 @@ def ledger_problems(ledger: Path, storage: Path) -> list[str]:
             problems.append(f"file {rel} differs from its ledger row")
     on_disk = {str(p.relative_to(storage)) for p in (storage / "objects").rglob("*.dcm")}
     problems += [f"file {rel} in no ledger row" for rel in sorted(on_disk - named - older)]
-    problems += [f"temp file {p.name} left" for p in (storage / "tmp").glob("*")]
+    problems += [f"temp file {p.name} left" for p in (storage / "tmp").rglob("*") if p.is_file()]
     return problems

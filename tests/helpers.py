@@ -34,6 +34,11 @@ class Clock:
         self.now += dt.timedelta(seconds=seconds)
 
 
+def temp_files(storage: Path) -> list[Path]:
+    """Every temp file under a storage directory, in any host's folder (storage/filestore.py)."""
+    return [p for p in (storage / "tmp").rglob("*") if p.is_file()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

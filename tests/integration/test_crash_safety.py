@@ -10,7 +10,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from tests.dicom_factory import write_ct_series
-from tests.helpers import NodeProcess, dcmtk_env, require, storescu, wait_for
+from tests.helpers import NodeProcess, dcmtk_env, require, storescu, temp_files, wait_for
 
 
 def acknowledged_sop_uids(storescu_log: str, files: list[Path]) -> set[str]:
@@ -79,6 +79,6 @@ def test_sigkill_mid_transfer_then_resend_loses_nothing(node_factory, tmp_path: 
         assert hashlib.sha256((node.storage / path).read_bytes()).hexdigest() == sha
     assert ledger_files(node) == disk_files(node)  # no row without a file, no file without a row
     assert all(p.endswith(".dcm") for p in disk_files(node))
-    assert list((node.storage / "tmp").iterdir()) == []
+    assert temp_files(node.storage) == []
     assert node.query("SELECT count(*) FROM associations WHERE closed_at IS NULL") == [(0,)]
     assert node.query("SELECT count(*) FROM events WHERE kind = 'association.lost'") == [(1,)]

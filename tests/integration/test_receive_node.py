@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.dicom_factory import write_ct_series
-from tests.helpers import NodeProcess, storescu, wait_for
+from tests.helpers import NodeProcess, storescu, temp_files, wait_for
 
 
 def test_series_completes_after_idle_period_and_reopens(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -37,7 +37,7 @@ def test_disk_below_floor_answers_a700_and_writes_nothing(node_factory, tmp_path
     assert out.count("Received Store Response (Refused: OutOfResources)") == 2, out
     assert node.query("SELECT count(*) FROM instances") == [(0,)]
     assert [p for p in (node.storage / "objects").rglob("*") if p.is_file()] == []
-    assert list((node.storage / "tmp").iterdir()) == []
+    assert temp_files(node.storage) == []
     refused = node.query("SELECT status, detail FROM events WHERE kind = 'store.refused'")
     assert len(refused) == 2 and all(code == 0xA700 and "floor" in detail for code, detail in refused)
 

@@ -40,7 +40,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.dicom_factory import UID_ROOT, ct_slice, write_ct_series
-from tests.helpers import REPO, NodeProcess, dcmtk_env, free_port, require, storescu, wait_for
+from tests.helpers import REPO, NodeProcess, dcmtk_env, free_port, require, storescu, temp_files, wait_for
 
 # One file per transfer syntax, all with distinct SOP Instance UIDs (several pydicom files
 # share one), each with its study and series UIDs (the node refuses instances without them).
@@ -480,7 +480,7 @@ def test_datasets_not_matching_the_request_are_refused_and_recorded(
     assert good_status == 0x0000
     assert node.query("SELECT sop_instance_uid FROM instances") == [(str(good.SOPInstanceUID),)]
     assert len(object_files(node)) == 1
-    assert list((node.storage / "tmp").iterdir()) == []
+    assert temp_files(node.storage) == []
     refused = events(node, "store.refused")
     assert len(refused) == len(BAD_DATASETS)
     for (ae, host, sop_uid, code, detail), (name, (_, status, reason)) in zip(

@@ -20,7 +20,7 @@ from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile, StoreOutcome
 from storage.recovery import reconcile
 from tests.dicom_factory import ct_slice, encode_explicit_le
-from tests.helpers import Clock
+from tests.helpers import Clock, temp_files
 
 
 @pytest.fixture
@@ -134,12 +134,30 @@ def test_filestore_write_is_whole_and_respects_the_disk_floor(store: FileStore) 
     rel = object_path("1.2", "1.2.3", "1.2.3.4", "ab" * 32)
     store.write(rel, b"x" * 1000)
     assert store.abspath(rel).read_bytes() == b"x" * 1000
-    assert list((store.root / "tmp").iterdir()) == []
+    assert temp_files(store.root) == []
     full = FileStore(store.root, min_free_bytes=store.free_bytes() + 2**30)
     with pytest.raises(OutOfResources, match="below"):
         full.write(object_path("1.2", "1.2.3", "1.2.3.5", "cd" * 32), b"y")
     assert list(store.iter_objects()) == [rel]
-    assert list((store.root / "tmp").iterdir()) == []
+    assert temp_files(store.root) == []
+
+
+def test_a_host_discards_only_its_own_interrupted_writes(tmp_path: Path) -> None:
+    """Hosts sharing a storage directory: one that starts must not delete the temp file another
+    host is writing at that moment (its instance would be answered 0xA700, its output lost);
+    loose files in tmp/ itself are from versions before per-host folders and go too."""
+    root = tmp_path / "shared"
+    mine, theirs = FileStore(root, 0, "ct-node:104"), FileStore(root, 0, "mr-node:104")
+    in_flight = root / "tmp" / "mr-node_104" / "writing.part"
+    in_flight.write_bytes(b"half")
+    (root / "tmp" / "ct-node_104" / "dead.part").write_bytes(b"half")
+    (root / "tmp" / "legacy.part").write_bytes(b"half")
+    assert mine.discard_temp_files() == 2
+    assert temp_files(root) == [in_flight]
+    assert theirs.discard_temp_files() == 1 and temp_files(root) == []
+    rel = object_path("1.2", "1.2.3", "1.2.3.4", "ab" * 32)
+    theirs.write(rel, b"x")  # a new study and series folder, made by the write
+    assert mine.abspath(rel).read_bytes() == b"x"
 
 
 def test_unsafe_uids_never_escape_the_store() -> None:
@@ -162,7 +180,7 @@ def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
     orphan = part10("1.2.2")
     rel_orphan = object_path("1.2.3", "1.2.3.4", "1.2.2", hashlib.sha256(orphan).hexdigest())
     store.write(rel_orphan, orphan)
-    (store.root / "tmp" / "dead.part").write_bytes(b"half")
+    next((store.root / "tmp").iterdir()).joinpath("dead.part").write_bytes(b"half")
     store.write("objects/x/y/garbage_000000000000.dcm", b"not dicom")
     gone = "objects/1.2.3/1.2.3.4/lost_000000000000.dcm"
     ledger.record_instance(header("1.2.9"), received(gone, b"lost"))
@@ -172,7 +190,7 @@ def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
     assert (report.temp_discarded, report.adopted, report.quarantined, report.missing) == (1, 1, 1, 1)
     assert current_file(ledger, "1.2.2") == StoredFile(rel_orphan, hashlib.sha256(orphan).hexdigest(), len(orphan))
     assert set(store.iter_objects()) == {rel_known, rel_orphan}
-    assert os.listdir(store.root / "tmp") == []
+    assert temp_files(store.root) == []
     assert len(os.listdir(store.root / "quarantine")) == 1
     assert events(ledger, EventKind.INSTANCE_MISSING) == [gone]
     again = reconcile(store, ledger)
