@@ -127,6 +127,13 @@ def add_parsers(sub: Any) -> None:
         metavar=("LO", "HI"),
         help="denoisers: the scan's own noise kept in the target (HU for CT, %% for MR); 0 0 = none",
     )
+    t.add_argument(
+        "--sharpen",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="low-dose CT: edge enhancement after reconstruction (bone kernels), amount range; 0 0 = none",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     t.add_argument("--workers", type=int, default=2, help="processes that simulate the training data")
@@ -232,6 +239,7 @@ def _train(args: argparse.Namespace) -> int:
         sigma_percent=tuple(args.sigma_percent) if args.sigma_percent else None,
         noise_sd=tuple(args.noise_sd) if args.noise_sd else None,
         texture_sd=tuple(args.texture_sd) if args.texture_sd else None,
+        sharpen=tuple(args.sharpen) if args.sharpen else None,
     )
     preset = with_overrides(
         preset,

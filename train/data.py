@@ -23,7 +23,7 @@ from engines.pipeline import context_indices
 from engines.qa import noise_level, object_mask
 from train.degrade import LowDoseCT, ct_downsample, kernel_blur, mr_kspace_truncate, rician, smooth_field
 from train.phantoms import ct_phantom, mr_phantom
-from train.presets import Degradation, Preset
+from train.presets import SHARPEN_SIGMA_PX, Degradation, Preset
 from train.volumes import Volume, read_series
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,10 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
             blur = lambda a: ndimage.gaussian_filter(a, smooth, axes=(-2, -1))  # noqa: E731
             clean, noise = blur(clean), blur(noise)
             texture = blur(texture) if texture is not None else None
+        amount = _maybe(rng, deg.sharpen)
+        if amount > 0:
+            clean, noise = _sharpened(clean, amount), _sharpened(noise, amount)
+            texture = _sharpened(texture, amount) if texture is not None else None
         centre_index = clean.shape[0] // 2
         tissue = object_mask(clean[centre_index], ct=True)
         if texture is not None:
@@ -124,6 +128,13 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
         lr_sd = _maybe(rng, deg.lr_noise, log=True) / 100.0 * float(np.percentile(slab.pixels, 99.5))
         return mr_kspace_truncate(slab.pixels, deg.scale, window, fraction, lr_sd, rng, alpha), centre
     raise ValueError(f"unknown degradation {deg.kind!r}")
+
+
+def _sharpened(stack: Array, amount: float) -> Array:
+    """Unsharp masking of each slice: an edge-enhancing kernel's gain, 1 + amount at the highest
+    frequencies, falling to 1 at the lowest (Degradation.sharpen)."""
+    detail = stack - ndimage.gaussian_filter(stack, SHARPEN_SIGMA_PX, axes=(-2, -1))
+    return (stack + np.float32(amount) * detail).astype(np.float32)
 
 
 def _scaled(noise: Array, sd: float, where: NDArray[np.bool_]) -> Array:

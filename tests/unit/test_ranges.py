@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from scipy import ndimage
 
 from engines.normalization import Normalization
@@ -133,6 +134,31 @@ def test_white_fraction_puts_noise_power_beyond_the_reconstructions_band(ct_slab
     assert float(np.std((low[0] - target)[tissue])) == pytest.approx(30.0, rel=1e-3)  # the level is kept
 
 
+def test_sharpen_lifts_the_high_frequencies_of_noise_and_anatomy_alike(ct_slab: Slab) -> None:
+    """An edge-enhancing kernel: more of the noise's power near the grid's corners than the ramp
+    gives, the same enhancement in the target (the scanner shows the anatomy through it too),
+    the noise level still the one drawn, and the mean HU of the target unchanged."""
+    sim = LowDoseCT()
+    fy, fx = np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij")
+    high = np.hypot(fy, fx) > 0.35
+
+    def run(amount: float) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        deg = Degradation("lowdose-ct", recon_filters=("ramp",), noise_sd=(30.0, 30.0), sharpen=(amount, amount))
+        low, target = degrade(ct_slab, deg, np.random.default_rng(8), sim)
+        return low[0], target
+
+    def high_share(image: NDArray[np.float32]) -> float:
+        power = np.abs(np.fft.fft2(image)) ** 2
+        return float(power[high].sum() / power.sum())
+
+    (low0, target0), (low1, target1) = run(0.0), run(1.5)
+    assert high_share(low1 - target1) > high_share(low0 - target0) + 0.05  # ramp alone: 0.54, amount 1.5: 0.63
+    assert high_share(target1 - target1.mean()) > high_share(target0 - target0.mean())
+    tissue = object_mask(target1, ct=True)  # the level is set over soft tissue of what the scanner shows
+    assert float(np.std((low1 - target1)[tissue])) == pytest.approx(30.0, rel=1e-3)
+    assert float(target1.mean()) == pytest.approx(float(target0.mean()), abs=0.5)
+
+
 def test_noise_map_levels_are_the_added_noise_not_the_texture(ct_slab: Slab) -> None:
     sim, norm = LowDoseCT(), Normalization("hu", -1024.0, 3071.0)
     deg = Degradation("lowdose-ct", noise_sd=(20.0, 20.0), texture_sd=(15.0, 15.0))
@@ -200,6 +226,7 @@ def test_presets_cover_the_ranges_of_issue_17() -> None:
     assert ct.post_smooth_px[1] > 0 and ct.flux[1] / ct.flux[0] >= 4 and ct.electronic_sd[1] > 0
     assert ct.noise_sd[0] <= 1.0 and ct.noise_sd[1] >= 250.0 and ct.texture_sd[1] >= 10.0
     assert ct.white_fraction[0] == 0.0 and ct.white_fraction[1] >= 0.5
+    assert ct.sharpen[0] == 0.0 and ct.sharpen[1] >= 1.0
     mr = PRESETS["mr-denoise"].degradation
     assert mr.sigma_percent[1] / mr.sigma_percent[0] >= 10 and mr.bias_field > 0 and mr.texture_sd[1] > 0
     sr = PRESETS["ct-sr2"].degradation
