@@ -78,9 +78,13 @@ def add_parsers(sub: Any) -> None:
     )
     t.add_argument(
         "--loss-per-level",
-        action="store_true",
-        help="divide each pair's loss by its noise level (squared for l2), so every noise level counts alike "
-        "(needs --noise-map)",
+        type=float,
+        nargs="?",
+        const=2.0,
+        default=0.0,
+        metavar="POWER",
+        help="divide each pair's squared errors by its noise level to POWER (default 2: every noise level "
+        "counts alike; 1: half way); needs --noise-map",
     )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
     t.add_argument(
@@ -264,6 +268,8 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--mean-weight compares {ROI_SIDE}x{ROI_SIDE} local means: --patch must be at least {ROI_SIDE}"
         )
+    if not 0.0 <= args.loss_per_level <= 2.0:
+        raise UsageError("--loss-per-level POWER must be between 0 and 2")
     if args.loss_per_level and not preset.net.noise_map:
         raise UsageError("--loss-per-level divides by the noise map's level: add --noise-map")
     if args.self_supervised and (args.mean_weight or args.ssim_weight or args.loss_per_level):

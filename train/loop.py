@@ -47,7 +47,9 @@ class RunConfig:
     device: str = "cpu"
     ssim_weight: float = 0.0
     mean_weight: float = 0.0  # weight of the local-mean term (ROI_SIDE): keeps mean HU in uniform regions
-    loss_per_level: bool = False  # divide each pair's loss by its noise level (loss_fn; needs a noise map)
+    # the power of each pair's noise level its squared errors are divided by (loss_fn: 0 = off,
+    # 2 = every level alike); needs a noise map
+    loss_per_level: float = 0.0
     workers: int = 2
     command: str = ""
     init_from: Path | None = None  # fine-tune: start from this checkpoint's or package's weights (same net)
@@ -106,18 +108,19 @@ def local_means(x: torch.Tensor, size: int = ROI_SIDE) -> torch.Tensor:
 LEVEL_FLOOR = 2.5e-4
 
 
-def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: bool = False) -> Any:
+def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: float = 0.0) -> Any:
     """The pixel loss, plus w * (1 - SSIM), plus w * the squared error of 15x15 local means: the
     pixel loss barely sees a shift of 2 HU spread over a region (noise dominates it pixel by
     pixel), which is what a radiologist's ROI measures.
 
-    `per_level`: each pair's pixel and local-mean terms are divided by its noise level (squared for
-    the squared errors, the level being the noise map's channel, the input's last): an error of a tenth of the
-    noise costs the same at 1 HU as at 300 HU, so the loss weighs every noise level alike, as the
-    dB gain does, instead of being ruled by the noisiest pairs."""
+    `per_level` = P > 0: each pair's squared-error terms (L2 pixel term, local means) are divided
+    by its noise level to the power P, an L1 pixel term by the level to P / 2 (the level is the
+    noise map's channel, the input's last). With P = 2 an error of a tenth of the noise costs the
+    same at 1 HU as at 300 HU: the loss weighs every noise level alike, as the dB gain does,
+    instead of being ruled by the noisiest pairs; P = 1 goes half way."""
     base = F.l1_loss if kind == "l1" else F.mse_loss
 
-    def per_pair(fn: Any, a: torch.Tensor, b: torch.Tensor, level: torch.Tensor | None, power: int) -> torch.Tensor:
+    def per_pair(fn: Any, a: torch.Tensor, b: torch.Tensor, level: torch.Tensor | None, power: float) -> torch.Tensor:
         if not per_level:
             return fn(a, b)
         if level is None:
@@ -126,11 +129,11 @@ def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: 
         return torch.mean(fn(a, b, reduction="none").flatten(1).mean(1) * weight)
 
     def loss(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
-        value = per_pair(base, pred, target, level, 1 if kind == "l1" else 2)
+        value = per_pair(base, pred, target, level, per_level / 2 if kind == "l1" else per_level)
         if ssim_weight > 0:
             value = value + ssim_weight * (1 - ssim(pred, target, data_range=float(target.max() - target.min()) or 1.0))
         if mean_weight > 0:
-            value = value + mean_weight * per_pair(F.mse_loss, local_means(pred), local_means(target), level, 2)
+            value = value + mean_weight * per_pair(F.mse_loss, local_means(pred), local_means(target), level, per_level)
         return value
 
     return loss

@@ -223,7 +223,7 @@ def test_loss_per_level_reaches_the_loop_and_is_recorded(tmp_path: Path) -> None
         return dict(torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=False))
 
     plain, per_level = run("plain"), run("per-level", "--loss-per-level")
-    assert per_level["run"]["loss_per_level"] is True and plain["run"]["loss_per_level"] is False  # type: ignore[index]
+    assert per_level["run"]["loss_per_level"] == 2.0 and plain["run"]["loss_per_level"] == 0.0  # type: ignore[index]
     assert per_level["history"][0]["train_loss"] > 100 * plain["history"][0]["train_loss"]  # type: ignore[index]
 
 
@@ -234,6 +234,7 @@ def test_loss_per_level_reaches_the_loop_and_is_recorded(tmp_path: Path) -> None
         (["--ssim-weight", "-0.5"], "--mean-weight and --ssim-weight must be >= 0"),
         (["--mean-weight", "1", "--patch", "8"], "--patch must be at least 15"),
         (["--loss-per-level"], "add --noise-map"),
+        (["--loss-per-level", "3"], "between 0 and 2"),
     ],
 )
 def test_loss_weights_are_checked(

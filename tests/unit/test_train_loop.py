@@ -440,24 +440,26 @@ def test_loss_per_level_weighs_every_noise_level_alike(kind: str) -> None:
     error = torch.randn(1, 1, 32, 32)
     pred = target + torch.cat([0.001 * error, 0.1 * error])
     level = torch.tensor([0.002, 0.2])
-    per_pair = [
-        loss_fn(kind, 0.0, per_level=True)(pred[i : i + 1], target[i : i + 1], level[i : i + 1]) for i in (0, 1)
-    ]
+    per_pair = [loss_fn(kind, 0.0, per_level=2.0)(pred[i : i + 1], target[i : i + 1], level[i : i + 1]) for i in (0, 1)]
     assert float(per_pair[0]) == pytest.approx(float(per_pair[1]), rel=1e-4)
-    both = loss_fn(kind, 0.0, per_level=True)(pred, target, level)
+    both = loss_fn(kind, 0.0, per_level=2.0)(pred, target, level)
     assert float(both) == pytest.approx(float(per_pair[0]), rel=1e-4)
     plain = [float(loss_fn(kind, 0.0)(pred[i : i + 1], target[i : i + 1])) for i in (0, 1)]
     assert plain[1] / plain[0] == pytest.approx(1e4 if kind == "l2" else 1e2, rel=1e-3)
+    half = [
+        float(loss_fn(kind, 0.0, per_level=1.0)(pred[i : i + 1], target[i : i + 1], level[i : i + 1])) for i in (0, 1)
+    ]
+    assert half[1] / half[0] == pytest.approx(1e2 if kind == "l2" else 1e1, rel=1e-3)  # half way, in log terms
     # the local-mean term is divided alike; a level under the floor counts as the floor
-    with_mean = loss_fn(kind, 0.0, mean_weight=1.0, per_level=True)
+    with_mean = loss_fn(kind, 0.0, mean_weight=1.0, per_level=2.0)
     a = with_mean(pred[:1], target[:1], level[:1])
     b = with_mean(pred[1:], target[1:], level[1:])
     assert float(a) == pytest.approx(float(b), rel=1e-4)
-    tiny = loss_fn(kind, 0.0, per_level=True)(pred[:1], target[:1], torch.tensor([1e-9]))
-    floor = loss_fn(kind, 0.0, per_level=True)(pred[:1], target[:1], torch.tensor([LEVEL_FLOOR]))
+    tiny = loss_fn(kind, 0.0, per_level=2.0)(pred[:1], target[:1], torch.tensor([1e-9]))
+    floor = loss_fn(kind, 0.0, per_level=2.0)(pred[:1], target[:1], torch.tensor([LEVEL_FLOOR]))
     assert float(tiny) == pytest.approx(float(floor))
     with pytest.raises(ValueError, match="noise level"):
-        loss_fn(kind, 0.0, per_level=True)(pred, target)
+        loss_fn(kind, 0.0, per_level=2.0)(pred, target)
 
 
 def test_the_level_is_read_from_the_noise_map_channel() -> None:
