@@ -106,6 +106,11 @@ def local_means(x: torch.Tensor, size: int = ROI_SIDE) -> torch.Tensor:
 # --loss-per-level: the floor of the level a pair's loss is divided by, in normalised units (1 HU
 # of the CT window), so that nearly noise-free pairs do not take over the loss
 LEVEL_FLOOR = 2.5e-4
+# --loss-per-level: what the local-mean term is divided by instead of each pair's level: the 2 HU
+# a uniform region may move (issue 17's bar) in normalised units, whatever the noise. A region's
+# mean HU is read in absolute terms; divided by the level, the term would let a noisy pair's
+# regions drift (a run so made moved ROI means by up to 6.5 HU)
+MEAN_TOLERANCE = 2.0 / 4095.0
 
 
 def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: float = 0.0) -> Any:
@@ -113,27 +118,29 @@ def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: 
     pixel loss barely sees a shift of 2 HU spread over a region (noise dominates it pixel by
     pixel), which is what a radiologist's ROI measures.
 
-    `per_level` = P > 0: each pair's squared-error terms (L2 pixel term, local means) are divided
-    by its noise level to the power P, an L1 pixel term by the level to P / 2 (the level is the
-    noise map's channel, the input's last). With P = 2 an error of a tenth of the noise costs the
-    same at 1 HU as at 300 HU: the loss weighs every noise level alike, as the dB gain does,
-    instead of being ruled by the noisiest pairs; P = 1 goes half way."""
+    `per_level` = P > 0: each pair's L2 pixel term is divided by its noise level to the power P, an
+    L1 pixel term by the level to P / 2 (the level is the noise map's channel, the input's last).
+    With P = 2 an error of a tenth of the noise costs the same at 1 HU as at 300 HU: the loss
+    weighs every noise level alike, as the dB gain does, instead of being ruled by the noisiest
+    pairs; P = 1 goes half way. The local-mean term is divided by MEAN_TOLERANCE to the power P
+    at every level: a mean error of 2 HU costs what a pixel error of the noise's size does."""
     base = F.l1_loss if kind == "l1" else F.mse_loss
 
-    def per_pair(fn: Any, a: torch.Tensor, b: torch.Tensor, level: torch.Tensor | None, power: float) -> torch.Tensor:
+    def per_pair(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
         if not per_level:
-            return fn(a, b)
+            return base(pred, target)
         if level is None:
             raise ValueError("a per-level loss needs each pair's noise level")
-        weight = level.clamp_min(LEVEL_FLOOR) ** -power
-        return torch.mean(fn(a, b, reduction="none").flatten(1).mean(1) * weight)
+        weight = level.clamp_min(LEVEL_FLOOR) ** -(per_level / 2 if kind == "l1" else per_level)
+        return torch.mean(base(pred, target, reduction="none").flatten(1).mean(1) * weight)
 
     def loss(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
-        value = per_pair(base, pred, target, level, per_level / 2 if kind == "l1" else per_level)
+        value = per_pair(pred, target, level)
         if ssim_weight > 0:
             value = value + ssim_weight * (1 - ssim(pred, target, data_range=float(target.max() - target.min()) or 1.0))
         if mean_weight > 0:
-            value = value + mean_weight * per_pair(F.mse_loss, local_means(pred), local_means(target), level, per_level)
+            means = F.mse_loss(local_means(pred), local_means(target)) / MEAN_TOLERANCE**per_level
+            value = value + mean_weight * means
         return value
 
     return loss

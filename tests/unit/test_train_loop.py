@@ -24,6 +24,7 @@ from train.loop import (
     CURVES_PNG,
     LEVEL_FLOOR,
     LOG_CSV,
+    MEAN_TOLERANCE,
     RunConfig,
     local_means,
     loss_fn,
@@ -450,11 +451,15 @@ def test_loss_per_level_weighs_every_noise_level_alike(kind: str) -> None:
         float(loss_fn(kind, 0.0, per_level=1.0)(pred[i : i + 1], target[i : i + 1], level[i : i + 1])) for i in (0, 1)
     ]
     assert half[1] / half[0] == pytest.approx(1e2 if kind == "l2" else 1e1, rel=1e-3)  # half way, in log terms
-    # the local-mean term is divided alike; a level under the floor counts as the floor
-    with_mean = loss_fn(kind, 0.0, mean_weight=1.0, per_level=2.0)
-    a = with_mean(pred[:1], target[:1], level[:1])
-    b = with_mean(pred[1:], target[1:], level[1:])
-    assert float(a) == pytest.approx(float(b), rel=1e-4)
+    # the local-mean term is absolute (2 HU is 2 HU at any noise): a uniform offset of
+    # MEAN_TOLERANCE costs mean_weight at every level; a level under the floor counts as the floor
+    with_mean, without = loss_fn(kind, 0.0, mean_weight=1.0, per_level=2.0), loss_fn(kind, 0.0, per_level=2.0)
+    for i in (0, 1):
+        shifted = target[i : i + 1] + MEAN_TOLERANCE
+        extra = with_mean(shifted, target[i : i + 1], level[i : i + 1]) - without(
+            shifted, target[i : i + 1], level[i : i + 1]
+        )
+        assert float(extra) == pytest.approx(1.0, rel=1e-3)
     tiny = loss_fn(kind, 0.0, per_level=2.0)(pred[:1], target[:1], torch.tensor([1e-9]))
     floor = loss_fn(kind, 0.0, per_level=2.0)(pred[:1], target[:1], torch.tensor([LEVEL_FLOOR]))
     assert float(tiny) == pytest.approx(float(floor))
