@@ -123,7 +123,7 @@ def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: 
     With P = 2 an error of a tenth of the noise costs the same at 1 HU as at 300 HU: the loss
     weighs every noise level alike, as the dB gain does, instead of being ruled by the noisiest
     pairs; P = 1 goes half way. The local-mean term is divided by MEAN_TOLERANCE to the power P
-    at every level: a mean error of 2 HU costs what a pixel error of the noise's size does."""
+    at every level: with P = 2, a mean error of 2 HU costs what a pixel error of the noise's size does."""
     base = F.l1_loss if kind == "l1" else F.mse_loss
 
     def per_pair(pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
