@@ -19,7 +19,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node import handlers
 from node.background import BackgroundWriter
@@ -37,9 +37,6 @@ REPORT_PERIOD_S = 60.0  # refused or closed connections: one log line and event 
 # pynetdicom's own limit counts half-open connections too; the node's limit is the slots of
 # node/handlers.OpenAssociations, taken only once the association policy accepted a peer
 UNLIMITED_CONNECTIONS = 1 << 20
-# the most one socket read asks for: what the kernel has buffered comes in one call, and a PDU
-# that claims gigabytes is held only as far as its bytes really arrive
-READ_CHUNK = 1 << 20
 
 
 class NodeServer(ThreadedAssociationServer):
@@ -178,29 +175,9 @@ class GuardedRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         assoc = self._create_association()
-        # the socket pynetdicom made, reading in large chunks (a second socket would queue the
-        # connection event again, which its state machine refuses)
-        assert assoc.dul.socket is not None
-        assoc.dul.socket.__class__ = LargeReadSocket
         self.server.watch(assoc, self.request, self.client_address[0])
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
-
-
-class LargeReadSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU in reads of up to READ_CHUNK bytes
-    instead of 4 kB: a 512x512 CT instance took some 130 recv calls, each a Python loop turn and
-    a system call."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        assert self.socket is not None
-        data = bytearray()
-        while len(data) < nr_bytes:
-            chunk = self.socket.recv(min(nr_bytes - len(data), READ_CHUNK))
-            if not chunk:  # closed by the peer: what came so far (pynetdicom's contract)
-                break
-            data += chunk
-        return data
 
 
 def _shut(request: Any) -> None:
