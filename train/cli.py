@@ -83,8 +83,8 @@ def add_parsers(sub: Any) -> None:
         const=2.0,
         default=0.0,
         metavar="POWER",
-        help="divide each pair's squared errors by its noise level to POWER (default 2: every noise level "
-        "counts alike; 1: half way); needs --noise-map",
+        help="divide each pair's pixel loss by its noise level to POWER (default 2: every noise level "
+        "counts alike; 1: half way; the local-mean term by a fixed 2 HU tolerance); needs --noise-map",
     )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
     t.add_argument(

@@ -47,7 +47,7 @@ class RunConfig:
     device: str = "cpu"
     ssim_weight: float = 0.0
     mean_weight: float = 0.0  # weight of the local-mean term (ROI_SIDE): keeps mean HU in uniform regions
-    # the power of each pair's noise level its squared errors are divided by (loss_fn: 0 = off,
+    # the power of each pair's noise level its pixel loss is divided by (loss_fn: 0 = off,
     # 2 = every level alike); needs a noise map
     loss_per_level: float = 0.0
     workers: int = 2
