@@ -39,6 +39,16 @@ height and width) and model.toml (normalisation, tiling, training provenance, me
 Checks that ONNX Runtime reproduces torch's output before writing."""
 
 
+# Degradation ranges `train` takes as --NAME LO HI, each a field of train.presets.Degradation
+DEGRADATION_RANGES = (
+    ("dose", "low-dose CT: dose fraction range, e.g. 0.25 0.25"),
+    ("sigma_percent", "MR: Rician noise SD range, %% of the bright signal"),
+    ("noise_sd", "low-dose CT: the added noise's SD range in HU (log-uniform); 0 0 = as the physics gives it"),
+    ("texture_sd", "denoisers: the scan's own noise kept in the target (HU for CT, %% for MR); 0 0 = none"),
+    ("sharpen", "low-dose CT: edge enhancement after reconstruction (bone kernels), amount range; 0 0 = none"),
+)
+
+
 def add_parsers(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     t = sub.add_parser(
@@ -107,37 +117,8 @@ def add_parsers(sub: Any) -> None:
         help="denoiser: remove the noise from the linear image or from its asinh (which compresses "
         "air and bone so strong edges stay small beside the noise)",
     )
-    t.add_argument(
-        "--dose", type=float, nargs=2, metavar=("LO", "HI"), help="low-dose CT: dose fraction range, e.g. 0.25 0.25"
-    )
-    t.add_argument(
-        "--sigma-percent",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="MR: Rician noise SD range, %% of the bright signal",
-    )
-    t.add_argument(
-        "--noise-sd",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="low-dose CT: the added noise's SD range in HU (log-uniform); 0 0 = as the physics gives it",
-    )
-    t.add_argument(
-        "--texture-sd",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="denoisers: the scan's own noise kept in the target (HU for CT, %% for MR); 0 0 = none",
-    )
-    t.add_argument(
-        "--sharpen",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="low-dose CT: edge enhancement after reconstruction (bone kernels), amount range; 0 0 = none",
-    )
+    for name, text in DEGRADATION_RANGES:
+        t.add_argument(f"--{name.replace('_', '-')}", type=float, nargs=2, metavar=("LO", "HI"), help=text)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     t.add_argument("--workers", type=int, default=2, help="processes that simulate the training data")
@@ -237,13 +218,9 @@ def _train(args: argparse.Namespace) -> int:
         transform=transform,
         noise_map=noise_map or None,
     )
+    ranges = {name: getattr(args, name) for name, _ in DEGRADATION_RANGES}
     deg: Degradation = with_overrides(
-        preset.degradation,
-        dose=tuple(args.dose) if args.dose else None,
-        sigma_percent=tuple(args.sigma_percent) if args.sigma_percent else None,
-        noise_sd=tuple(args.noise_sd) if args.noise_sd else None,
-        texture_sd=tuple(args.texture_sd) if args.texture_sd else None,
-        sharpen=tuple(args.sharpen) if args.sharpen else None,
+        preset.degradation, **{name: tuple(value) if value else None for name, value in ranges.items()}
     )
     preset = with_overrides(
         preset,

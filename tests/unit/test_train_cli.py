@@ -15,6 +15,7 @@ import pytest
 
 from node.cli import main
 from tests.helpers import REPO
+from train.cli import DEGRADATION_RANGES
 
 TINY_SR = [
     "--preset",
@@ -210,6 +211,19 @@ def test_in_process_train_records_the_command_it_was_given(tmp_path: Path) -> No
     state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["run"]["command"] == shlex.join(["enhance-node", *argv])
     assert state["run"]["mean_weight"] == 5.0  # export copies the run's description into model.toml
+
+
+def test_degradation_ranges_from_the_command_line_reach_the_run(tmp_path: Path) -> None:
+    """Every --NAME LO HI of train.cli.DEGRADATION_RANGES overrides that field of the preset's
+    degradation, and the run records what it trained with."""
+    import torch
+
+    extra = ["--sigma-percent", "3", "4", "--texture-sd", "1", "2"]
+    assert main(["train", *TINY_DN, *extra, "--out", str(tmp_path)]) == 0
+    run = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)["run"]
+    assert tuple(run["degradation"]["sigma_percent"]) == (3.0, 4.0)
+    assert tuple(run["degradation"]["texture_sd"]) == (1.0, 2.0)
+    assert {name for name, _ in DEGRADATION_RANGES} <= set(run["degradation"])
 
 
 def test_loss_per_level_reaches_the_loop_and_is_recorded(tmp_path: Path) -> None:
