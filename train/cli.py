@@ -247,8 +247,6 @@ def _train(args: argparse.Namespace) -> int:
         )
     if not 0.0 <= args.loss_per_level <= 2.0:
         raise UsageError("--loss-per-level POWER must be between 0 and 2")
-    if args.loss_per_level and not preset.net.noise_map:
-        raise UsageError("--loss-per-level divides by the noise map's level: add --noise-map")
     if args.self_supervised and (args.mean_weight or args.ssim_weight or args.loss_per_level):
         raise UsageError(
             "--mean-weight, --ssim-weight and --loss-per-level apply to supervised training (no clean targets here)"

@@ -171,6 +171,8 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
 def train(cfg: RunConfig, resume: bool = False) -> Path:
     """Trains and returns the checkpoint path; the checkpoint carries everything export needs."""
     preset = cfg.preset
+    if cfg.loss_per_level and not preset.net.noise_map:
+        raise ValueError("--loss-per-level divides by the noise map's level: add --noise-map")
     cfg.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -204,8 +206,6 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         len(val),
         parameter_count(model),
     )
-    if cfg.loss_per_level and not preset.net.noise_map:
-        raise ValueError("a loss per noise level needs a net with a noise map (--noise-map)")
     criterion = loss_fn(preset.loss, cfg.ssim_weight, cfg.mean_weight, cfg.loss_per_level)
     gen = torch.Generator().manual_seed(cfg.seed)
     if start_epoch and gen_state is not None:
