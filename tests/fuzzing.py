@@ -30,6 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.instance import file_meta
 from tests.dicom_factory import UID_ROOT, ct_slice, encode_explicit_le
+from tests.helpers import temp_files
 
 SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 
@@ -215,5 +216,5 @@ def ledger_problems(ledger: Path, storage: Path) -> list[str]:
             problems.append(f"file {rel} differs from its ledger row")
     on_disk = {str(p.relative_to(storage)) for p in (storage / "objects").rglob("*.dcm")}
     problems += [f"file {rel} in no ledger row" for rel in sorted(on_disk - named - older)]
-    problems += [f"temp file {p.name} left" for p in (storage / "tmp").rglob("*") if p.is_file()]
+    problems += [f"temp file {p.name} left" for p in temp_files(storage)]
     return problems

@@ -65,8 +65,9 @@ class Degradation:
     white_fraction: tuple[float, float] = (0.0, 0.0)
     # lowdose-ct: the amount of edge enhancement after FBP (unsharp masking, Gaussian sigma
     # SHARPEN_SIGMA_PX) on both images, drawn uniformly: bone and lung kernels lift the MTF above
-    # 1 at middle and high frequencies, so their noise has more power near the grid's corners
-    # than any plain FBP filter gives (a gain of 1 + amount at the highest frequencies)
+    # 1 at middle and high frequencies, so their noise has more of its power there than any plain
+    # FBP filter gives (a gain of 1 + amount at the highest frequencies; the power in the grid's
+    # corners, beyond FBP's band, comes from white_fraction)
     sharpen: tuple[float, float] = (0.0, 0.0)
     apodisations: tuple[str, ...] = ("none",)  # mr-kspace: k-space windows (train.degrade.APODISATIONS)
     partial_fourier: tuple[float, float] = (1.0, 1.0)  # mr-kspace: fraction of phase-encoding lines

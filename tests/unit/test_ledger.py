@@ -180,7 +180,7 @@ def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
     orphan = part10("1.2.2")
     rel_orphan = object_path("1.2.3", "1.2.3.4", "1.2.2", hashlib.sha256(orphan).hexdigest())
     store.write(rel_orphan, orphan)
-    next((store.root / "tmp").iterdir()).joinpath("dead.part").write_bytes(b"half")
+    (store.root / "tmp" / "local" / "dead.part").write_bytes(b"half")  # the store's own temp folder
     store.write("objects/x/y/garbage_000000000000.dcm", b"not dicom")
     gone = "objects/1.2.3/1.2.3.4/lost_000000000000.dcm"
     ledger.record_instance(header("1.2.9"), received(gone, b"lost"))
