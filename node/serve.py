@@ -67,6 +67,7 @@ def parse_roles(text: str) -> frozenset[str]:
 MAX_AUTO_PROCESSES = 8
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -165,7 +166,7 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
     )
     while not stop.wait(0.5):
         for group in groups:
-            group.restart_dead()
+            group.restart_dead(stop)
     log.info("signalled; stopping")
     if completion is not None:
         completion.stop()
@@ -204,9 +205,13 @@ class ProcessGroup:
         self._stops: list[MpEvent] = [self._ctx.Event() for _ in range(count)]
         self._procs: list[SpawnProcess] = []
         self.on_spawn: Callable[[int], None] = lambda _index: None
+        self._started: dict[int, float] = {}  # restart_dead's bookkeeping, per child index
+        self._deaths: dict[int, int] = {}
+        self._due: dict[int, float] = {}
 
     def _spawn(self, index: int, interrupted: threading.Event) -> SpawnProcess:
         self.on_spawn(index)
+        self._started[index] = time.monotonic()
         ready, stop = self._ctx.Event(), self._ctx.Event()
         self._stops[index] = stop
         proc = self._ctx.Process(
@@ -235,12 +240,33 @@ class ProcessGroup:
                 break
             self._procs.append(self._spawn(i, interrupted))
 
-    def restart_dead(self) -> None:
+    def restart_dead(self, stop: threading.Event) -> None:
+        """Replace each child that died, after a delay that doubles with each death in a row
+        (RESTART_DELAY_S up to RESTART_MAX_DELAY_S; a child that ran that long starts the count
+        again), so a child that cannot start does not keep a core busy. A replacement that dies
+        or hangs before it is ready is logged and tried again later: once the node runs, no
+        child's failure stops it (the other roles go on). Never waits for a delay: the caller's
+        loop comes back, and a signal (`stop`) ends a replacement's start-up wait at once."""
         for i, proc in enumerate(self._procs):
-            if not proc.is_alive():
-                log.error("%s process %d exited with %s; restarting it", self.kind, i, proc.exitcode)
-                time.sleep(RESTART_DELAY_S)
-                self._procs[i] = self._spawn(i, threading.Event())
+            if proc.is_alive() or stop.is_set():
+                continue
+            if i not in self._due:
+                self._schedule(i, f"{self.kind} process {i} exited with {proc.exitcode}")
+            if time.monotonic() < self._due[i]:
+                continue
+            del self._due[i]
+            try:
+                self._procs[i] = self._spawn(i, stop)
+            except StartupFailed as exc:
+                self._schedule(i, str(exc))
+
+    def _schedule(self, index: int, why: str) -> None:
+        now = time.monotonic()
+        lived = now - self._started.get(index, now)
+        self._deaths[index] = 1 if lived >= RESTART_MAX_DELAY_S else self._deaths.get(index, 0) + 1
+        delay = min(RESTART_DELAY_S * 2 ** (self._deaths[index] - 1), RESTART_MAX_DELAY_S)
+        log.error("%s; restarting it in %g s", why, delay)
+        self._due[index] = now + delay
 
     def stop(self) -> None:
         for proc, stop in zip(self._procs, self._stops, strict=False):  # fewer procs after an interrupted start

@@ -150,3 +150,33 @@ def test_a_child_that_dies_during_start_up_fails_start_up_loudly(tmp_path: Path)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_child_that_dies_again_while_restarting_does_not_stop_the_running_node(tmp_path: Path) -> None:
+    """Once the node runs, a child is SIGKILLed and so is its replacement the moment it
+    appears (an OOM killer at work): the supervisor logs it, tries again later, and the node
+    stays up with every role; a SIGTERM then still stops it cleanly. Before, the failed
+    restart raised out of the supervisor's loop and took the whole node down."""
+    proc, port, log = start(tmp_path)
+    try:
+        wait_for(lambda: "enhance-node ready" in log.read_text(), timeout=90, what="the node to be ready")
+        before = spawned(proc.pid)
+        os.kill(before[0], signal.SIGKILL)
+        born = wait_for(
+            lambda: [p for p in spawned(proc.pid) if p not in before],
+            timeout=30,
+            interval=0.002,
+            what="the replacement process",
+        )
+        os.kill(born[0], signal.SIGKILL)
+        wait_for(lambda: "failed to start (exit -9); restarting it in 2 s" in log.read_text(), timeout=30)
+        assert proc.poll() is None, log.read_text()
+        wait_for(lambda: len(spawned(proc.pid)) == len(before), timeout=60, what="a replacement that starts")
+        assert echo(port)
+        family = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=GRACE_S) == 0, log.read_text()
+        wait_for(lambda: gone(family), timeout=5, what="every child to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
