@@ -225,6 +225,9 @@ class NodeConfig(_Settings):
     negotiation_timeout: float = setting(default=5.0, minimum=0.5)
     # per receiving process; an allowed AE's `host` is exempt
     max_connections_per_host: int = setting(default=8, minimum=1, maximum=4096)
+    # per receiving process, every host but allowed AEs' `host` together (each connection is a
+    # thread and a file descriptor; the usual limit is 1024 descriptors a process)
+    max_connections: int = setting(default=256, minimum=1, maximum=65536)
     # a deflated data set inflating beyond this is refused (a deflate bomb)
     max_inflated_mb: int = setting(default=512, minimum=1, maximum=1 << 20)
     # SCP processes sharing the port; 0 = one per CPU core (max 8)

@@ -5,8 +5,10 @@ nothing tells an allowed scanner from anything else on the network. So:
 - each connection must finish its TLS handshake, then association negotiation, each within
   `node.negotiation_timeout` seconds, or it is closed;
 - a host has at most `node.max_connections_per_host` connections open at once in each
-  receiving process, unless it is the `host` of an `[[node.allowed]]` entry (an allowed
-  AE's own address keeps its capacity);
+  receiving process, and all hosts together at most `node.max_connections` (peers on many
+  addresses, each under its own limit, must not exhaust the process's threads and file
+  descriptors), unless it is the `host` of an `[[node.allowed]]` entry (an allowed AE's own
+  address keeps its capacity and is not counted);
 - half-open connections never take an association slot (`node.max_associations` is counted
   only for associations the policy accepted, node/handlers.py).
 
@@ -47,8 +49,10 @@ class ConnectionGuard:
         negotiation_timeout: float,
         exempt_hosts: Callable[[], Collection[str]] = frozenset,
         clock: Monotonic = time.monotonic,
+        max_total: int = 1 << 20,
     ) -> None:
         self.max_per_host = max_per_host
+        self.max_total = max_total  # hosts not exempt, together
         self.negotiation_timeout = negotiation_timeout
         self.exempt_hosts = exempt_hosts  # the live config's allowed hosts
         self.clock = clock
@@ -60,8 +64,14 @@ class ConnectionGuard:
         """Count a new connection from `host`, or say why it is refused (and count nothing)."""
         with self._lock:
             open_now = self._per_host.get(host, 0)
-            if open_now >= self.max_per_host and host not in self.exempt_hosts():
-                return f"{open_now} connections from {host} already open (node.max_connections_per_host)"
+            exempt = self.exempt_hosts()
+            if host not in exempt:
+                if open_now >= self.max_per_host:
+                    return f"{open_now} connections from {host} already open (node.max_connections_per_host)"
+                counted = sum(n for h, n in self._per_host.items() if h not in exempt)
+                if counted >= self.max_total:
+                    why = "hosts not allowed by address (node.max_connections)"
+                    return f"{counted} connections already open from {why}"
             self._per_host[host] = open_now + 1
             return None
 

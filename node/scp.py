@@ -270,6 +270,7 @@ class StorageSCP:
             cfg.max_connections_per_host,
             cfg.negotiation_timeout,
             exempt_hosts=lambda: {a.host for a in live().allowed if a.host is not None},
+            max_total=cfg.max_connections,
         )
         tls = cfg.tls is not None
         self.evt_handlers: list[Any] = [

@@ -29,11 +29,12 @@ def half_open_rq() -> bytes:
 
 
 class HalfOpenAttack:
-    """Keeps `count` connections from ATTACKER open, each stalled inside its A-ASSOCIATE-RQ,
-    reopening every one the node closes (the attack of issue 19, item 1)."""
+    """Keeps `count` connections from ATTACKER (or from each of `sources` in turn) open, each
+    stalled inside its A-ASSOCIATE-RQ, reopening every one the node closes (the attack of
+    issue 19, item 1)."""
 
-    def __init__(self, port: int, count: int = 40) -> None:
-        self.port, self.count = port, count
+    def __init__(self, port: int, count: int = 40, sources: tuple[str, ...] = (ATTACKER,)) -> None:
+        self.port, self.count, self.sources = port, count, sources
         self.opened = 0
         self.closed_by_node = 0
         self._stop = threading.Event()
@@ -41,7 +42,7 @@ class HalfOpenAttack:
 
     def _open(self) -> socket.socket | None:
         s = socket.socket()
-        s.bind((ATTACKER, 0))
+        s.bind((self.sources[self.opened % len(self.sources)], 0))
         s.settimeout(2)
         try:
             s.connect(("127.0.0.1", self.port))
@@ -107,6 +108,24 @@ def test_half_open_connections_cannot_stop_an_allowed_scanner(node_factory, tmp_
     assert any("no association negotiated within 2 s" in r for r in reasons), reasons
     assert any(f"connections from {ATTACKER} already open" in r for r in reasons), reasons
     assert len(reasons) <= 8  # reported once a minute per host and process, not once per connection
+
+
+def test_half_open_connections_from_many_addresses_cannot_take_the_process(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same attack from eight addresses, each within its per-host limit: together they get
+    no more than node.max_connections, and the allowed scanner's host still stores."""
+    _, _, files = write_ct_series(tmp_path / "ct", 1, rows=64, cols=64)
+    guard = GUARD.replace("negotiation_timeout = 2", "negotiation_timeout = 20") + "\nmax_connections = 6"
+    node: NodeProcess = node_factory(extra_node=guard, receive_processes=1).start()
+    sources = tuple(f"127.0.0.{i}" for i in range(2, 10))
+    with HalfOpenAttack(node.port, count=24, sources=sources) as attack:
+        wait_for(lambda: attack.closed_by_node >= 10, timeout=20, what="the node to refuse beyond its limit")
+        sent = storescu(node.port, files, timeout=20)
+        assert sent.returncode == 0, sent.stderr
+    assert node.query("SELECT count(*) FROM instances") == [(1,)]
+    reasons = [d for (d,) in node.query("SELECT detail FROM events WHERE kind = 'association.rejected'")]
+    limit = "connections already open from hosts not allowed by address (node.max_connections)"
+    assert any(limit in r for r in reasons), reasons
+    assert not any("no association negotiated" in r for r in reasons), reasons  # refused at accept, not late
 
 
 class SlowLink:

@@ -112,6 +112,7 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ('[node]\naccept_unknown_sop_classes = "yes"', "node.accept_unknown_sop_classes"),
         ("[node]\nnegotiation_timeout = 0.1", "node.negotiation_timeout"),
         ("[node]\nmax_connections_per_host = 0", "node.max_connections_per_host"),
+        ("[node]\nmax_connections = 0", "node.max_connections"),
         ("[qa]\nmax_removed_ratio = -1", "qa.max_removed_ratio"),
         ("[qa]\nmax_hu = 3", "qa.max_hu"),
         ('[worker]\nqa_warning_suffix = ""', "worker.qa_warning_suffix"),

@@ -96,3 +96,16 @@ def test_the_throttle_stays_bounded_under_many_addresses() -> None:
         throttle.take(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
         throttle.take(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")  # counted as quiet
     assert len(throttle._last) < 10_001 and len(throttle._quiet) < 10_001
+
+
+def test_hosts_together_get_at_most_the_process_limit_and_an_allowed_host_is_not_counted() -> None:
+    allowed = {"10.0.0.5"}
+    guard = ConnectionGuard(2, 5.0, exempt_hosts=lambda: allowed, max_total=3)
+    for _ in range(4):
+        assert guard.admit("10.0.0.5") is None  # exempt: neither refused nor counted
+    assert guard.admit("10.0.1.1") is None and guard.admit("10.0.1.2") is None and guard.admit("10.0.1.3") is None
+    refused = guard.admit("10.0.1.4")  # a fourth address, under its own per-host limit
+    assert refused == "3 connections already open from hosts not allowed by address (node.max_connections)"
+    assert guard.admit("10.0.0.5") is None  # the allowed AE's host still gets in
+    guard.release(None, "10.0.1.1")
+    assert guard.admit("10.0.1.4") is None  # a freed connection makes room
