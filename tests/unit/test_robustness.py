@@ -41,6 +41,8 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
     )
     if manifest.task == "denoise":
         assert row["input_psnr"] < row["nlm_psnr"] and "model_bias" in row
+        # NLM's own bias over the same draws, one figure per slice (a few HU at this cell's dose)
+        assert len(result.nlm_bias) == len(held) and 0.0 <= row["nlm_bias"] < 50.0
     else:
         assert base in ("lanczos", "bicubic") and "model_bias" not in row
 
