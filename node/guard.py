@@ -70,7 +70,7 @@ class ConnectionGuard:
                     return f"{open_now} connections from {host} already open (node.max_connections_per_host)"
                 counted = sum(n for h, n in self._per_host.items() if h not in exempt)
                 if counted >= self.max_total:
-                    why = "hosts not allowed by address (node.max_connections)"
+                    why = "hosts other than the allowed AEs' (node.max_connections)"
                     return f"{counted} connections already open from {why}"
             self._per_host[host] = open_now + 1
             return None

@@ -105,7 +105,7 @@ def test_hosts_together_get_at_most_the_process_limit_and_an_allowed_host_is_not
         assert guard.admit("10.0.0.5") is None  # exempt: neither refused nor counted
     assert guard.admit("10.0.1.1") is None and guard.admit("10.0.1.2") is None and guard.admit("10.0.1.3") is None
     refused = guard.admit("10.0.1.4")  # a fourth address, under its own per-host limit
-    assert refused == "3 connections already open from hosts not allowed by address (node.max_connections)"
+    assert refused == "3 connections already open from hosts other than the allowed AEs' (node.max_connections)"
     assert guard.admit("10.0.0.5") is None  # the allowed AE's host still gets in
     guard.release(None, "10.0.1.1")
     assert guard.admit("10.0.1.4") is None  # a freed connection makes room
