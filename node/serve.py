@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from core.clock import Monotonic
 from core.errors import EnhanceNodeError
 from node.completion import CompletionLoop
 from node.config import Config
@@ -195,9 +196,15 @@ class ProcessGroup:
     """
 
     def __init__(
-        self, kind: str, count: int, target: Callable[..., None], args: Callable[[int], tuple[Any, ...]]
+        self,
+        kind: str,
+        count: int,
+        target: Callable[..., None],
+        args: Callable[[int], tuple[Any, ...]],
+        clock: Monotonic = time.monotonic,
     ) -> None:
         self.kind = kind
+        self.clock = clock  # the restart delays' (a start-up's own deadline is real time: it waits)
         self.count = count
         self._target = target
         self._args = args  # index -> the target's leading arguments
@@ -211,7 +218,7 @@ class ProcessGroup:
 
     def _spawn(self, index: int, interrupted: threading.Event) -> SpawnProcess:
         self.on_spawn(index)
-        self._started[index] = time.monotonic()
+        self._started[index] = self.clock()
         ready, stop = self._ctx.Event(), self._ctx.Event()
         self._stops[index] = stop
         proc = self._ctx.Process(
@@ -252,7 +259,7 @@ class ProcessGroup:
                 continue
             if i not in self._due:
                 self._schedule(i, f"{self.kind} process {i} exited with {proc.exitcode}")
-            if time.monotonic() < self._due[i]:
+            if self.clock() < self._due[i]:
                 continue
             del self._due[i]
             try:
@@ -261,7 +268,7 @@ class ProcessGroup:
                 self._schedule(i, str(exc))
 
     def _schedule(self, index: int, why: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         lived = now - self._started.get(index, now)
         self._deaths[index] = 1 if lived >= RESTART_MAX_DELAY_S else self._deaths.get(index, 0) + 1
         delay = min(RESTART_DELAY_S * 2 ** (self._deaths[index] - 1), RESTART_MAX_DELAY_S)
