@@ -184,9 +184,19 @@ def _window(manifest: ModelManifest, target: Array) -> tuple[float, float]:
     return metrics.percentile_window(target)
 
 
-def _best_nlm(noisy: Array, target: Array, sigma: float, window: tuple[float, float]) -> tuple[float, float]:
-    """NLM's PSNR with the best h of the grid for this draw (the oracle), and that h."""
-    return max((metrics.psnr(nlm(noisy, sigma, h), target, window), h) for h in NLM_H)
+def _nlm_grid(
+    noisy: Array, target: Array, sigma: float, window: tuple[float, float]
+) -> dict[float, tuple[float, Array]]:
+    """NLM at every h of the grid: h -> (PSNR, image). The best PSNR is the oracle's."""
+    grid: dict[float, tuple[float, Array]] = {}
+    for h in NLM_H:
+        image = nlm(noisy, sigma, h)
+        grid[h] = (metrics.psnr(image, target, window), image)
+    return grid
+
+
+def _best_nlm(noisy: Array, target: Array, sigma: float, window: tuple[float, float]) -> float:
+    return max(score for score, _ in _nlm_grid(noisy, target, sigma, window).values())
 
 
 def run_cell(
@@ -224,16 +234,16 @@ def run_cell(
                 result.add("model", metrics.psnr(out, target, window))
                 if denoise:
                     result.add("input", metrics.psnr(low, target, window))
-                    best, best_h = _best_nlm(low, target, sigma, window)
-                    result.add("nlm", best)
-                    h = best_h if k == 0 else h
+                    grid = _nlm_grid(low, target, sigma, window)
+                    result.add("nlm", max(score for score, _ in grid.values()))
+                    h = max(grid, key=lambda g: grid[g][0]) if k == 0 else h
                 else:
                     th, tw = low.shape[0] * manifest.scale, low.shape[1] * manifest.scale
                     target = target[:th, :tw]
                     for name, method in (("lanczos", Image.Resampling.LANCZOS), ("bicubic", Image.Resampling.BICUBIC)):
                         result.add(name, metrics.psnr(resize(low, manifest.scale, method), target, window))
-            if ct_denoise:
-                nlm_outputs.append(nlm(low, sigma, h))
+            if ct_denoise:  # the first draws' NLM at h is in their grid already
+                nlm_outputs.append(grid[h][1] if k < draws else nlm(low, sigma, h))
         if ct_denoise and target is not None:
             # bias = E[output] - target, E taken over the draws; the input's own figure, E[input] -
             # target, is what the noise left in the draws' mean gives (the estimator's floor)

@@ -66,3 +66,18 @@ def test_series_for_the_node_keep_their_pixels(tmp_path: Path) -> None:
     mr = [rng.uniform(0, 3000, (16, 16)).astype(np.float32)]
     ds = dcmread(write_series(tmp_path / "mr", "MR", mr, 1.0, "mr-denoise")[0])
     assert np.array_equal(ds.pixel_array, np.round(mr[0]).astype(np.uint16))
+
+
+def test_the_nlm_oracle_is_the_best_psnr_of_its_grid() -> None:
+    """`_best_nlm` (which bench/robustness_node.py adds up as PSNR figures) is one number: the
+    best of the grid that run_cell also takes NLM's images from."""
+    rng = np.random.default_rng(0)
+    clean = np.zeros((64, 64), np.float32)
+    clean[16:48, 16:48] = 100.0
+    noisy = (clean + rng.normal(0.0, 20.0, clean.shape)).astype(np.float32)
+    window = (-100.0, 200.0)
+    grid = robustness._nlm_grid(noisy, clean, 20.0, window)
+    assert set(grid) == set(robustness.NLM_H)
+    best = robustness._best_nlm(noisy, clean, 20.0, window)
+    assert isinstance(best, float) and best == max(score for score, _ in grid.values())
+    assert best > float(robustness.metrics.psnr(noisy, clean, window))  # NLM does remove noise
