@@ -28,7 +28,7 @@ from engines.nets import build, parameter_count
 from engines.netspec import NetSpec
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
 from train.metrics import ROI_SIDE
-from train.presets import Preset
+from train.presets import HU, Preset
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ LEVEL_FLOOR = 2.5e-4
 # a uniform region may move (issue 17's bar) in normalised units, whatever the noise. A region's
 # mean HU is read in absolute terms; divided by the level, the term would let a noisy pair's
 # regions drift (a run so made moved ROI means by up to 6.5 HU)
-MEAN_TOLERANCE = 2.0 / 4095.0
+MEAN_TOLERANCE = 2.0 / (HU.hi - HU.lo)
 
 
 def loss_fn(kind: str, ssim_weight: float, mean_weight: float = 0.0, per_level: float = 0.0) -> Any:
