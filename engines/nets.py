@@ -35,7 +35,9 @@ class DnCNN(nn.Module):
         self.centre = spec.context_slices // 2
         self.context = spec.context_slices
         self.noise_map = spec.noise_map
-        self.offset, self.gain = spec.offset, spec.gain
+        if spec.relax and not (self.asinh and spec.noise_map):
+            raise ValueError("relax adapts the asinh transform to the noise map: it needs both")
+        self.offset, self.gain, self.relax = spec.offset, spec.gain, spec.relax
         c_in = spec.input_channels * self.factor**2
         c_out = self.factor**2
         layers: list[nn.Module] = [nn.Conv2d(c_in, spec.width, 3, padding=1), nn.ReLU(inplace=True)]
@@ -51,7 +53,10 @@ class DnCNN(nn.Module):
         if self.factor > 1:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         level = x[:, self.context :] * (self.gain * NOISE_MAP_GAIN) if self.noise_map else None
-        z = (x[:, : self.context] - self.offset) * self.gain
+        gain: torch.Tensor | float = self.gain
+        if self.relax:
+            gain = self.gain / (1.0 + self.relax * self.gain * x[:, self.context :])
+        z = (x[:, : self.context] - self.offset) * gain
         if self.asinh:
             z = _asinh(z)
         features = z if level is None else torch.cat([z, level], dim=1)
@@ -60,7 +65,7 @@ class DnCNN(nn.Module):
         else:
             noise = self.body(features)
         clean = z[:, self.centre : self.centre + 1] - noise
-        out = self.offset + (_sinh(clean) if self.asinh else clean) / self.gain
+        out = self.offset + (_sinh(clean) if self.asinh else clean) / gain
         return out[..., :h, :w]
 
 

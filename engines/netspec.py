@@ -35,6 +35,11 @@ class NetSpec:
     # dncnn: one more input channel, the series' estimated noise SD (normalised), as FFDNet's
     # noise map: the net is told how much to remove instead of guessing it (DESIGN 3.4)
     noise_map: bool = False
+    # dncnn with asinh and a noise map: the gain is gain / (1 + relax * gain * level), so the
+    # transform turns nearly linear where the noise itself spans its curved range (a 240 HU
+    # noise SD is 1.2 units at gain 20, where asinh skews the noise and the net must learn
+    # the mean's correction); 0 = the fixed gain
+    relax: float = 0.0
 
     @property
     def input_channels(self) -> int:

@@ -117,6 +117,12 @@ def add_parsers(sub: Any) -> None:
         help="denoiser: remove the noise from the linear image or from its asinh (which compresses "
         "air and bone so strong edges stay small beside the noise)",
     )
+    t.add_argument(
+        "--relax",
+        type=float,
+        help="denoiser with asinh and a noise map: divide the transform's gain by 1 + RELAX x gain x "
+        "the noise level, so it is nearly linear where the noise is large (0 = fixed gain)",
+    )
     for name, text in DEGRADATION_RANGES:
         t.add_argument(f"--{name.replace('_', '-')}", type=float, nargs=2, metavar=("LO", "HI"), help=text)
     t.add_argument("--seed", type=int, default=0)
@@ -198,7 +204,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--self-supervised trains denoisers only")
     if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
         raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
-    base_taps, transform, noise_map = args.base_taps, args.transform, args.noise_map
+    base_taps, transform, noise_map, relax = args.base_taps, args.transform, args.noise_map, args.relax
     if noise_map and preset.task != "denoise":
         raise UsageError("--noise-map is for denoisers")
     if args.init_from is not None:  # a fine-tune keeps the base and transform it was trained with unless told
@@ -209,6 +215,7 @@ def _train(args: argparse.Namespace) -> int:
         base_taps = source.base_taps if base_taps is None else base_taps
         transform = source.transform if transform is None else transform
         noise_map = noise_map or source.noise_map
+        relax = source.relax if relax is None else relax
     net = with_overrides(
         preset.net,
         depth=args.depth,
@@ -217,6 +224,7 @@ def _train(args: argparse.Namespace) -> int:
         base_taps=base_taps,
         transform=transform,
         noise_map=noise_map or None,
+        relax=relax,
     )
     ranges = {name: getattr(args, name) for name, _ in DEGRADATION_RANGES}
     deg: Degradation = with_overrides(

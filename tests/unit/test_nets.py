@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,31 @@ def test_asinh_dncnn_removes_the_noise_in_the_asinh_domain() -> None:
     linear.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert float((linear(x) - out).abs().max()) > 1e-3  # the transform changes what comes out
+
+
+def test_relax_lowers_the_asinh_gain_where_the_noise_map_is_large() -> None:
+    """relax: gain_eff = gain / (1 + relax * gain * level); out = offset + sinh(asinh((x - offset)
+    gain_eff) - body) / gain_eff, per pixel of the map; it needs asinh and a noise map."""
+    spec = NetSpec(
+        "dncnn", depth=3, width=8, unshuffle=1, offset=0.25, gain=20.0, transform="asinh", noise_map=True, relax=2.0
+    )
+    model = DnCNN(spec).eval()
+    _perturb(model)
+    x = torch.rand(2, 1, 16, 16)
+    level = torch.tensor([0.001, 0.06]).view(2, 1, 1, 1).expand(2, 1, 16, 16)
+    with torch.no_grad():
+        out = model(torch.cat([x, level], dim=1))
+        gain = 20.0 / (1.0 + 2.0 * 20.0 * level)
+        u = torch.asinh((x - 0.25) * gain)
+        expected = 0.25 + torch.sinh(u - model.body(torch.cat([u, level * 20.0 * 10.0], dim=1))) / gain
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    fixed = DnCNN(replace(spec, relax=0.0)).eval()
+    fixed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        fixed_out = fixed(torch.cat([x, level], dim=1))
+    assert float((fixed_out[1] - out[1]).abs().max()) > 10 * float((fixed_out[0] - out[0]).abs().max())
+    with pytest.raises(ValueError, match="relax adapts the asinh transform"):
+        DnCNN(replace(spec, noise_map=False))
 
 
 def test_asinh_compresses_an_air_edge_but_not_soft_tissue_noise() -> None:
