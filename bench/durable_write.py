@@ -27,17 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage.filestore import FileStore  # noqa: E402
+from storage.filestore import FileStore, _fsync_dir  # noqa: E402  (the node's own folder fsync)
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _syncfs(path: Path) -> None:
