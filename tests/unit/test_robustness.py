@@ -36,8 +36,9 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
     result = robustness.run_cell(engine, manifest, cell, held, realisations=1, seed=0)
     base = robustness.baseline_name(manifest, result)
     row = result.summary(base)
+    # each of the three figures is rounded to 3 decimals, so they agree to 1.5e-3, not 1e-3
     assert math.isfinite(row["gain"]) and row["gain"] == pytest.approx(
-        row["model_psnr"] - row[f"{base}_psnr"], abs=1e-3
+        row["model_psnr"] - row[f"{base}_psnr"], abs=1.5e-3 + 1e-9
     )
     if manifest.task == "denoise":
         assert row["input_psnr"] < row["nlm_psnr"] and "model_bias" in row
