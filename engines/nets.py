@@ -35,8 +35,8 @@ class DnCNN(nn.Module):
         self.centre = spec.context_slices // 2
         self.context = spec.context_slices
         self.noise_map = spec.noise_map
-        if spec.relax and not (self.asinh and spec.noise_map):
-            raise ValueError("relax adapts the asinh transform to the noise map: it needs both")
+        if spec.relax < 0 or (spec.relax and not (self.asinh and spec.noise_map)):
+            raise ValueError("relax (>= 0) adapts the asinh transform to the noise map: it needs both")
         self.offset, self.gain, self.relax = spec.offset, spec.gain, spec.relax
         c_in = spec.input_channels * self.factor**2
         c_out = self.factor**2

@@ -161,7 +161,7 @@ def restore_mean(before: Array, after: Array, inside: NDArray[np.bool_], sigma_p
 def _upsampler(coarse: int, step: int, fine: int) -> Array:
     """(fine, coarse) matrix of linear interpolation `step` times finer along one axis, exactly
     ndimage.zoom(order=1, mode="nearest", grid_mode=True) (linear, hence separable: the 2-D
-    zoom is U_rows @ a @ U_cols.T), ~20x faster than zoom itself on a 512x512 slice."""
+    zoom is U_rows @ a @ U_cols.T); restore_mean takes 7-8 ms a 512x512 slice with it, 21-35 with zoom."""
     eye = np.eye(coarse, dtype=np.float32)
     return np.ascontiguousarray(ndimage.zoom(eye, (step, 1), order=1, mode="nearest", grid_mode=True)[:fine])
 

@@ -215,7 +215,8 @@ def _train(args: argparse.Namespace) -> int:
         base_taps = source.base_taps if base_taps is None else base_taps
         transform = source.transform if transform is None else transform
         noise_map = noise_map or source.noise_map
-        relax = source.relax if relax is None else relax
+        if relax is None:  # part of the source's asinh transform: kept with it, not with another
+            relax = source.relax if transform == source.transform else 0.0
     net = with_overrides(
         preset.net,
         depth=args.depth,

@@ -271,8 +271,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
 def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.device) -> None:
     """Weights of an earlier run's checkpoint, or of a model package (a shipped model's, or a
     site's), as the starting point. The net must be the same, except for an SR net's base
-    interpolation and a denoiser's transform (and its relax), which have no weights (training then adapts the
-    weights to the new base or domain)."""
+    interpolation and a denoiser's transform (and its relax), which have no weights (training
+    then adapts the weights to the new base or domain)."""
     source, weights = _package_weights(path, model) if path.is_dir() else _checkpoint_weights(path, device)
     same = replace(source, base_taps=net.base_taps, transform=net.transform, noise_map=net.noise_map, relax=net.relax)
     if same != net:

@@ -116,8 +116,9 @@ def test_relax_lowers_the_asinh_gain_where_the_noise_map_is_large() -> None:
     with torch.no_grad():
         fixed_out = fixed(torch.cat([x, level], dim=1))
     assert float((fixed_out[1] - out[1]).abs().max()) > 10 * float((fixed_out[0] - out[0]).abs().max())
-    with pytest.raises(ValueError, match="relax adapts the asinh transform"):
-        DnCNN(replace(spec, noise_map=False))
+    for bad in (replace(spec, noise_map=False), replace(spec, transform="linear"), replace(spec, relax=-1.0)):
+        with pytest.raises(ValueError, match="adapts the asinh transform to the noise map"):
+            DnCNN(bad)
 
 
 def test_asinh_compresses_an_air_edge_but_not_soft_tissue_noise() -> None:

@@ -267,13 +267,14 @@ def test_a_fine_tune_keeps_the_sources_transform_and_base_unless_told(tmp_path: 
     def net_of(run: Path) -> dict[str, object]:
         return dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["net"])
 
-    assert main(["train", *TINY_DN, "--transform", "asinh", "--out", str(tmp_path / "asinh")]) == 0
+    relaxed = ["--transform", "asinh", "--noise-map", "--relax", "2"]
+    assert main(["train", *TINY_DN, *relaxed, "--out", str(tmp_path / "asinh")]) == 0
     source = str(tmp_path / "asinh" / "checkpoint.pt")
     assert main(["train", *TINY_DN, "--init-from", source, "--out", str(tmp_path / "kept")]) == 0
-    assert net_of(tmp_path / "kept")["transform"] == "asinh"
+    assert net_of(tmp_path / "kept")["transform"] == "asinh" and net_of(tmp_path / "kept")["relax"] == 2.0
     told = ["--transform", "linear", "--init-from", source, "--out", str(tmp_path / "told")]
-    assert main(["train", *TINY_DN, *told]) == 0
-    assert net_of(tmp_path / "told")["transform"] == "linear"
+    assert main(["train", *TINY_DN, *told]) == 0  # relax belongs to asinh: it goes with it
+    assert net_of(tmp_path / "told")["transform"] == "linear" and net_of(tmp_path / "told")["relax"] == 0.0
 
     assert main(["train", *TINY_SR, "--base-taps", "3", "--out", str(tmp_path / "lanczos")]) == 0
     sr_source = str(tmp_path / "lanczos" / "checkpoint.pt")
