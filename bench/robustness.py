@@ -235,8 +235,9 @@ def run_cell(
                 if denoise:
                     result.add("input", metrics.psnr(low, target, window))
                     grid = _nlm_grid(low, target, sigma, window)
-                    result.add("nlm", max(score for score, _ in grid.values()))
-                    h = max(grid, key=lambda g: grid[g][0]) if k == 0 else h
+                    oracle = max(grid, key=lambda g: grid[g][0])
+                    result.add("nlm", grid[oracle][0])
+                    h = oracle if k == 0 else h
                 else:
                     th, tw = low.shape[0] * manifest.scale, low.shape[1] * manifest.scale
                     target = target[:th, :tw]
