@@ -46,6 +46,8 @@ DEGRADATION_RANGES = (
     ("noise_sd", "low-dose CT: the added noise's SD range in HU (log-uniform); 0 0 = as the physics gives it"),
     ("texture_sd", "denoisers: the scan's own noise kept in the target (HU for CT, %% for MR); 0 0 = none"),
     ("sharpen", "low-dose CT: edge enhancement after reconstruction (bone kernels), amount range; 0 0 = none"),
+    ("white_fraction", "low-dose CT: share of the added noise's variance that is pixel-independent, range"),
+    ("white_slope", "low-dose CT: that share's power rises as |f|^slope to the grid's corners, range; 0 0 = white"),
 )
 
 

@@ -80,7 +80,7 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
         white = _maybe(rng, deg.white_fraction)
         if white > 0:  # same SD, that share of its variance pixel-independent
             sd = float(np.std(noise)) or 1.0
-            fresh = rng.normal(0.0, sd, noise.shape).astype(np.float32)
+            fresh = _coloured(rng.normal(0.0, 1.0, noise.shape), _maybe(rng, deg.white_slope), sd)
             noise = (np.sqrt(1.0 - white) * noise + np.sqrt(white) * fresh).astype(np.float32)
         clean = kernel_blur(slab.pixels, recon) if recon else slab.pixels
         texture_sd = _maybe(rng, deg.texture_sd)
@@ -128,6 +128,16 @@ def degrade(slab: Slab, deg: Degradation, rng: np.random.Generator, ct: LowDoseC
         lr_sd = _maybe(rng, deg.lr_noise, log=True) / 100.0 * float(np.percentile(slab.pixels, 99.5))
         return mr_kspace_truncate(slab.pixels, deg.scale, window, fraction, lr_sd, rng, alpha), centre
     raise ValueError(f"unknown degradation {deg.kind!r}")
+
+
+def _coloured(white: NDArray[np.float64], slope: float, sd: float) -> Array:
+    """White noise (context, h, w) coloured so that its power rises as |f|^slope over each
+    slice's frequency grid, scaled to SD `sd` (Degradation.white_slope)."""
+    if slope > 0:
+        fy, fx = np.fft.fftfreq(white.shape[-2]), np.fft.fftfreq(white.shape[-1])
+        amplitude = np.hypot(fy[:, None], fx[None, :]) ** (slope / 2.0)
+        white = np.real(np.fft.ifft2(np.fft.fft2(white, axes=(-2, -1)) * amplitude, axes=(-2, -1)))
+    return (white * (sd / (float(np.std(white)) or 1.0))).astype(np.float32)
 
 
 def _sharpened(stack: Array, amount: float) -> Array:

@@ -63,6 +63,11 @@ class Degradation:
     # interpolation, or noise synthesised on the grid puts power up to its corners, which a net
     # that never saw it leaves in place (issue 17: 2.0.0 left a third of it)
     white_fraction: tuple[float, float] = (0.0, 0.0)
+    # lowdose-ct: the colour of that pixel-independent share, drawn uniformly: its noise power
+    # rises as |f|^slope over the whole grid (0 = white; 1 = a flat-MTF kernel's ramp carried
+    # to the grid's corners, where a sharp kernel's noise has most of its power; above 1, an
+    # edge-enhancing one's). A net that never saw such noise leaves half of it in place
+    white_slope: tuple[float, float] = (0.0, 0.0)
     # lowdose-ct: the amount of edge enhancement after FBP (unsharp masking, Gaussian sigma
     # SHARPEN_SIGMA_PX) on both images, drawn uniformly: bone and lung kernels lift the MTF above
     # 1 at middle and high frequencies, so their noise has more of its power there than any plain
@@ -136,7 +141,8 @@ PRESETS: dict[str, Preset] = {
                 electronic_sd=(0.0, 10.0),
                 noise_sd=(0.7, 300.0),
                 texture_sd=(0.0, 10.0),
-                white_fraction=(0.0, 0.8),
+                white_fraction=(0.0, 1.0),
+                white_slope=(0.0, 1.5),
                 sharpen=(0.0, 1.5),
             ),
             phantom_size=512,

@@ -134,6 +134,33 @@ def test_white_fraction_puts_noise_power_beyond_the_reconstructions_band(ct_slab
     assert float(np.std((low[0] - target)[tissue])) == pytest.approx(30.0, rel=1e-3)  # the level is kept
 
 
+def test_white_slope_moves_the_pixel_independent_noise_to_the_grids_corners(ct_slab: Slab) -> None:
+    """A sharp kernel's noise has most of its power where both frequencies are high; white
+    noise has 4% of its power there (the corners' share of the grid), |f|^1.5 more than twice
+    that. The level drawn is kept and the share's colour is the only thing that changes."""
+    sim = LowDoseCT()
+    fy, fx = np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij")
+    corners = np.minimum(np.abs(fy), np.abs(fx)) > 0.4
+
+    def run(slope: float) -> tuple[float, float]:
+        deg = Degradation(
+            "lowdose-ct",
+            recon_filters=("ramp",),
+            noise_sd=(30.0, 30.0),
+            white_fraction=(1.0, 1.0),
+            white_slope=(slope, slope),
+        )
+        low, target = degrade(ct_slab, deg, np.random.default_rng(8), sim)
+        power = np.abs(np.fft.fft2(low[0] - target)) ** 2
+        tissue = object_mask(target, ct=True)
+        return float(power[corners].sum() / power.sum()), float(np.std((low[0] - target)[tissue]))
+
+    (white, white_sd), (steep, steep_sd) = run(0.0), run(1.5)
+    assert white == pytest.approx(float(corners.mean()), rel=0.25)
+    assert steep > 2.0 * white
+    assert white_sd == pytest.approx(30.0, rel=1e-3) and steep_sd == pytest.approx(30.0, rel=1e-3)
+
+
 def test_sharpen_lifts_the_high_frequencies_of_noise_and_anatomy_alike(ct_slab: Slab) -> None:
     """An edge-enhancing kernel: more of the noise's power near the grid's corners than the ramp
     gives, the same enhancement in the target (the scanner shows the anatomy through it too),
@@ -226,6 +253,7 @@ def test_presets_cover_the_ranges_of_issue_17() -> None:
     assert ct.post_smooth_px[1] > 0 and ct.flux[1] / ct.flux[0] >= 4 and ct.electronic_sd[1] > 0
     assert ct.noise_sd[0] <= 1.0 and ct.noise_sd[1] >= 250.0 and ct.texture_sd[1] >= 10.0
     assert ct.white_fraction[0] == 0.0 and ct.white_fraction[1] >= 0.5
+    assert ct.white_slope[0] == 0.0 and ct.white_slope[1] >= 1.0  # white to a sharp kernel's ramp and beyond
     assert ct.sharpen[0] == 0.0 and ct.sharpen[1] >= 1.0
     mr = PRESETS["mr-denoise"].degradation
     assert mr.sigma_percent[1] / mr.sigma_percent[0] >= 10 and mr.bias_field > 0 and mr.texture_sd[1] > 0
