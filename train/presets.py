@@ -65,8 +65,8 @@ class Degradation:
     white_fraction: tuple[float, float] = (0.0, 0.0)
     # lowdose-ct: the colour of that pixel-independent share, drawn uniformly: its noise power
     # rises as |f|^slope over the whole grid (0 = white; 1 = a flat-MTF kernel's ramp carried
-    # to the grid's corners, where a sharp kernel's noise has most of its power; above 1, an
-    # edge-enhancing one's). A net that never saw such noise leaves half of it in place
+    # to the grid's corners, half its power where a frequency is above 0.4 cycles per pixel;
+    # above 1, an edge-enhancing kernel's). A net that never saw such noise leaves half of it
     white_slope: tuple[float, float] = (0.0, 0.0)
     # lowdose-ct: the amount of edge enhancement after FBP (unsharp masking, Gaussian sigma
     # SHARPEN_SIGMA_PX) on both images, drawn uniformly: bone and lung kernels lift the MTF above
