@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage.filestore import FileStore, _fsync_dir  # noqa: E402  (the node's own folder fsync)
+from storage.filestore import FileStore, fsync_dir  # noqa: E402
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
@@ -63,7 +63,7 @@ def group_fsync(store: FileStore, root: Path, folder: Path, data: bytes, n: int)
         os.close(fd)
     for path in temps:
         os.rename(path, folder / uuid.uuid4().hex)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def group_syncfs(store: FileStore, root: Path, folder: Path, data: bytes, n: int) -> None:
