@@ -135,9 +135,9 @@ def test_white_fraction_puts_noise_power_beyond_the_reconstructions_band(ct_slab
 
 
 def test_white_slope_moves_the_pixel_independent_noise_to_the_grids_corners(ct_slab: Slab) -> None:
-    """A sharp kernel's noise has most of its power where both frequencies are high; white
-    noise has 4% of its power there (the corners' share of the grid), |f|^1.5 more than twice
-    that. The level drawn is kept and the share's colour is the only thing that changes."""
+    """White noise has 4% of its power where both frequencies are above 0.4 cycles per pixel
+    (the corners' share of the grid); coloured as |f|^1.5, as a sharp or edge-enhancing
+    kernel's noise is, more than twice that. The level drawn is kept either way."""
     sim = LowDoseCT()
     fy, fx = np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij")
     corners = np.minimum(np.abs(fy), np.abs(fx)) > 0.4
