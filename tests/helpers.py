@@ -58,7 +58,12 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
 
 
 def require(cmd: str) -> str:
-    path = shutil.which(cmd)
+    """The DCMTK command `cmd`, searched on PATH without the virtualenv's bin folder: pynetdicom
+    installs Python apps of the same names there (storescu, storescp, echoscu, ...), which an
+    activated virtualenv would otherwise put first."""
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin]
+    path = shutil.which(cmd, path=os.pathsep.join(dirs))
     if path is None:
         pytest.fail(f"{cmd} not found: `make test` installs dcmtk (Debian package)")
     return path
