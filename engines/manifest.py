@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,10 @@ class ModelManifest:
     # a denoiser's output gets the regional mean of what it removed put back (Gaussian sigma in
     # pixels; engines.pipeline.restore_mean): it may remove noise, not shift mean HU. 0 = off
     restore_mean_px: float = 0.0
+    # with restore_mean_px: class bounds in the image's units (HU for CT), increasing; the body is
+    # split into classes by the denoised value and each class gets its own regional mean back
+    # (engines.pipeline.restore_mean), so nothing is carried across a tissue edge. () = one class
+    restore_mean_bounds: tuple[float, ...] = ()
     # super-resolution: each output pixel is kept within the range of the 3x3 input pixels round
     # it (engines.pipeline.clamp_to_input): no halo or overshoot beyond what the input shows
     clamp_to_input: bool = False
@@ -169,6 +174,9 @@ class ModelManifest:
             raise ManifestError(f"context_slices must be odd and >= 1, got {self.context_slices}")
         if self.restore_mean_px < 0 or (self.restore_mean_px and self.task != "denoise"):
             raise ManifestError("restore_mean_px is a denoiser's, and >= 0")
+        bounds = self.restore_mean_bounds
+        if bounds and (not self.restore_mean_px or any(b >= c for b, c in pairwise(bounds))):
+            raise ManifestError("restore_mean_bounds need restore_mean_px > 0 and must increase")
         if self.clamp_to_input and self.task != "sr":
             raise ManifestError("clamp_to_input is for sr models")
         if not 0.0 <= self.consistency <= 1.0 or (self.consistency and self.task != "sr"):
@@ -202,6 +210,7 @@ class ModelManifest:
                 metrics=dict(data.get("metrics", {})),
                 noise_map=_boolean(data.get("noise_map", False)),
                 restore_mean_px=float(data.get("restore_mean_px", 0.0)),
+                restore_mean_bounds=tuple(float(b) for b in data.get("restore_mean_bounds", ())),
                 clamp_to_input=_boolean(data.get("clamp_to_input", False)),
                 consistency=float(data.get("consistency", 0.0)),
                 applies_to=AppliesTo.from_dict(_table(data.get("applies_to", {}), "applies_to")),
@@ -221,6 +230,7 @@ class ModelManifest:
             "context_slices": self.context_slices,
             "noise_map": self.noise_map,
             "restore_mean_px": self.restore_mean_px,
+            "restore_mean_bounds": list(self.restore_mean_bounds),
             "clamp_to_input": self.clamp_to_input,
             "consistency": self.consistency,
             "applies_to": self.applies_to.as_dict(),

@@ -102,7 +102,7 @@ def enhance_volume(
     result = Normalization.inverse(out, window)
     if m.task == "denoise" and m.restore_mean_px > 0:
         inside = values > AIR_HU if norm.kind == "hu" else np.ones(values.shape, bool)
-        result = restore_mean(values, result, inside, m.restore_mean_px)
+        result = restore_mean(values, result, inside, m.restore_mean_px, m.restore_mean_bounds)
     if m.task == "sr" and m.clamp_to_input:
         result = clamp_to_input(values, result, scale)
     if m.task == "sr" and m.consistency > 0:
@@ -137,11 +137,19 @@ def enforce_consistency(low: Array, high: Array, scale: int, weight: float) -> A
 RESTORE_STEP = 4  # the regional mean is taken on a grid this many times coarser (it is smooth)
 
 
-def restore_mean(before: Array, after: Array, inside: NDArray[np.bool_], sigma_px: float) -> Array:
+def restore_mean(
+    before: Array, after: Array, inside: NDArray[np.bool_], sigma_px: float, bounds: tuple[float, ...] = ()
+) -> Array:
     """`after` with the regional mean of what it removed put back: the Gaussian-weighted mean
     (sigma in pixels, within each slice) of before - after over the pixels `inside` (the body).
     A denoiser may remove noise, whose regional mean is near zero, but not shift mean HU. Taken
-    on a 4x coarser grid and interpolated back (the mean is smooth; a few ms a 512x512 slice)."""
+    on a 4x coarser grid and interpolated back (the mean is smooth; a few ms a 512x512 slice).
+
+    With `bounds` (increasing, in the image's units: HU for CT) the pixels inside are split into
+    classes by their denoised value (below the first bound, between two, above the last) and
+    each class gets the regional mean of its own pixels: what the net took from a soft-tissue
+    region next to bone or air is not spread into it, and what it smoothed across such an edge
+    is given back to each side."""
     z, h, w = before.shape
     step = RESTORE_STEP
     hh, ww = -(-h // step) * step, -(-w // step) * step
@@ -152,9 +160,18 @@ def restore_mean(before: Array, after: Array, inside: NDArray[np.bool_], sigma_p
         return np.asarray(ndimage.gaussian_filter(blocks, (0, sigma_px / step, sigma_px / step), mode="constant"))
 
     residual = np.where(inside, before - after, 0.0).astype(np.float32)
-    mean = coarse(residual) / np.maximum(coarse(inside.astype(np.float32)), 1e-3)
-    fine = _upsampler(hh // step, step, h) @ mean @ _upsampler(ww // step, step, w).T
-    return np.where(inside, after + fine, after).astype(np.float32)
+    labels = sum(((after > b).astype(np.int8) for b in bounds), np.zeros(after.shape, np.int8))
+    labels[~inside] = -1  # comparisons, not np.digitize: 10x faster on a slice
+    rows, cols = _upsampler(hh // step, step, h), _upsampler(ww // step, step, w).T
+    restored = np.zeros_like(residual)
+    for k in range(len(bounds) + 1):
+        mask = labels == k
+        if not mask.any():
+            continue
+        share = coarse(mask.astype(np.float32))
+        mean = coarse(np.where(mask, residual, np.float32(0.0))) / np.maximum(share, 1e-3)
+        np.copyto(restored, rows @ mean @ cols, where=mask)
+    return np.asarray(after + restored, np.float32)
 
 
 @lru_cache(maxsize=16)

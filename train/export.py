@@ -94,6 +94,7 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
         context_slices=context,
         noise_map=spec.noise_map,
         restore_mean_px=preset.restore_mean_px,
+        restore_mean_bounds=preset.restore_mean_bounds,
         applies_to=APPLIES_TO[preset.modality],
         normalization=Normalization.from_dict(run["normalization"]),
         tile=Tile(*preset.tile),

@@ -98,6 +98,7 @@ class Preset:
     tile: tuple[int, int] = (512, 32)
     modalities: tuple[str, ...] = field(default=())
     restore_mean_px: float = 0.0  # the package's restore_mean_px (engines.pipeline.restore_mean)
+    restore_mean_bounds: tuple[float, ...] = ()  # and its restore_mean_bounds (classes, image units)
 
 
 # What an exported model is for (model.toml's [applies_to], docs/processing.md): the images it
@@ -149,7 +150,10 @@ PRESETS: dict[str, Preset] = {
             phantoms=48,
             draws=2,
             epochs=24,
-            restore_mean_px=16.0,
+            # each tissue class (air and lung, fat, soft tissue, bone and contrast) gets the
+            # regional mean of what was removed from it back, within 6 px (issue 17, docs/processing.md)
+            restore_mean_px=6.0,
+            restore_mean_bounds=(-300.0, -30.0, 200.0),
         ),
         Preset(
             "mr-denoise",

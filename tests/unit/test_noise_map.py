@@ -90,6 +90,35 @@ def test_restore_mean_puts_back_a_regional_shift_and_leaves_noise_removal_alone(
         )
 
 
+def test_restore_mean_by_class_keeps_an_edge_smoothed_by_the_denoiser_out_of_the_tissue_beside_it() -> None:
+    """Soft tissue (40 HU) beside bone (1000 HU), the edge smoothed over ~1 px by a denoiser:
+    what that moved is a +/- pair of residuals at the edge whose regional mean, taken over the
+    body, shifts the soft tissue within a few sigma of the edge by ~10 HU. Split at 200 HU, the
+    soft tissue's regional mean is taken over soft tissue only, and the shift halves."""
+    from scipy import ndimage
+
+    from engines.pipeline import restore_mean
+
+    rng = np.random.default_rng(1)
+    clean = np.full((1, 96, 96), 40.0, np.float32)
+    clean[:, :, 48:] = 1000.0
+    noisy = clean + rng.normal(0.0, 20.0, clean.shape).astype(np.float32)
+    smoothed = ndimage.gaussian_filter(clean, (0, 0, 1.0)).astype(np.float32)  # noise removed, edge blurred
+    inside = np.ones(clean.shape, bool)
+    near = (slice(None), slice(8, 88), slice(36, 45))  # soft tissue 3-12 px from the edge, untouched by the blur
+    assert float(np.abs(smoothed - clean)[near].max()) < 0.5
+    one_class = float((restore_mean(noisy, smoothed, inside, 6.0) - clean)[near].mean())
+    by_class = float((restore_mean(noisy, smoothed, inside, 6.0, (200.0,)) - clean)[near].mean())
+    assert one_class < -5.0
+    assert abs(by_class) < 0.6 * abs(one_class)
+    assert np.array_equal(restore_mean(noisy, smoothed, inside, 6.0, ()), restore_mean(noisy, smoothed, inside, 6.0))
+    data = load(Path(__file__).resolve().parents[2] / "models" / "ct-denoise").as_dict()
+    assert ModelManifest.from_dict({**data, "restore_mean_bounds": [-300, 200]}).restore_mean_bounds == (-300.0, 200.0)
+    for wrong in ({"restore_mean_bounds": [200, -300]}, {"restore_mean_px": 0, "restore_mean_bounds": [200]}):
+        with pytest.raises(ManifestError, match="restore_mean_bounds"):
+            ModelManifest.from_dict({**data, **wrong})
+
+
 def test_restore_mean_interpolates_as_ndimage_zoom_does() -> None:
     """The regional mean comes back to full resolution by a product of two interpolation
     matrices; it must be exactly the linear zoom it replaces, at sizes not divisible by 4 too."""
