@@ -343,7 +343,8 @@ def test_denoising_only_the_content_box_changes_nothing_inside_it() -> None:
     level = noise_level(x[:, 0], engine.manifest.normalization)  # the noise map, as the pipeline fills it
     x = np.concatenate([x, np.full_like(x, level)], axis=1)
     reference = whole_slice(engine.infer, x, engine.manifest.tile, 1, 8)[:, 0] * 4095 - 1024
-    reference = restore_mean(clipped, reference, clipped > -900, engine.manifest.restore_mean_px)
+    m = engine.manifest
+    reference = restore_mean(clipped, reference, clipped > -900, m.restore_mean_px, m.restore_mean_bounds)
     inside = (slice(None), slice(rows.start + 32, rows.stop - 32), slice(cols.start + 32, cols.stop - 32))
     assert float(np.abs(out[inside] - reference[inside]).max()) < 0.01
     outside = np.ones(v.shape[1:], bool)
