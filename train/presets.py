@@ -67,6 +67,7 @@ class Degradation:
     # rises as |f|^slope over the whole grid (0 = white; 1 = a flat-MTF kernel's ramp carried
     # to the grid's corners, half its power where a frequency is above 0.4 cycles per pixel;
     # above 1, an edge-enhancing kernel's). A net that never saw such noise leaves half of it
+    # in place
     white_slope: tuple[float, float] = (0.0, 0.0)
     # lowdose-ct: the amount of edge enhancement after FBP (unsharp masking, Gaussian sigma
     # SHARPEN_SIGMA_PX) on both images, drawn uniformly: bone and lung kernels lift the MTF above
