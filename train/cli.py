@@ -246,8 +246,17 @@ def _train(args: argparse.Namespace) -> int:
         phantoms=args.phantoms,
         draws=args.draws,
     )
-    if preset.draws < 1:
-        raise UsageError("--draws must be at least 1")
+    counts = {
+        "--epochs": preset.epochs,
+        "--steps-per-epoch": preset.steps_per_epoch,
+        "--batch": preset.batch,
+        "--phantoms": preset.phantoms,
+        "--draws": preset.draws,
+        "--workers": args.workers,
+    }
+    for flag, count in counts.items():
+        if count < 1:
+            raise UsageError(f"{flag} must be at least 1")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     if args.mean_weight < 0 or args.ssim_weight < 0:

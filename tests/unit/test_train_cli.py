@@ -249,6 +249,10 @@ def test_loss_per_level_reaches_the_loop_and_is_recorded(tmp_path: Path) -> None
         (["--mean-weight", "1", "--patch", "8"], "--patch must be at least 15"),
         (["--loss-per-level"], "add --noise-map"),
         (["--loss-per-level", "3"], "between 0 and 2"),
+        (["--epochs", "0"], "--epochs must be at least 1"),  # was a ZeroDivisionError traceback
+        (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1"),
+        (["--draws", "0"], "--draws must be at least 1"),
+        (["--workers", "0"], "--workers must be at least 1"),
     ],
 )
 def test_loss_weights_are_checked(
