@@ -12,11 +12,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.pixels import apply_rescale
 
+from bench import acquisition as acq
 from bench import robustness
 from bench.robustness_node import write_series
 from engines.manifest import load
 from engines.registry import EngineOptions, open_engine
 from tests.helpers import REPO
+from train import metrics
 
 
 def test_matrices_cover_the_conditions() -> None:
@@ -44,8 +46,36 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
         assert row["input_psnr"] < row["nlm_psnr"] and "model_bias" in row
         # NLM's own bias over the same draws, one figure per slice (a few HU at this cell's dose)
         assert len(result.nlm_bias) == len(held) and 0.0 <= row["nlm_bias"] < 50.0
+        assert 0.0 <= row["bias_se"] < 5.0
     else:
         assert base in ("lanczos", "bicubic") and "model_bias" not in row
+
+
+def test_paired_bias_keeps_the_methods_shift_and_drops_the_draws_noise() -> None:
+    """Four draws whose low-frequency noise moves the ROI by +4, 0, +2, +2 HU (mean +2): the mean
+    of the outputs alone would read a 1.5 HU shift as 3.5 HU; output - input reads 1.5 exactly."""
+    target = np.full((64, 64), 40.0, np.float32)
+    rois = metrics.uniform_rois(target, robustness.SOFT_TISSUE)
+    inputs = [target + offset for offset in (4.0, 0.0, 2.0, 2.0)]
+    shifted = [x + 1.5 for x in inputs]
+    assert metrics.roi_bias_and_sd(np.mean(shifted, axis=0), target, rois)[0] == pytest.approx(3.5)
+    assert robustness.paired_bias(shifted, inputs, rois) == pytest.approx((1.5, 0.0))
+    # a method whose shift varies from draw to draw: its mean, and a standard error above zero
+    varied = [x + d for x, d in zip(inputs, (1.0, 2.0, 1.0, 2.0), strict=True)]
+    bias, se = robustness.paired_bias(varied, inputs, rois)
+    assert bias == pytest.approx(1.5) and se == pytest.approx(np.std([1.0, 2.0, 1.0, 2.0], ddof=1) / 2.0)
+    assert all(math.isnan(v) for v in robustness.paired_bias(shifted, inputs, []))
+
+
+def test_the_simulators_ct_noise_is_zero_mean() -> None:
+    """paired_bias rests on E[input] = target: the mean of many draws' ROI means is within four
+    standard errors of zero."""
+    rng = np.random.default_rng(7)
+    clean = np.full((96, 96), 40.0, np.float32)
+    kernel = next(iter(acq.KERNELS.values()))
+    means = [float(acq.ct_noise(clean, 0.7, kernel, 0.05, rng)[40:56, 40:56].mean()) for _ in range(64)]
+    assert abs(np.mean(means)) < 4.0 * np.std(means, ddof=1) / np.sqrt(len(means))
+    assert np.std(means) > 0.1  # the ROI means do vary: the estimator has something to cancel
 
 
 def test_verdict_needs_worst_cell_mean_and_bias() -> None:
