@@ -4,8 +4,8 @@ bench/acquisition.py: a simulator written apart from train/degrade.py, so no mod
 the physics it was trained with. Prints per-cell figures, the worst cell and the mean; asserts
 nothing.
 
-    .venv/bin/python bench/robustness.py [--only ct-denoise ...] [--slices 6] [--realisations 2]
-                                         [--json PATH] [--update-manifest]
+    .venv/bin/python bench/robustness.py [--models ROOT ...] [--only ct-denoise ...] [--slices 6]
+                                         [--realisations 2] [--json PATH] [--update-manifest]
 
 Matrices (docs/training.md, "Robustness"):
 - ct-denoise: reconstruction kernel (sharp .. very smooth) x dose (100%, 25%, 10%, 5%); the
@@ -201,6 +201,11 @@ def _best_nlm(noisy: Array, target: Array, sigma: float, window: tuple[float, fl
     return max(score for score, _ in _nlm_grid(noisy, target, sigma, window).values())
 
 
+NlmCache = dict[tuple[str, str], tuple[list[float], float]]
+# (cell, slice) -> NLM's PSNR on each of the first draws and its ROI bias over all the draws: the
+# baseline depends on the degraded slices only, so models scored in one run share it
+
+
 def run_cell(
     engine: Any,
     manifest: ModelManifest,
@@ -209,10 +214,12 @@ def run_cell(
     realisations: int,
     seed: int,
     bias_draws: int = BIAS_DRAWS,
+    nlm_cache: NlmCache | None = None,
 ) -> CellResult:
     """The model and its baselines on every held-out slice, `realisations` draws each; for CT
     denoising the model and NLM (with the h the oracle chose on the slice's first draw) run on
-    `bias_draws` draws in all, for their mean-HU bias."""
+    `bias_draws` draws in all, for their mean-HU bias. NLM's figures come from `nlm_cache` when
+    an earlier model of the same run has scored the cell (the draws are seeded alike)."""
     from PIL import Image
 
     result = CellResult()
@@ -222,6 +229,8 @@ def run_cell(
     draws = realisations if denoise else 1
     for i, s in enumerate(slices):
         outputs, inputs, nlm_outputs, target, h = [], [], [], None, NLM_H[0]
+        cached = nlm_cache.get((cell.name, s.name)) if nlm_cache is not None and denoise else None
+        nlm_scores = list(cached[0]) if cached else []
         for k in range(max(draws, bias_draws if ct_denoise else 0)):
             rng = np.random.default_rng([seed, i, k])
             low, target, sigma = cell.degrade(s.pixels, s.spacing, rng)
@@ -236,23 +245,29 @@ def run_cell(
                 result.add("model", metrics.psnr(out, target, window))
                 if denoise:
                     result.add("input", metrics.psnr(low, target, window))
-                    grid = _nlm_grid(low, target, sigma, window)
-                    oracle = max(grid, key=lambda g: grid[g][0])
-                    result.add("nlm", grid[oracle][0])
-                    h = oracle if k == 0 else h
+                    if cached is None:
+                        grid = _nlm_grid(low, target, sigma, window)
+                        oracle = max(grid, key=lambda g: grid[g][0])
+                        nlm_scores.append(grid[oracle][0])
+                        h = oracle if k == 0 else h
+                    result.add("nlm", nlm_scores[k])
                 else:
                     th, tw = low.shape[0] * manifest.scale, low.shape[1] * manifest.scale
                     target = target[:th, :tw]
                     for name, method in (("lanczos", Image.Resampling.LANCZOS), ("bicubic", Image.Resampling.BICUBIC)):
                         result.add(name, metrics.psnr(resize(low, manifest.scale, method), target, window))
-            if ct_denoise:  # the first draws' NLM at h is in their grid already
+            if ct_denoise and cached is None:  # the first draws' NLM at h is in their grid already
                 nlm_outputs.append(grid[h][1] if k < draws else nlm(low, sigma, h))
+        nlm_bias = cached[1] if cached else float("nan")
         if ct_denoise and target is not None:
             rois = metrics.uniform_rois(target, SOFT_TISSUE)
             bias, se = paired_bias(outputs, inputs, rois)
             result.bias.append(bias)
             result.bias_se.append(se)
-            result.nlm_bias.append(paired_bias(nlm_outputs, inputs, rois)[0])
+            nlm_bias = nlm_bias if cached else paired_bias(nlm_outputs, inputs, rois)[0]
+            result.nlm_bias.append(nlm_bias)
+        if nlm_cache is not None and denoise and cached is None:
+            nlm_cache[(cell.name, s.name)] = (nlm_scores, nlm_bias)
     return result
 
 
@@ -286,6 +301,7 @@ def evaluate_model(
     log: Callable[[str], None],
     threads: int = 0,
     bias_draws: int = BIAS_DRAWS,
+    nlm_cache: NlmCache | None = None,
 ) -> dict[str, Any]:
     engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu", threads=threads))
     manifest = engine.manifest
@@ -294,7 +310,7 @@ def evaluate_model(
     rows: dict[str, dict[str, float]] = {}
     log(f"\n## {manifest.name} {manifest.version}: {len(held)} held-out slices ({', '.join(s.name for s in held)})")
     for cell in cells_for(manifest):
-        result = run_cell(engine, manifest, cell, held, realisations, seed, bias_draws)
+        result = run_cell(engine, manifest, cell, held, realisations, seed, bias_draws, nlm_cache)
         base = baseline_name(manifest, result)
         row = result.summary(base)
         row["baseline"] = base  # type: ignore[assignment]
@@ -343,15 +359,24 @@ def verdict(summary: dict[str, Any]) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _models(root: Path, only: list[str] | None) -> Iterator[Path]:
-    for package in sorted(p.parent for p in root.glob("*/model.toml")):
-        if only is None or package.name in only:
-            yield package
+def _models(roots: list[Path], only: list[str] | None) -> Iterator[Path]:
+    for root in roots:
+        for package in sorted(p.parent for p in root.glob("*/model.toml")):
+            if only is None or package.name in only:
+                yield package
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=REPO / "models")
+    ap.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        default=[REPO / "models"],
+        metavar="ROOT",
+        help="folders of model packages; several (e.g. models and a candidate's) are scored side by side "
+        "on the same draws, NLM computed once",
+    )
     ap.add_argument("--only", nargs="+")
     ap.add_argument("--slices", type=int, default=6, help="held-out slices per modality")
     ap.add_argument("--realisations", type=int, default=2, help="noise draws per slice and cell (denoisers)")
@@ -362,7 +387,10 @@ def main() -> int:
     ap.add_argument("--update-manifest", action="store_true", help="record the matrix in each model.toml")
     args = ap.parse_args()
     results = {}
-    for package in _models(args.models, args.only):
+    packages = list(_models(args.models, args.only))
+    names = [p.name for p in packages]
+    nlm_cache: NlmCache = {}
+    for package in packages:
         summary = evaluate_model(
             package,
             args.slices,
@@ -371,8 +399,9 @@ def main() -> int:
             lambda s: print(s, flush=True),
             args.threads,
             args.bias_draws,
+            nlm_cache,
         )
-        results[package.name] = summary
+        results[package.name if names.count(package.name) == 1 else str(package)] = summary
         if args.update_manifest:
             manifest = load(package)
             data = manifest.as_dict()

@@ -51,6 +51,23 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
         assert base in ("lanczos", "bicubic") and "model_bias" not in row
 
 
+def test_models_scored_in_one_run_share_nlms_figures() -> None:
+    """The first model's cell fills the cache with NLM's PSNR per draw and its bias; a second
+    model's cell takes them from it (a planted entry shows it computes none of its own)."""
+    engine = open_engine(REPO / "models" / "ct-denoise", EngineOptions(backend="onnxruntime", device="cpu", threads=1))
+    held = robustness.held_out_slices("CT", 1)
+    cell = robustness.ct_denoise_cells()[3]
+    cache: robustness.NlmCache = {}
+    first = robustness.run_cell(
+        engine, engine.manifest, cell, held, realisations=1, seed=0, bias_draws=2, nlm_cache=cache
+    )
+    assert cache == {(cell.name, held[0].name): (first.psnr["nlm"], first.nlm_bias[0])}
+    planted = {(cell.name, held[0].name): ([99.0], 7.0)}
+    second = robustness.run_cell(engine, engine.manifest, cell, held, 1, 0, bias_draws=2, nlm_cache=planted)
+    assert second.psnr["nlm"] == [99.0] and second.nlm_bias == [7.0]
+    assert second.psnr["model"] == first.psnr["model"] and second.bias == first.bias
+
+
 def test_paired_bias_keeps_the_methods_shift_and_drops_the_draws_noise() -> None:
     """Four draws whose low-frequency noise moves the ROI by +4, 0, +2, +2 HU (mean +2): the mean
     of the outputs alone would read a 1.5 HU shift as 3.5 HU; output - input reads 1.5 exactly."""
