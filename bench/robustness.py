@@ -12,12 +12,10 @@ Matrices (docs/training.md, "Robustness"):
   target is the clean image through the same kernel. Baseline: NLM given the true noise SD,
   its h the best of a grid per slice (an oracle); a model with a noise map is told the noise SD
   too. Also the largest ROI mean-HU bias in uniform soft-tissue regions of the target,
-  E[output] - target, taken over 8 noise draws (the model and NLM, with the h the oracle chose
-  on the first draw, on the draws beyond --realisations) as the mean of output - input: the
-  simulator's noise is zero-mean, so E[input] = target, and the difference keeps only what the
-  method removed, not the low-frequency noise every draw's ROI mean carries (paired_bias). Beside
-  it the estimate's standard error and the same figure for NLM (the baseline's own bias:
-  smoothing moves small ROIs' means too).
+  E[output] - target, over 8 noise draws (the model and NLM, with the h the oracle chose on the
+  first draw, on the draws beyond --realisations), with the input's noise as a control variate
+  (roi_bias); beside it the estimate's standard error and the same figure for NLM (the
+  baseline's own bias: smoothing moves small ROIs' means too).
 - mr-denoise: Rician noise 1%, 2%, 5%, 10% x no / a smooth 30% bias field. Baseline: NLM as above.
 - ct-sr2: PSF (none, 1, 2, 3 pixels FWHM, anisotropic 1 x 3) x noise in the low-resolution
   image (0, 8 HU). Baseline: the better of Lanczos and bicubic.
@@ -261,29 +259,39 @@ def run_cell(
         nlm_bias = cached[1] if cached else float("nan")
         if ct_denoise and target is not None:
             rois = metrics.uniform_rois(target, SOFT_TISSUE)
-            bias, se = paired_bias(outputs, inputs, rois)
+            bias, se = roi_bias(outputs, inputs, target, rois)
             result.bias.append(bias)
             result.bias_se.append(se)
-            nlm_bias = nlm_bias if cached else paired_bias(nlm_outputs, inputs, rois)[0]
+            nlm_bias = nlm_bias if cached else roi_bias(nlm_outputs, inputs, target, rois)[0]
             result.nlm_bias.append(nlm_bias)
         if nlm_cache is not None and denoise and cached is None:
             nlm_cache[(cell.name, s.name)] = (nlm_scores, nlm_bias)
     return result
 
 
-def paired_bias(outputs: list[Array], inputs: list[Array], rois: list[metrics.Roi]) -> tuple[float, float]:
+def roi_bias(outputs: list[Array], inputs: list[Array], target: Array, rois: list[metrics.Roi]) -> tuple[float, float]:
     """The largest |E[output] - target| over the ROIs, and the largest standard error of those
-    estimates, from paired draws: the mean of output - input over them. It equals E[output] -
-    target because the simulator's noise is zero-mean (E[input] = target), and its variance is
-    only that of what the method removed: the mean of the outputs alone would also carry the
-    noise's low frequencies, which no denoiser removes from a small ROI (3 HU at 5% dose over 8
-    draws, more than the bar). (nan, nan) without ROIs."""
+    estimates, from K paired draws. Per ROI, with o and i each draw's ROI mean minus the
+    target's: mean(o - c i), c the regression of o on i over the draws (a control variate).
+    E[i] = 0 because the simulator's noise is zero-mean, so this estimates E[o] for any c, and
+    the fitted c takes out the part of the input's noise that the method passed through: the
+    mean of o alone (c = 0) keeps what a method leaves of the noise's low frequencies, the mean
+    of o - i (c = 1) what it removed of them. (nan, nan) without ROIs."""
     if not rois:
         return float("nan"), float("nan")
-    diffs = np.asarray(outputs, np.float64) - np.asarray(inputs, np.float64)
-    per_draw = np.array([[float(r.of(d).mean()) for r in rois] for d in diffs])  # (draws, rois)
-    se = per_draw.std(axis=0, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else np.zeros(len(rois))
-    return float(np.abs(per_draw.mean(axis=0)).max()), float(se.max())
+
+    def means(images: list[Array]) -> NDArray[np.float64]:  # (draws, rois): ROI means minus the target's
+        return np.array([[float(r.of(x).mean()) - float(r.of(target).mean()) for r in rois] for x in images])
+
+    o, i = means(outputs), means(inputs)
+    if len(o) < 3:
+        return float(np.abs(o.mean(axis=0)).max()), float("nan")
+    oc, ic = o - o.mean(axis=0), i - i.mean(axis=0)
+    var_i = (ic**2).sum(axis=0)
+    c = np.divide((oc * ic).sum(axis=0), var_i, out=np.zeros(len(rois)), where=var_i > 0)
+    adjusted = o - c * i
+    se = adjusted.std(axis=0, ddof=2) / np.sqrt(len(o))  # one degree of freedom more for c
+    return float(np.abs(adjusted.mean(axis=0)).max()), float(se.max())
 
 
 def baseline_name(manifest: ModelManifest, result: CellResult) -> str:

@@ -68,24 +68,28 @@ def test_models_scored_in_one_run_share_nlms_figures() -> None:
     assert second.psnr["model"] == first.psnr["model"] and second.bias == first.bias
 
 
-def test_paired_bias_keeps_the_methods_shift_and_drops_the_draws_noise() -> None:
-    """Four draws whose low-frequency noise moves the ROI by +4, 0, +2, +2 HU (mean +2): the mean
-    of the outputs alone would read a 1.5 HU shift as 3.5 HU; output - input reads 1.5 exactly."""
+def test_roi_bias_takes_out_the_draws_noise_whatever_the_method_does_with_it() -> None:
+    """Four draws whose low-frequency noise moves the ROI by +4, 0, +2, +2 HU (mean +2, not the
+    0 of many draws). A method that shifts by 1.5 HU reads 1.5 exactly whether it passes that
+    noise through (the outputs' mean alone would read 3.5) or removes it (their mean minus the
+    inputs' would read -0.5)."""
     target = np.full((64, 64), 40.0, np.float32)
     rois = metrics.uniform_rois(target, robustness.SOFT_TISSUE)
     inputs = [target + offset for offset in (4.0, 0.0, 2.0, 2.0)]
-    shifted = [x + 1.5 for x in inputs]
-    assert metrics.roi_bias_and_sd(np.mean(shifted, axis=0), target, rois)[0] == pytest.approx(3.5)
-    assert robustness.paired_bias(shifted, inputs, rois) == pytest.approx((1.5, 0.0))
-    # a method whose shift varies from draw to draw: its mean, and a standard error above zero
-    varied = [x + d for x, d in zip(inputs, (1.0, 2.0, 1.0, 2.0), strict=True)]
-    bias, se = robustness.paired_bias(varied, inputs, rois)
-    assert bias == pytest.approx(1.5) and se == pytest.approx(np.std([1.0, 2.0, 1.0, 2.0], ddof=1) / 2.0)
-    assert all(math.isnan(v) for v in robustness.paired_bias(shifted, inputs, []))
+    passed = [x + 1.5 for x in inputs]
+    removed = [target + 1.5 for _ in inputs]
+    assert metrics.roi_bias_and_sd(np.mean(passed, axis=0), target, rois)[0] == pytest.approx(3.5)
+    assert robustness.roi_bias(passed, inputs, target, rois) == pytest.approx((1.5, 0.0))
+    assert robustness.roi_bias(removed, inputs, target, rois) == pytest.approx((1.5, 0.0))
+    # a shift that varies apart from the noise: its mean, and a standard error above zero
+    varied = [x + d for x, d in zip(inputs, (1.0, 1.0, 2.0, 2.0), strict=True)]
+    bias, se = robustness.roi_bias(varied, inputs, target, rois)
+    assert bias == pytest.approx(1.5) and se == pytest.approx(np.std([1, 1, 2, 2], ddof=2) / 2.0)
+    assert all(math.isnan(v) for v in robustness.roi_bias(passed, inputs, target, []))
 
 
 def test_the_simulators_ct_noise_is_zero_mean() -> None:
-    """paired_bias rests on E[input] = target: the mean of many draws' ROI means is within four
+    """roi_bias rests on E[input] = target: the mean of many draws' ROI means is within four
     standard errors of zero."""
     rng = np.random.default_rng(7)
     clean = np.full((96, 96), 40.0, np.float32)
