@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,17 +54,22 @@ def verdict(name: str, r: dict[str, dict[str, float]]) -> str:
     return f"{'PASS' if gain >= 1.0 else 'FAIL'}: {gain:+.2f} dB vs Lanczos"
 
 
-def series_seconds(package: Path, slices: int = SERIES_SLICES) -> float:
-    """Seconds per slice of the model on one `slices`-slice CT series, as the worker runs a
-    series (its noise level estimated from the series, batches of 8), after a warm-up: the
-    held-out 512x512 slices, repeated, with 20 HU of noise. The evaluation's own figure times
-    each held-out file as a series of its own (one slice), which also pays each series' fixed
-    costs (the noise estimate, a new input shape) once a slice."""
-    engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu"))
+def ct_series(slices: int) -> NDArray[np.float32]:
+    """A `slices`-slice CT series in HU: the held-out 512x512 slices, repeated, with 20 HU of
+    noise (a fresh draw on every slice, so no two slices are alike)."""
     images = [v.pixels[z] for v in read_series(held_out_paths("CT")) for z in range(v.slices)]
     images = [im for im in images if im.shape == (512, 512)]
     noise = np.random.default_rng(0).normal(0.0, 20.0, (slices, 512, 512))
-    series = (np.stack([images[i % len(images)] for i in range(slices)]) + noise).astype(np.float32)
+    return (np.stack([images[i % len(images)] for i in range(slices)]) + noise).astype(np.float32)
+
+
+def series_seconds(package: Path, slices: int = SERIES_SLICES) -> float:
+    """Seconds per slice of the model on one `slices`-slice CT series (ct_series), as the worker
+    runs a series (its noise level estimated from the series, batches of 8), after a warm-up.
+    The evaluation's own figure times each held-out file as a series of its own (one slice),
+    which also pays each series' fixed costs (the noise estimate, a new input shape) once a slice."""
+    engine = open_engine(package, EngineOptions(backend="onnxruntime", device="cpu"))
+    series = ct_series(slices)
     enhance_volume(engine, series[: min(8, slices)])
     started = time.perf_counter()
     enhance_volume(engine, series)

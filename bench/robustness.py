@@ -256,13 +256,13 @@ def run_cell(
                         result.add(name, metrics.psnr(resize(low, manifest.scale, method), target, window))
             if ct_denoise and cached is None:  # the first draws' NLM at h is in their grid already
                 nlm_outputs.append(grid[h][1] if k < draws else nlm(low, sigma, h))
-        nlm_bias = cached[1] if cached else float("nan")
+        nlm_bias = float("nan")  # MR: no ROI bias
         if ct_denoise and target is not None:
             rois = metrics.uniform_rois(target, SOFT_TISSUE)
             bias, se = roi_bias(outputs, inputs, target, rois)
             result.bias.append(bias)
             result.bias_se.append(se)
-            nlm_bias = nlm_bias if cached else roi_bias(nlm_outputs, inputs, target, rois)[0]
+            nlm_bias = cached[1] if cached else roi_bias(nlm_outputs, inputs, target, rois)[0]
             result.nlm_bias.append(nlm_bias)
         if nlm_cache is not None and denoise and cached is None:
             nlm_cache[(cell.name, s.name)] = (nlm_scores, nlm_bias)
@@ -280,8 +280,10 @@ def roi_bias(outputs: list[Array], inputs: list[Array], target: Array, rois: lis
     if not rois:
         return float("nan"), float("nan")
 
+    reference = np.array([float(r.of(target).mean()) for r in rois])
+
     def means(images: list[Array]) -> NDArray[np.float64]:  # (draws, rois): ROI means minus the target's
-        return np.array([[float(r.of(x).mean()) - float(r.of(target).mean()) for r in rois] for x in images])
+        return np.array([[float(r.of(x).mean()) for r in rois] for x in images]) - reference
 
     o, i = means(outputs), means(inputs)
     if len(o) < 3:
