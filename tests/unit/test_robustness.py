@@ -44,6 +44,9 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
     )
     if manifest.task == "denoise":
         assert row["input_psnr"] < row["nlm_psnr"] and "model_bias" in row
+        # the oracle's h is the best of a grid that holds the fixed h = 0.8 SD
+        assert row["nlm_fixed_psnr"] <= row["nlm_psnr"]
+        assert row["gain_fixed"] == pytest.approx(row["model_psnr"] - row["nlm_fixed_psnr"], abs=1.5e-3 + 1e-9)
         # NLM's own bias over the same draws, one figure per slice (a few HU at this cell's dose)
         assert len(result.nlm_bias) == len(held) and 0.0 <= row["nlm_bias"] < 50.0
         assert 0.0 <= row["bias_se"] < 5.0
@@ -61,10 +64,11 @@ def test_models_scored_in_one_run_share_nlms_figures() -> None:
     first = robustness.run_cell(
         engine, engine.manifest, cell, held, realisations=1, seed=0, bias_draws=2, nlm_cache=cache
     )
-    assert cache == {(cell.name, held[0].name): (first.psnr["nlm"], first.nlm_bias[0])}
-    planted = {(cell.name, held[0].name): ([99.0], 7.0)}
+    assert list(cache) == [(cell.name, held[0].name)] and cache[(cell.name, held[0].name)][1] == first.nlm_bias[0]
+    assert cache[(cell.name, held[0].name)][0] == [(first.psnr["nlm"][0], first.psnr["nlm_fixed"][0])]
+    planted: robustness.NlmCache = {(cell.name, held[0].name): ([(99.0, 98.0)], 7.0)}
     second = robustness.run_cell(engine, engine.manifest, cell, held, 1, 0, bias_draws=2, nlm_cache=planted)
-    assert second.psnr["nlm"] == [99.0] and second.nlm_bias == [7.0]
+    assert second.psnr["nlm"] == [99.0] and second.psnr["nlm_fixed"] == [98.0] and second.nlm_bias == [7.0]
     assert second.psnr["model"] == first.psnr["model"] and second.bias == first.bias
 
 
