@@ -155,6 +155,7 @@ def measure(
 def noise_level(x: NDArray[np.floating], norm: Normalization) -> float:
     """The noise map's value for a normalised series (slices, h, w): its estimated noise SD
     in normalised units. CT is measured in HU (the soft-tissue mask is in HU)."""
+    x = x[spread(len(x), NOISE_SLICES)]  # only the slices series_noise_sd reads go back to HU
     if norm.kind == "hu":
         span = norm.hi - norm.lo
         return series_noise_sd(Normalization.inverse(x, (norm.lo, span)), ct=True) / span

@@ -29,6 +29,7 @@ from engines.netspec import NetSpec
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
 from train.metrics import ROI_SIDE
 from train.presets import HU, Preset
+from train.prune import narrow_dncnn
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         start_epoch, history = state["epoch"], state["history"]
         gen_state = state.get("pair_rng")
         log.info("resuming %s at epoch %d", preset.name, start_epoch + 1)
-    elif cfg.init_from is not None:
-        _load_weights(model, cfg.init_from, preset.net, device)
     bank, val = _banks(cfg, reuse=resume)
+    if not start_epoch and cfg.init_from is not None:
+        _load_weights(model, cfg.init_from, preset, device, bank)
     log.info(
         "%s: %d training slices, %d validation slices, %d parameters",
         preset.name,
@@ -268,13 +269,24 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return ckpt_path
 
 
-def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.device) -> None:
+def _load_weights(model: nn.Module, path: Path, preset: Preset, device: torch.device, bank: Bank) -> None:
     """Weights of an earlier run's checkpoint, or of a model package (a shipped model's, or a
     site's), as the starting point. The net must be the same, except for an SR net's base
     interpolation and a denoiser's transform (and its relax), which have no weights (training
-    then adapts the weights to the new base or domain)."""
-    source, weights = _package_weights(path, model) if path.is_dir() else _checkpoint_weights(path, device)
-    same = replace(source, base_taps=net.base_taps, transform=net.transform, noise_map=net.noise_map, relax=net.relax)
+    then adapts the weights to the new base or domain), and a dncnn's width, which may be
+    narrower: the wide net is narrowed on patches of the training bank (train.prune)."""
+    net = preset.net
+    wide = build(replace(net, width=max(net.width, source_net(path).width))).to(device)
+    source, weights = _package_weights(path, wide) if path.is_dir() else _checkpoint_weights(path, device)
+    narrowed = net.kind == "dncnn" and net.width < source.width
+    same = replace(
+        source,
+        base_taps=net.base_taps,
+        transform=net.transform,
+        noise_map=net.noise_map,
+        relax=net.relax,
+        width=net.width if narrowed else source.width,
+    )
     if same != net:
         raise ValueError(f"{path}: its net {source.as_dict()} differs from this run's {net.as_dict()}")
     if net.noise_map and not source.noise_map:  # a blind denoiser gains the map's inputs, weighted 0 to start
@@ -284,6 +296,12 @@ def _load_weights(model: nn.Module, path: Path, net: NetSpec, device: torch.devi
         weights = {**weights, first: torch.cat([old, extra], dim=1)}
     elif source.noise_map and not net.noise_map:
         raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")
+    if narrowed:
+        wide.load_state_dict(weights)
+        rng = np.random.default_rng(0)  # apart from the training's random state
+        patches = [sample(bank, rng, preset.batch, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]
+        weights = narrow_dncnn(wide, net.width, (p.to(device) for p in patches))
+        log.info("narrowed %s from %d to %d channels", path, source.width, net.width)
     model.load_state_dict(weights)
     log.info("starting from the weights in %s", path)
 

@@ -29,6 +29,7 @@ from train.loop import (
     local_means,
     loss_fn,
     neighbour_pair,
+    net_from_checkpoint,
     noise_map_level,
     ssim,
     train,
@@ -251,6 +252,22 @@ def test_init_from_refuses_a_checkpoint_of_another_net(short_run: RunConfig, tmp
     wider = with_overrides(short_run.preset, net=with_overrides(TINY, width=16))
     with pytest.raises(ValueError, match="differs"):
         train(RunConfig(wider, tmp_path, workers=1, init_from=short_run.out / CHECKPOINT))
+
+
+def test_init_from_a_wider_dncnn_narrows_it(short_run: RunConfig, tmp_path: Path) -> None:
+    """--width below the source's: the run starts from the wide net narrowed on its bank's
+    patches (train.prune), which predicts like the wide net far better than a fresh start."""
+    narrow = with_overrides(short_run.preset, lr=0.0, epochs=1, net=with_overrides(TINY, width=5))
+    cfg = RunConfig(narrow, tmp_path / "narrow", workers=1, init_from=short_run.out / CHECKPOINT)
+    train(cfg)
+    fresh = RunConfig(narrow, tmp_path / "fresh", workers=1)
+    train(fresh)
+    assert state(cfg.out)["net"]["width"] == 5 and state(cfg.out)["model"]["body.0.weight"].shape[0] == 5
+    wide, small, new = (net_from_checkpoint(state(run.out)) for run in (short_run, cfg, fresh))
+    x, _ = sample(Bank.load(cfg.out / "bank.npz"), np.random.default_rng(9), 4, 32, 1)
+    with torch.no_grad():
+        target = wide(x)
+        assert float(((small(x) - target) ** 2).mean()) < 0.25 * float(((new(x) - target) ** 2).mean())
 
 
 def test_init_from_a_model_package_starts_at_its_weights(short_run: RunConfig, tmp_path: Path) -> None:
