@@ -299,7 +299,7 @@ def _load_weights(model: nn.Module, path: Path, preset: Preset, device: torch.de
     if narrowed:
         wide.load_state_dict(weights)
         rng = np.random.default_rng(0)  # apart from the training's random state
-        patches = [sample(bank, rng, preset.batch, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]
+        patches = [sample(bank, rng, 16, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]  # 256
         weights = narrow_dncnn(wide, net.width, (p.to(device) for p in patches))
         log.info("narrowed %s from %d to %d channels", path, source.width, net.width)
     model.load_state_dict(weights)
