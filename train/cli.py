@@ -73,7 +73,8 @@ def add_parsers(sub: Any) -> None:
         type=Path,
         metavar="CHECKPOINT|PACKAGE",
         help="fine-tune: start from the weights of an earlier run's checkpoint.pt or of a model package "
-        "such as models/ct-denoise (same net; it keeps the source's --base-taps and --transform unless given)",
+        "such as models/ct-denoise (same net; it keeps the source's --base-taps and --transform unless given; "
+        "a denoiser given a smaller --width starts from the source narrowed to it, train.prune)",
     )
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
