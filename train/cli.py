@@ -101,6 +101,13 @@ def add_parsers(sub: Any) -> None:
     )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
     t.add_argument(
+        "--natural-sd",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="CT phantoms: the photograph texture's SD in HU, drawn log-uniformly (default: uniformly 5-40)",
+    )
+    t.add_argument(
         "--noise-map",
         action="store_true",
         help="denoisers: give the net each series' estimated noise level as an extra input (FFDNet-style)",
@@ -246,6 +253,7 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         phantoms=args.phantoms,
         draws=args.draws,
+        natural_sd=tuple(args.natural_sd) if args.natural_sd else None,
     )
     counts = {
         "--epochs": preset.epochs,
@@ -258,6 +266,10 @@ def _train(args: argparse.Namespace) -> int:
     for flag, count in counts.items():
         if count < 1:
             raise UsageError(f"{flag} must be at least 1")
+    if preset.natural_sd and not 0 < preset.natural_sd[0] <= preset.natural_sd[1]:
+        raise UsageError("--natural-sd LO HI needs 0 < LO <= HI")
+    if preset.natural_sd and preset.modality != "CT":
+        raise UsageError("--natural-sd is the CT phantoms' texture")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     if args.mean_weight < 0 or args.ssim_weight < 0:

@@ -169,8 +169,10 @@ def phantom_slabs(preset: Preset, count: int, seed: int) -> Iterator[Slab]:
     context = preset.net.context_slices
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        make = ct_phantom if preset.modality == "CT" else mr_phantom
-        pixels, spacing = make(rng, size=preset.phantom_size, slices=context)
+        if preset.modality == "CT":
+            pixels, spacing = ct_phantom(rng, size=preset.phantom_size, slices=context, natural_sd=preset.natural_sd)
+        else:
+            pixels, spacing = mr_phantom(rng, size=preset.phantom_size, slices=context)
         yield Slab(pixels, spacing)
 
 

@@ -275,9 +275,13 @@ def ct_phantom(
     slices: int = 1,
     region: str | None = None,
     natural: float = 0.5,
+    natural_sd: tuple[float, float] | None = None,
 ) -> tuple[Array, float]:
     """A CT slab in Hounsfield units, shape (slices, size, size), and its pixel spacing in mm.
-    With probability `natural` its soft tissue carries the texture of a bundled photograph."""
+    With probability `natural` its soft tissue carries the texture of a bundled photograph, of an
+    SD drawn uniformly from 5-40 HU, or log-uniformly from `natural_sd` (HU) when given: real
+    soft tissue ranges from nearly flat (brain parenchyma, a few HU) to coarse, and a log-uniform
+    draw gives the flat end its share (the default keeps the phantoms of earlier runs)."""
     region = region or str(rng.choice(["head", "chest", "abdomen"]))
     spacing_mm = spacing_mm or _fov_spacing(rng, region, size)
     labels = anatomy(rng, size, spacing_mm, slices, region=region)
@@ -288,7 +292,11 @@ def ct_phantom(
     image = _render(labels, rng, means, texture, spacing_mm, rng.choice([0.0, rng.uniform(0.3, 1.0)]))
     if rng.random() < natural:
         soft = (labels > Tissue.AIR) & (labels != Tissue.CORTICAL_BONE) & (labels != Tissue.LUNG)
-        image = image + soft * float(rng.uniform(5.0, 40.0)) * natural_texture(rng, (size, size))
+        if natural_sd is None:
+            amplitude = float(rng.uniform(5.0, 40.0))
+        else:
+            amplitude = float(np.exp(rng.uniform(np.log(natural_sd[0]), np.log(natural_sd[1]))))
+        image = image + soft * amplitude * natural_texture(rng, (size, size))
     return np.clip(image, -1000.0, None).astype(np.float32), spacing_mm  # nothing attenuates less than air
 
 

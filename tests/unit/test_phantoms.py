@@ -141,3 +141,18 @@ def test_head_phantoms_have_millimetre_air_pockets_and_sulci() -> None:
         thin = csf & ~ndimage.binary_opening(csf, iterations=2)  # CSF bands a few pixels wide
         assert int(thin.sum()) > 300
     assert found_gas
+
+
+def test_natural_sd_scales_only_the_photograph_texture() -> None:
+    """--natural-sd draws the texture's SD from its own range with the same random draws: the
+    phantom differs from the default one only by the amplitude of that texture, in soft tissue."""
+    rng = lambda: np.random.default_rng([8, 3])  # noqa: E731 - at 96 pixels, seed [8, 3] draws the photograph
+    fixed = {sd: ct_phantom(rng(), size=96, natural_sd=(sd, sd))[0] for sd in (2.0, 10.0, 20.0)}
+    default, _ = ct_phantom(rng(), size=96)
+    texture = fixed[10.0] - fixed[2.0]
+    assert float(texture.std()) > 0.5
+    np.testing.assert_allclose(fixed[20.0] - fixed[2.0], texture * (18.0 / 8.0), atol=1e-3)
+    # the default amplitude (5-40 HU) is another multiple of the same texture
+    amplitude = float((default - fixed[2.0]).ravel() @ texture.ravel() / (texture.ravel() @ texture.ravel()))
+    np.testing.assert_allclose(default - fixed[2.0], texture * amplitude, atol=1e-3)
+    assert 3.0 / 8.0 <= amplitude <= 38.0 / 8.0

@@ -151,6 +151,22 @@ def test_init_from_neither_checkpoint_nor_package(capsys: pytest.CaptureFixture[
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("preset", "bounds", "reason"),
+    [
+        ("ct-denoise", ["0", "40"], "0 < LO <= HI"),
+        ("ct-denoise", ["9", "3"], "0 < LO <= HI"),
+        ("mr-denoise", ["1", "4"], "CT"),
+    ],
+)
+def test_natural_sd_out_of_range_or_not_ct(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, preset: str, bounds: list[str], reason: str
+) -> None:
+    err = _usage_error(capsys, ["train", "--preset", preset, "--natural-sd", *bounds, "--out", str(tmp_path / "run")])
+    assert "--natural-sd" in err and reason in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_without_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     err = _usage_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "pkg")])
     assert "checkpoint" in err
