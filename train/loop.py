@@ -198,9 +198,13 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         start_epoch, history = state["epoch"], state["history"]
         gen_state = state.get("pair_rng")
         log.info("resuming %s at epoch %d", preset.name, start_epoch + 1)
+    initial = None
+    if not start_epoch and cfg.init_from is not None:  # checked before the bank is built: a wrong source fails fast
+        initial = _source_weights(cfg.init_from, preset.net, device)
     bank, val = _banks(cfg, reuse=resume)
-    if not start_epoch and cfg.init_from is not None:
-        _load_weights(model, cfg.init_from, preset, device, bank)
+    if initial is not None:
+        model.load_state_dict(_narrowed(*initial, preset, device, bank))
+        log.info("starting from the weights in %s", cfg.init_from)
     log.info(
         "%s: %d training slices, %d validation slices, %d parameters",
         preset.name,
@@ -270,23 +274,22 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return ckpt_path
 
 
-def _load_weights(model: nn.Module, path: Path, preset: Preset, device: torch.device, bank: Bank) -> None:
+def _source_weights(path: Path, net: NetSpec, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Weights of an earlier run's checkpoint, or of a model package (a shipped model's, or a
-    site's), as the starting point. The net must be the same, except for an SR net's base
-    interpolation and a denoiser's transform (and its relax), which have no weights (training
-    then adapts the weights to the new base or domain), and a dncnn's width, which may be
-    narrower: the wide net is narrowed on patches of the training bank (train.prune)."""
-    net = preset.net
-    wide = build(replace(net, width=max(net.width, source_net(path).width))).to(device)
+    site's), as the starting point, and the source's width. The net must be the same, except for
+    an SR net's base interpolation and a denoiser's transform (and its relax), which have no
+    weights (training then adapts the weights to the new base or domain), and a dncnn's width,
+    which may be narrower (_narrowed)."""
+    wide = build(replace(net, width=max(net.width, source_net(path).width)))
     source, weights = _package_weights(path, wide) if path.is_dir() else _checkpoint_weights(path, device)
-    narrowed = net.kind == "dncnn" and net.width < source.width
+    narrower = net.kind == "dncnn" and net.width < source.width
     same = replace(
         source,
         base_taps=net.base_taps,
         transform=net.transform,
         noise_map=net.noise_map,
         relax=net.relax,
-        width=net.width if narrowed else source.width,
+        width=net.width if narrower else source.width,
     )
     if same != net:
         raise ValueError(f"{path}: its net {source.as_dict()} differs from this run's {net.as_dict()}")
@@ -297,14 +300,23 @@ def _load_weights(model: nn.Module, path: Path, preset: Preset, device: torch.de
         weights = {**weights, first: torch.cat([old, extra], dim=1)}
     elif source.noise_map and not net.noise_map:
         raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")
-    if narrowed:
-        wide.load_state_dict(weights)
-        rng = np.random.default_rng(0)  # apart from the training's random state
-        patches = [sample(bank, rng, 16, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]  # 256
-        weights = narrow_dncnn(wide, net.width, (p.to(device) for p in patches))
-        log.info("narrowed %s from %d to %d channels", path, source.width, net.width)
-    model.load_state_dict(weights)
-    log.info("starting from the weights in %s", path)
+    return weights, source.width
+
+
+def _narrowed(
+    weights: dict[str, torch.Tensor], width: int, preset: Preset, device: torch.device, bank: Bank
+) -> dict[str, torch.Tensor]:
+    """`weights` of a net `width` channels wide, narrowed to the preset's width when that is less,
+    on 256 patches of the training bank (train.prune)."""
+    net = preset.net
+    if net.width == width:
+        return weights
+    wide = build(replace(net, width=width)).to(device)
+    wide.load_state_dict(weights)
+    rng = np.random.default_rng(0)  # apart from the training's random state
+    patches = [sample(bank, rng, 16, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]
+    log.info("narrowing the source from %d to %d channels", width, net.width)
+    return narrow_dncnn(wide, net.width, (p.to(device) for p in patches))
 
 
 def source_net(path: Path) -> NetSpec:

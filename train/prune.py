@@ -33,7 +33,7 @@ def narrow_dncnn(source: nn.Module, width: int, batches: Iterable[torch.Tensor])
     def hook(index: int) -> object:
         def record(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             a = torch.relu(output.detach())  # the ReLU that follows every hidden conv
-            total = sums.setdefault(index, [torch.zeros(a.shape[1]), torch.zeros(a.shape[1]), torch.zeros(1)])
+            total = sums.setdefault(index, [a.new_zeros(a.shape[1]), a.new_zeros(a.shape[1]), a.new_zeros(1)])
             total[0] += a.sum(dim=(0, 2, 3))
             total[1] += (a * a).sum(dim=(0, 2, 3))
             total[2] += a.numel() // a.shape[1]
