@@ -108,6 +108,13 @@ def add_parsers(sub: Any) -> None:
         help="CT phantoms: the photograph texture's SD in HU, drawn log-uniformly (default: uniformly 5-40)",
     )
     t.add_argument(
+        "--phantom-blur",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="CT phantoms: the PSF sigma in pixels of the half that is blurred (default 0.3 1)",
+    )
+    t.add_argument(
         "--noise-map",
         action="store_true",
         help="denoisers: give the net each series' estimated noise level as an extra input (FFDNet-style)",
@@ -254,6 +261,7 @@ def _train(args: argparse.Namespace) -> int:
         phantoms=args.phantoms,
         draws=args.draws,
         natural_sd=tuple(args.natural_sd) if args.natural_sd else None,
+        phantom_blur=tuple(args.phantom_blur) if args.phantom_blur else None,
     )
     counts = {
         "--epochs": preset.epochs,
@@ -270,6 +278,8 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--natural-sd LO HI needs 0 < LO <= HI")
     if preset.natural_sd and preset.modality != "CT":
         raise UsageError("--natural-sd is the CT phantoms' texture")
+    if args.phantom_blur and (preset.modality != "CT" or not 0 <= preset.phantom_blur[0] <= preset.phantom_blur[1]):
+        raise UsageError("--phantom-blur LO HI is the CT phantoms' PSF: 0 <= LO <= HI")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     if args.mean_weight < 0 or args.ssim_weight < 0:

@@ -170,7 +170,13 @@ def phantom_slabs(preset: Preset, count: int, seed: int) -> Iterator[Slab]:
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         if preset.modality == "CT":
-            pixels, spacing = ct_phantom(rng, size=preset.phantom_size, slices=context, natural_sd=preset.natural_sd)
+            pixels, spacing = ct_phantom(
+                rng,
+                size=preset.phantom_size,
+                slices=context,
+                natural_sd=preset.natural_sd,
+                blur_px=preset.phantom_blur,
+            )
         else:
             pixels, spacing = mr_phantom(rng, size=preset.phantom_size, slices=context)
         yield Slab(pixels, spacing)

@@ -76,6 +76,7 @@ class RunConfig:
             "self_supervised": self.self_supervised,
             "data": [str(d) for d in self.data] or f"procedural {p.modality} phantoms x{p.phantoms}",
             **({"natural_sd": list(p.natural_sd)} if p.natural_sd else {}),
+            **({"phantom_blur": list(p.phantom_blur)} if p.modality == "CT" else {}),
             "command": self.command,
             **({"init_from": str(self.init_from)} if self.init_from else {}),  # TOML has no null
             # where the run trained (export may happen elsewhere)

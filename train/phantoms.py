@@ -276,12 +276,15 @@ def ct_phantom(
     region: str | None = None,
     natural: float = 0.5,
     natural_sd: tuple[float, float] | None = None,
+    blur_px: tuple[float, float] = (0.3, 1.0),
 ) -> tuple[Array, float]:
     """A CT slab in Hounsfield units, shape (slices, size, size), and its pixel spacing in mm.
     With probability `natural` its soft tissue carries the texture of a bundled photograph, of an
     SD drawn uniformly from 5-40 HU, or log-uniformly from `natural_sd` (HU) when given: real
     soft tissue ranges from nearly flat (brain parenchyma, a few HU) to coarse, and a log-uniform
-    draw gives the flat end its share (the default keeps the phantoms of earlier runs)."""
+    draw gives the flat end its share (the default keeps the phantoms of earlier runs). Half the
+    phantoms keep one-pixel-sharp edges, half are blurred by a Gaussian PSF whose sigma (pixels)
+    is drawn uniformly from `blur_px`."""
     region = region or str(rng.choice(["head", "chest", "abdomen"]))
     spacing_mm = spacing_mm or _fov_spacing(rng, region, size)
     labels = anatomy(rng, size, spacing_mm, slices, region=region)
@@ -289,7 +292,7 @@ def ct_phantom(
     means[Tissue.AIR] = -1000.0
     means[Tissue.LESION] = rng.uniform(-30, 90)
     texture = {t: s * rng.uniform(0.6, 1.5) for t, (_, s) in CT_HU.items()}
-    image = _render(labels, rng, means, texture, spacing_mm, rng.choice([0.0, rng.uniform(0.3, 1.0)]))
+    image = _render(labels, rng, means, texture, spacing_mm, rng.choice([0.0, rng.uniform(*blur_px)]))
     if rng.random() < natural:
         soft = (labels > Tissue.AIR) & (labels != Tissue.CORTICAL_BONE) & (labels != Tissue.LUNG)
         if natural_sd is None:

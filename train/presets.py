@@ -101,6 +101,7 @@ class Preset:
     restore_mean_px: float = 0.0  # the package's restore_mean_px (engines.pipeline.restore_mean)
     restore_mean_bounds: tuple[float, ...] = ()  # and its restore_mean_bounds (classes, image units)
     natural_sd: tuple[float, float] | None = None  # CT phantoms' photograph texture SD, HU (train.phantoms)
+    phantom_blur: tuple[float, float] = (0.3, 1.0)  # CT phantoms: sigma range of the blurred half's PSF, pixels
 
 
 # What an exported model is for (model.toml's [applies_to], docs/processing.md): the images it

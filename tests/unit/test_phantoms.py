@@ -156,3 +156,13 @@ def test_natural_sd_scales_only_the_photograph_texture() -> None:
     amplitude = float((default - fixed[2.0]).ravel() @ texture.ravel() / (texture.ravel() @ texture.ravel()))
     np.testing.assert_allclose(default - fixed[2.0], texture * amplitude, atol=1e-3)
     assert 3.0 / 8.0 <= amplitude <= 38.0 / 8.0
+
+
+def test_phantom_blur_sets_the_blurred_halfs_psf() -> None:
+    """--phantom-blur changes only the sigma of the blurred half's Gaussian PSF (same draws)."""
+    sharp = ct_phantom(np.random.default_rng([8, 1]), size=96, blur_px=(0.0, 0.0))[0]
+    wide = ct_phantom(np.random.default_rng([8, 1]), size=96, blur_px=(2.0, 2.0))[0]
+    np.testing.assert_allclose(wide, ndimage.gaussian_filter(sharp, (0, 2.0, 2.0)), atol=1e-3)
+    # a phantom of the sharp half is the same whatever the range
+    kept = [ct_phantom(np.random.default_rng([8, 4]), size=96, blur_px=b)[0] for b in ((0.3, 1.0), (2.0, 2.0))]
+    np.testing.assert_array_equal(*kept)

@@ -167,6 +167,17 @@ def test_natural_sd_out_of_range_or_not_ct(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("preset", "bounds"), [("ct-denoise", ["2", "1"]), ("ct-denoise", ["-1", "1"]), ("mr-sr2", ["0", "1"])]
+)
+def test_phantom_blur_out_of_range_or_not_ct(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, preset: str, bounds: list[str]
+) -> None:
+    err = _usage_error(capsys, ["train", "--preset", preset, "--phantom-blur", *bounds, "--out", str(tmp_path / "run")])
+    assert "--phantom-blur" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_without_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     err = _usage_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "pkg")])
     assert "checkpoint" in err

@@ -597,8 +597,9 @@ def test_sampled_patches_carry_their_slices_noise_level() -> None:
         assert np.all(patch[1] == level) and np.isclose(level, [0.01, 0.02, 0.03]).any()
 
 
-def test_the_run_records_the_phantoms_texture_range(tmp_path: Path) -> None:
-    """--natural-sd changes the phantoms, so the run's description (model.toml's training) says so."""
+def test_the_run_records_the_phantoms_texture_and_blur(tmp_path: Path) -> None:
+    """--natural-sd and --phantom-blur change the phantoms, so the run's description (model.toml's
+    training) says so."""
     assert "natural_sd" not in RunConfig(tiny("ct-denoise"), tmp_path).describe()
-    cfg = RunConfig(tiny("ct-denoise", natural_sd=(1.0, 40.0)), tmp_path)
-    assert cfg.describe()["natural_sd"] == [1.0, 40.0]
+    cfg = RunConfig(tiny("ct-denoise", natural_sd=(1.0, 40.0), phantom_blur=(0.3, 2.5)), tmp_path)
+    assert cfg.describe()["natural_sd"] == [1.0, 40.0] and cfg.describe()["phantom_blur"] == [0.3, 2.5]
