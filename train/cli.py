@@ -100,20 +100,14 @@ def add_parsers(sub: Any) -> None:
         "counts alike; 1: half way; the local-mean term by a fixed 2 HU tolerance); needs --noise-map",
     )
     t.add_argument("--phantoms", type=int, help="number of phantom slabs when no --data is given")
-    t.add_argument(
-        "--natural-sd",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="CT phantoms: the photograph texture's SD in HU, drawn log-uniformly (default: uniformly 5-40)",
-    )
-    t.add_argument(
-        "--phantom-blur",
-        type=float,
-        nargs=2,
-        metavar=("LO", "HI"),
-        help="CT phantoms: the PSF sigma in pixels of the half that is blurred (default 0.3 1)",
-    )
+    for flag, what in (
+        (
+            "--natural-sd",
+            "CT phantoms: the photograph texture's SD in HU, drawn log-uniformly (default: uniformly 5-40)",
+        ),
+        ("--phantom-blur", "CT phantoms: the PSF sigma in pixels of the half that is blurred (default 0.3 1)"),
+    ):
+        t.add_argument(flag, type=float, nargs=2, metavar=("LO", "HI"), help=what)
     t.add_argument(
         "--noise-map",
         action="store_true",
@@ -274,12 +268,12 @@ def _train(args: argparse.Namespace) -> int:
     for flag, count in counts.items():
         if count < 1:
             raise UsageError(f"{flag} must be at least 1")
-    if preset.natural_sd and not 0 < preset.natural_sd[0] <= preset.natural_sd[1]:
+    if (args.natural_sd or args.phantom_blur) and preset.modality != "CT":
+        raise UsageError("--natural-sd and --phantom-blur shape the CT phantoms")
+    if args.natural_sd and not 0 < args.natural_sd[0] <= args.natural_sd[1]:
         raise UsageError("--natural-sd LO HI needs 0 < LO <= HI")
-    if preset.natural_sd and preset.modality != "CT":
-        raise UsageError("--natural-sd is the CT phantoms' texture")
-    if args.phantom_blur and (preset.modality != "CT" or not 0 <= preset.phantom_blur[0] <= preset.phantom_blur[1]):
-        raise UsageError("--phantom-blur LO HI is the CT phantoms' PSF: 0 <= LO <= HI")
+    if args.phantom_blur and not 0 <= args.phantom_blur[0] <= args.phantom_blur[1]:
+        raise UsageError("--phantom-blur LO HI needs 0 <= LO <= HI")
     if preset.patch % max(1, preset.net.scale * preset.net.unshuffle) != 0:
         raise UsageError("--patch must be a multiple of the scale and unshuffle factor")
     if args.mean_weight < 0 or args.ssim_weight < 0:
