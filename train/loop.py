@@ -201,7 +201,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         log.info("resuming %s at epoch %d", preset.name, start_epoch + 1)
     initial = None
     if not start_epoch and cfg.init_from is not None:  # checked before the bank is built: a wrong source fails fast
-        initial = _source_weights(cfg.init_from, preset.net, device)
+        initial = _source_weights(model, cfg.init_from, preset.net, device)
     bank, val = _banks(cfg, reuse=resume)
     if initial is not None:
         model.load_state_dict(_narrowed(*initial, preset, device, bank))
@@ -275,14 +275,15 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     return ckpt_path
 
 
-def _source_weights(path: Path, net: NetSpec, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+def _source_weights(
+    model: nn.Module, path: Path, net: NetSpec, device: torch.device
+) -> tuple[dict[str, torch.Tensor], int]:
     """Weights of an earlier run's checkpoint, or of a model package (a shipped model's, or a
     site's), as the starting point, and the source's width. The net must be the same, except for
     an SR net's base interpolation and a denoiser's transform (and its relax), which have no
     weights (training then adapts the weights to the new base or domain), and a dncnn's width,
     which may be narrower (_narrowed)."""
-    wide = build(replace(net, width=max(net.width, source_net(path).width)))
-    source, weights = _package_weights(path, wide) if path.is_dir() else _checkpoint_weights(path, device)
+    source, weights = _package_weights(path, model) if path.is_dir() else _checkpoint_weights(path, device)
     narrower = net.kind == "dncnn" and net.width < source.width
     same = replace(
         source,
