@@ -1,9 +1,12 @@
 """Narrowing a trained denoiser for speed: a `dncnn` with fewer channels in every hidden layer,
 started from a wider one's weights (`enhance-node train --init-from WIDE --width N`).
 
-The cost of a hidden 3x3 convolution goes with the square of the width, so 32 -> 24 channels
-takes ~44% off the net. Each hidden layer keeps the N channels that feed the most into the next
-convolution over training patches, ||W_next[:, j]||^2 * E[a_j^2] (a_j the channel's activation
+The multiply-adds of a hidden 3x3 convolution go with the square of the width, but ONNX
+Runtime's CPU convolutions work on blocks of 16 channels, so only a width that is a multiple of
+16 runs faster there (24 channels take as long as 32; 16 a third; models/README.md).
+
+Each hidden layer keeps the N channels that feed the most into the next convolution over
+training patches, ||W_next[:, j]||^2 * E[a_j^2] (a_j the channel's activation
 after its ReLU): a channel that is dead (always 0) or whose outgoing weights are near 0 costs
 nothing to remove. What a removed channel contributed on average, W_next[:, j] * E[a_j] summed
 over the kernel, goes into the next convolution's bias, so that the narrowed net starts close to
@@ -59,7 +62,7 @@ def narrow_dncnn(source: nn.Module, width: int, batches: Iterable[torch.Tensor])
         outgoing = state[f"body.{j}.weight"]  # (out, in, 3, 3): input c of conv j is channel c of conv i
         score = (outgoing**2).sum(dim=(0, 2, 3)) * square
         keep = torch.argsort(score, descending=True)[:width].sort().values
-        dropped = torch.ones(score.numel(), dtype=torch.bool)
+        dropped = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
         dropped[keep] = False
         mean = total / count
         state[f"body.{j}.bias"] += (outgoing[:, dropped] * mean[dropped][None, :, None, None]).sum(dim=(1, 2, 3))
