@@ -28,6 +28,11 @@ class InvalidDataset(EnhanceNodeError):
         self.status = status
 
 
+class ProtocolError(EnhanceNodeError):
+    """A peer broke the DICOM upper layer or DIMSE protocol (PS3.8, PS3.7): the association is
+    aborted."""
+
+
 class ManifestError(EnhanceNodeError):
     """A model package whose model.toml is missing, malformed or contradicts its ONNX graph (permanent)."""
 

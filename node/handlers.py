@@ -1,8 +1,10 @@
-"""pynetdicom event handlers of the SCP. Each takes its dependencies as arguments
-(bound with `evt_handlers=[(evt, fn, [args])]`); none does heavy work or decodes pixels.
+"""What the SCP does at each step of an association (node/ul.py's `Handlers`). Each takes
+the association and the step's data first and its dependencies as keyword arguments (bound
+with functools.partial in node/scp.py); none does heavy work or decodes pixels.
 
-Unexpected errors propagate: pynetdicom answers 0xC211 and logs them. Only failures that
-have a status of their own (out of resources, invalid dataset) are caught here.
+Unexpected errors propagate: the upper layer answers 0x0110 (processing failure) and logs
+them. Only failures that have a status of their own (out of resources, invalid dataset) are
+caught here.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import status
@@ -24,8 +23,10 @@ from core.errors import InvalidDataset, OutOfResources
 from core.header import DEFLATED_SYNTAXES, parse_header
 from node.background import BackgroundWriter
 from node.config import NodeConfig
+from node.dimse import Command
 from node.guard import Throttle
 from node.instance import check_matches_request, file_meta, inflated_size, strip_file_meta
+from node.ul import Association, Refusal
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 
@@ -83,14 +84,10 @@ class Peer:
 
     @classmethod
     def of(cls, assoc: Association) -> Peer:
-        rq = assoc.requestor
-        prim = rq.primitive  # the A-ASSOCIATE-RQ; requestor.ae_title is only set after negotiation
-        calling = prim.calling_ae_title if prim is not None else rq.ae_title
-        called = prim.called_ae_title if prim is not None else ""
-        return cls(str(calling).strip(), str(called).strip(), rq.address, rq.port)
+        return cls(assoc.calling_ae, assoc.called_ae, assoc.host, assoc.port)
 
 
-def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] | None:
+def refusal(config: NodeConfig, peer: Peer) -> Refusal | None:
     """Why an association must be rejected (A-ASSOCIATE-RJ triple and reason), or None."""
     if peer.called_ae != config.ae_title:
         return status.REJECT_CALLED_AE, f"called AE {peer.called_ae!r} is not {config.ae_title!r}"
@@ -103,33 +100,21 @@ def refusal(config: NodeConfig, peer: Peer) -> tuple[tuple[int, int, int], str] 
 
 
 def handle_requested(
-    event: Event, config: Callable[[], NodeConfig], ledger: Ledger, open_assocs: OpenAssociations
-) -> None:
-    """EVT_REQUESTED: apply the association policy (as config.toml says now) before negotiation."""
-    peer = Peer.of(event.assoc)
-    refused = refusal(config(), peer)
-    if refused is None:
-        if open_assocs.acquire(event.assoc):
-            return
+    assoc: Association, *, config: Callable[[], NodeConfig], open_assocs: OpenAssociations
+) -> Refusal | None:
+    """The association policy (as config.toml says now), before negotiation; an accepted
+    association takes one of the node's slots. The refusal is recorded by handle_rejected,
+    after the peer has its A-ASSOCIATE-RJ."""
+    refused = refusal(config(), Peer.of(assoc))
+    if refused is None and not open_assocs.acquire(assoc):
         refused = status.REJECT_TOO_MANY, f"too many associations (node.max_associations = {open_assocs.limit})"
-    rj, reason = refused
-    log.warning("rejecting association from %s@%s: %s", peer.calling_ae, peer.host, reason)
-    event.assoc.acse.send_reject(*rj)
-    # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (or the ARTIM
-    # timer expired), as pynetdicom's own rejection path does; otherwise the socket is
-    # shut before the DUL thread sends it and the peer only sees a dropped connection.
-    event.assoc.kill()
+    return refused
+
+
+def handle_rejected(assoc: Association, reason: str, *, ledger: Ledger) -> None:
+    peer = Peer.of(assoc)
+    log.warning("rejected association from %s@%s: %s", peer.calling_ae, peer.host, reason)
     _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, reason)
-
-
-def handle_rejected(event: Event, ledger: Ledger) -> None:
-    """EVT_REJECTED: rejections by pynetdicom itself (ours are recorded in handle_requested)."""
-    peer = Peer.of(event.assoc)
-    prim = event.assoc.acceptor.primitive
-    assert prim is not None  # set by send_reject before EVT_REJECTED
-    why = f"rejected by the DICOM layer (result {prim.result}, source {prim.result_source}, reason {prim.diagnostic})"
-    log.warning("rejected association from %s@%s: %s", peer.calling_ae, peer.host, why)
-    _record_refusal(ledger, EventKind.ASSOCIATION_REJECTED, peer, None, None, why)
 
 
 def tls_refused(writer: BackgroundWriter, ledger: Ledger, host: str, reason: str) -> None:
@@ -160,25 +145,21 @@ def connection_refused(
         )
 
 
-def handle_established(event: Event, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool) -> None:
-    peer = Peer.of(event.assoc)
+def handle_established(
+    assoc: Association, *, ledger: Ledger, open_assocs: OpenAssociations, node_id: str, tls: bool
+) -> None:
+    peer = Peer.of(assoc)
     row = ledger.open_association(node_id, peer.calling_ae, peer.called_ae, peer.host, peer.port, tls)
-    open_assocs.bind(event.assoc, row)
+    open_assocs.bind(assoc, row)
     log.info("association %d from %s@%s:%d", row, peer.calling_ae, peer.host, peer.port)
 
 
-def handle_closed(event: Event, ledger: Ledger, open_assocs: OpenAssociations) -> None:
-    """EVT_CONN_CLOSE: the end of every connection, released, aborted or rejected."""
-    association_ended(ledger, open_assocs, event.assoc)
-
-
-def association_ended(ledger: Ledger, open_assocs: OpenAssociations, assoc: Association) -> None:
-    """Give back the association's slot and close its ledger row; once (a second call finds
-    no slot). Also called by the connection reaper for an association whose pynetdicom
-    thread died on a peer's garbage without EVT_CONN_CLOSE."""
+def association_ended(assoc: Association, *, ledger: Ledger, open_assocs: OpenAssociations) -> None:
+    """The end of every connection, released, aborted or rejected: give back the
+    association's slot and close its ledger row; once (a second call finds no slot)."""
     row = open_assocs.release(assoc)
     if row is not None:
-        outcome = "released" if assoc.is_released else "aborted"
+        outcome = "released" if assoc.released else "aborted"
         try:
             ledger.close_association(row, outcome)
         except SQLAlchemyError:
@@ -186,25 +167,29 @@ def association_ended(ledger: Ledger, open_assocs: OpenAssociations, assoc: Asso
         log.info("association %d %s", row, outcome)
 
 
-def handle_echo(event: Event) -> int:
+def handle_echo(assoc: Association) -> int:
     return status.SUCCESS
 
 
 def handle_store(
-    event: Event, store: FileStore, ledger: Ledger, open_assocs: OpenAssociations, max_inflated: int
+    assoc: Association,
+    rq: Command,
+    ts: str,
+    dataset: bytes,
+    *,
+    store: FileStore,
+    ledger: Ledger,
+    open_assocs: OpenAssociations,
+    max_inflated: int,
 ) -> int:
-    """EVT_C_STORE: persist the bytes as received, durably, then record them; then answer.
+    """C-STORE: persist the bytes as received, durably, then record them; then answer.
     Before anything is written: a deflated data set must inflate within `max_inflated` bytes
     (counted 1 MiB at a time, never held), and File Meta elements (group 0002) the peer put
     in the data set are dropped, answered 0xB006 (docs/receiving.md, "Malformed data")."""
-    peer = Peer.of(event.assoc)
-    rq = event.request
-    assert isinstance(rq, C_STORE)
-    sop_class, sop_uid = str(rq.AffectedSOPClassUID), str(rq.AffectedSOPInstanceUID)
-    ts = str(event.context.transfer_syntax)
+    peer = Peer.of(assoc)
+    sop_class, sop_uid = rq.sop_class_uid, rq.sop_instance_uid
     series_uid: str | None = None
     try:
-        dataset = event.encoded_dataset(include_meta=False)
         if ts in DEFLATED_SYNTAXES:
             inflated_size(dataset, max_inflated)
         dataset, dropped = strip_file_meta(dataset, ts)
@@ -214,7 +199,7 @@ def handle_store(
         check_matches_request(header, sop_class, sop_uid)
         sha = hashlib.sha256(part10).hexdigest()
         path = object_path(header.study_instance_uid, series_uid, sop_uid, sha)
-        assoc_row = open_assocs.row(event.assoc)
+        assoc_row = open_assocs.row(assoc)
         received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, assoc_row)
         # The path names the content (sha256), so an existing file there holds these bytes:
         # an identical re-send is stored once.
