@@ -12,8 +12,8 @@ nothing tells an allowed scanner from anything else on the network. So:
 - half-open connections never take an association slot (`node.max_associations` is counted
   only for associations the policy accepted, node/handlers.py).
 
-A PDU that stalls after negotiation (no byte for `node.network_timeout`) is closed by
-pynetdicom's socket timeout; a slow link that keeps sending is never cut.
+A PDU that stalls after negotiation (no byte for `node.network_timeout`) is closed by the
+socket's receive timeout (node/scp.py); a slow link that keeps sending is never cut.
 """
 
 from __future__ import annotations
@@ -32,16 +32,12 @@ class Connection:
     opened: float  # the guard's clock
     close: Callable[[], None]  # shuts the socket down (a blocked read returns)
     negotiated: Callable[[], bool]  # the association was accepted, rejected or ended
-    ended: Callable[[], bool]  # the connection's thread is gone (its socket may still be open)
-    dispose: Callable[[], None] = lambda: None  # closes the socket of an ended connection
     deadline_passed: bool = False
 
 
 class ConnectionGuard:
-    """Counts connections per host, closes those that do not negotiate in time, and forgets
-    (closing their sockets) those whose thread ended without the socket being closed (a
-    pynetdicom reactor that died on a peer's garbage). Shared by the accept loop, the
-    connection threads and the reaper, so every method takes the lock."""
+    """Counts connections per host and finds those that do not negotiate in time. Shared by the
+    accept loop, the connection threads and the reaper, so every method takes the lock."""
 
     def __init__(
         self,
@@ -101,21 +97,18 @@ class ConnectionGuard:
         with self._lock:
             return self._per_host.get(host, 0)
 
-    def sweep(self) -> tuple[list[Connection], list[Connection]]:
-        """(connections past their negotiation deadline, each reported once; connections
-        whose thread ended, now released). The caller closes both."""
+    def sweep(self) -> list[Connection]:
+        """The connections past their negotiation deadline, each reported once; the caller
+        closes them (their threads then release them)."""
         now = self.clock()
         with self._lock:
-            items = list(self._open.items())
-        late, ended = [], []
-        for token, c in items:
-            if c.ended():
-                self.release(token, c.host)
-                ended.append(c)
-            elif not c.deadline_passed and not c.negotiated() and now - c.opened > self.negotiation_timeout:
+            items = list(self._open.values())
+        late = []
+        for c in items:
+            if not c.deadline_passed and not c.negotiated() and now - c.opened > self.negotiation_timeout:
                 c.deadline_passed = True
                 late.append(c)
-        return late, ended
+        return late
 
 
 class Throttle:

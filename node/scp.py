@@ -114,7 +114,7 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             # byte at a time is closed by the reaper (each read alone has the same timeout)
             host, token, done = client_address[0], id(request), threading.Event()
             close = functools.partial(_shut, request)
-            self.guard.watch(token, Connection(host, self.guard.clock(), close, done.is_set, lambda: False))
+            self.guard.watch(token, Connection(host, self.guard.clock(), close, done.is_set))
             request.settimeout(self.guard.negotiation_timeout)
             try:
                 request = self.ssl_context.wrap_socket(request, server_side=True)
@@ -132,9 +132,7 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """One connection, under the guard's negotiation deadline, to its end."""
         token, host = id(assoc), assoc.host
         close = functools.partial(_shut, assoc.sock)
-        self.guard.watch(
-            token, Connection(host, self.guard.clock(), close, lambda: assoc.negotiated, lambda: assoc.finished)
-        )
+        self.guard.watch(token, Connection(host, self.guard.clock(), close, lambda: assoc.negotiated))
         with self._lock:
             self.associations.add(assoc)
         try:
@@ -153,10 +151,7 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         that goes wrong for one connection may stop it."""
         while not self._reaping.wait(REAP_INTERVAL_S):
             try:
-                late, ended = self.guard.sweep()
-                for c in ended:
-                    c.dispose()
-                for c in late:
+                for c in self.guard.sweep():
                     c.close()
                     timeout = self.guard.negotiation_timeout
                     self.on_refused(c.host, "negotiation", f"closed: no association negotiated within {timeout:g} s")

@@ -82,7 +82,6 @@ class Association:
         self.negotiated = False  # accepted, rejected or ended
         self.established = False
         self.released = False
-        self.finished = False  # serve() has returned
         self._send_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
@@ -147,7 +146,6 @@ def serve(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
                 assoc.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 assoc.sock.close()
-            assoc.finished = True
 
 
 def _read(sock: Any, n: int) -> bytearray:

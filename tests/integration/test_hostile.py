@@ -193,10 +193,11 @@ def test_a_pdu_that_stalls_after_negotiation_is_closed(node_factory, tmp_path: P
     wait_for(lambda: node.query("SELECT outcome FROM associations") == [("aborted",)], timeout=10)
 
 
-def test_associations_whose_reactor_dies_on_garbage_give_their_slot_back(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """An allowed peer sends a P-DATA-TF whose PDV cannot be decoded: pynetdicom's reactor
-    thread dies without EVT_CONN_CLOSE. Done more times than node.max_associations, the node
-    must still accept associations (the reaper gives the slot back and closes the row)."""
+def test_associations_aborted_on_garbage_give_their_slot_back(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An allowed peer sends a P-DATA-TF whose PDV cannot be decoded (the node aborts; with
+    pynetdicom's acceptor, its reactor thread died without EVT_CONN_CLOSE). Done more times than
+    node.max_associations, the node must still accept associations: each slot is given back
+    and each row closed."""
     node: NodeProcess = node_factory(extra_node=GUARD + "\nmax_associations = 2", receive_processes=1).start()
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage)
@@ -205,7 +206,7 @@ def test_associations_whose_reactor_dies_on_garbage_give_their_slot_back(node_fa
         assert assoc.is_established, f"association {n + 1} refused"
         assoc.dul.socket.socket.sendall(bytes.fromhex("0400000000060000000201ff"))  # type: ignore[union-attr]
         wait_for(lambda a=assoc: not a.is_alive(), timeout=20, what="the association to end")
-        # the dying reactor sends A-ABORT at once; the reaper (every 0.25 s) then frees the slot
+        # the node sends A-ABORT at once, then frees the slot and closes the row
         wait_for(
             lambda n=n: node.query("SELECT count(*) FROM associations WHERE closed_at IS NOT NULL") == [(n + 1,)],
             timeout=10,

@@ -43,41 +43,21 @@ def test_a_connection_that_does_not_negotiate_in_time_is_late_once() -> None:
         guard.admit("h")
         guard.watch(
             hash(name),
-            Connection("h", clock(), lambda n=name: closed.append(n), lambda n=name: done[n], lambda: False),
+            Connection("h", clock(), lambda n=name: closed.append(n), lambda n=name: done[n]),
         )
     clock.now += 4.9
-    assert guard.sweep() == ([], [])
+    assert guard.sweep() == []
     done["fast"] = True  # negotiated: never late
     clock.now += 0.2
-    late, ended = guard.sweep()
-    assert [c.host for c in late] == ["h"] and ended == []
+    late = guard.sweep()
+    assert [c.host for c in late] == ["h"]
     late[0].close()
     assert closed == ["slow"]
-    assert guard.sweep() == ([], [])  # reported once
+    assert guard.sweep() == []  # reported once
     guard.release(hash("slow"), "h")
-    guard.release(hash("slow"), "h")  # a second release (EVT_CONN_CLOSE after the sweep) counts nothing
+    guard.release(hash("slow"), "h")  # a second release counts nothing
     guard.release(hash("fast"), "h")
     assert guard.open_from("h") == 0
-
-
-def test_a_connection_whose_thread_died_without_closing_is_released_by_the_sweep() -> None:
-    """pynetdicom's reactor can die on a peer's garbage without closing its socket or firing
-    EVT_CONN_CLOSE: the sweep gives the host its count back and the socket is disposed of."""
-    guard = ConnectionGuard(1, 5.0)
-    alive = [True]
-    disposed: list[bool] = []
-    assert guard.admit("h") is None
-    guard.watch(
-        1, Connection("h", 0.0, lambda: None, lambda: True, lambda: not alive[0], lambda: disposed.append(True))
-    )
-    assert guard.admit("h") is not None  # the one slot is taken
-    alive[0] = False
-    late, ended = guard.sweep()
-    assert late == [] and len(ended) == 1
-    ended[0].dispose()
-    assert disposed == [True] and guard.open_from("h") == 0
-    guard.release(1, "h")  # EVT_CONN_CLOSE after all: nothing more
-    assert guard.admit("h") is None
 
 
 def test_the_throttle_reports_once_a_period_and_counts_the_rest() -> None:
