@@ -32,6 +32,7 @@ from storage.ledger import Ledger
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 0.25
+ABORT_WAIT_S = 5.0  # at stop: for aborted associations' threads to record their end
 REPORT_PERIOD_S = 60.0  # refused or closed connections: one log line and event per host and minute
 
 
@@ -291,6 +292,10 @@ class StorageSCP:
                 time.sleep(0.05)
             for assoc in self._server.open_associations():
                 assoc.abort()
+            # their threads close their ledger rows and give their slots back
+            ended_by = time.monotonic() + ABORT_WAIT_S
+            while self._server.open_associations() and time.monotonic() < ended_by:
+                time.sleep(0.01)
             self._server.server_close()
         if self._events is not None:
             self._events.close(timeout=max(0.1, deadline - time.monotonic()))
