@@ -249,12 +249,12 @@ class _Message:
 
     def __init__(self) -> None:
         self.context: int | None = None
-        self.command_parts: list[bytes] = []
+        self.command_parts: list[bytearray] = []
         self.command_size = 0
         self.command: dimse.Command | None = None
-        self.data_parts: list[bytes] = []
+        self.data_parts: list[bytearray] = []
 
-    def add(self, flags: int, value: bytes) -> bool:
+    def add(self, flags: int, value: bytearray) -> bool:
         """Take one fragment; True when the message is complete."""
         if flags & COMMAND:
             if self.command is not None:
@@ -312,7 +312,7 @@ def _read_pdvs(assoc: Association, handlers: Handlers, length: int, message: _Me
             raise ProtocolError("a message's fragments on two presentation contexts")
         message.context = context
         remaining -= item_length + 4
-        if message.add(flags, bytes(_read(assoc.sock, item_length - 2))):
+        if message.add(flags, _read(assoc.sock, item_length - 2)):
             _answer(assoc, handlers, message)
             message = _Message()
     return message
