@@ -48,6 +48,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 PROTOCOL_VERSION = 0x0001
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20  # 128 contexts with 100 transfer syntaxes each fit in a third of it
 MAX_SHORT_PDU_BYTES = 1 << 8  # release and abort PDUs carry 4 bytes
+READ_AHEAD_BYTES = 1 << 20  # a read takes at most this before the bytes arrive (then grows with them)
 LINGER_S = 5.0  # after a rejection, release or abort: how long to wait for the peer to close
 COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 # A-ABORT source and reason (PS3.8 9.3.8)
@@ -137,6 +138,7 @@ def serve(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
         assoc.abort(ABORT_UNEXPECTED_PDU)
     except OSError as exc:  # closed, reset, timed out (SO_RCVTIMEO), shut down by the guard
         log.info("connection from %s@%s ended: %s", assoc.calling_ae, assoc.host, exc or type(exc).__name__)
+        assoc.abort()  # a peer still there (one that stalled) is told; sending to a closed one fails quietly
     finally:
         assoc.negotiated = True
         try:
@@ -149,12 +151,19 @@ def serve(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
 
 
 def _read(sock: Any, n: int) -> bytearray:
-    """Exactly n bytes; ConnectionError when the peer closes first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+    """Exactly n bytes; ConnectionError when the peer closes first. Memory follows what
+    arrives, never what a length field announces: a PDV that claims gigabytes and stalls costs
+    what it sent (up to READ_AHEAD_BYTES taken at once)."""
+    buf = bytearray(min(n, READ_AHEAD_BYTES))
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):
+            buf.extend(bytes(min(n - got, len(buf))))  # at most doubles, and only after it filled
+        view = memoryview(buf)
+        try:
+            k = sock.recv_into(view[got:], len(buf) - got)
+        finally:
+            view.release()  # the next extend() may move the buffer
         if not k:
             raise ConnectionAbortedError("closed by the peer")
         got += k

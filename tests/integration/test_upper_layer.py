@@ -232,3 +232,23 @@ def test_stopping_aborts_an_open_association_and_closes_its_row(node_factory) ->
     assert kind == 7
     peer.close()
     assert node.query("SELECT outcome FROM associations") == [("aborted",)]
+
+
+def test_a_pdv_that_announces_gigabytes_costs_only_what_arrives(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """An allowed peer announces a 3 GiB P-DATA-TF and PDV, sends 64 kB and stalls: the node's
+    memory grows by what arrived, not by what was announced, and the association ends at the
+    network timeout."""
+    from tests.integration.test_malformed import peak_rss
+
+    node: NodeProcess = node_factory(receive_processes=1, extra_node="network_timeout = 2").start()
+    receivers = node.receivers()
+    before = peak_rss(receivers)
+    peer = Peer(node.port)
+    peer.associate()
+    announced = 3 << 30
+    peer.sock.sendall(struct.pack(">BBLLBB", 4, 0, announced + 6, announced + 2, CT_CX, 0) + bytes(64 << 10))
+    kind, _body = peer.read_pdu()  # the A-ABORT after the network timeout
+    assert kind == 7
+    peer.close()
+    assert peak_rss(receivers) - before < 100 << 20
+    wait_for(lambda: node.query("SELECT outcome FROM associations") == [("aborted",)], timeout=10)
