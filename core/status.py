@@ -3,6 +3,7 @@
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110  # a bug in the node's handler: this request fails, the association goes on
 UNRECOGNIZED_OPERATION = 0x0211  # a command the SCP does not serve on that presentation context
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # a C-STORE whose SOP class is not its presentation context's
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000

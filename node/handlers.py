@@ -26,7 +26,7 @@ from node.config import NodeConfig
 from node.dimse import Command
 from node.guard import Throttle
 from node.instance import check_matches_request, file_meta, inflated_size, strip_file_meta
-from node.ul import Association, Refusal
+from node.ul import Association, Context, Refusal
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 
@@ -174,7 +174,7 @@ def handle_echo(assoc: Association) -> int:
 def handle_store(
     assoc: Association,
     rq: Command,
-    ts: str,
+    context: Context,
     dataset: bytes,
     *,
     store: FileStore,
@@ -188,7 +188,11 @@ def handle_store(
     in the data set are dropped, answered 0xB006 (docs/receiving.md, "Malformed data")."""
     peer = Peer.of(assoc)
     sop_class, sop_uid = rq.sop_class_uid, rq.sop_instance_uid
+    ts = context.transfer_syntax
     series_uid: str | None = None
+    if sop_class != context.abstract_syntax:  # PS3.7 9.1.1.1.2: the SOP class of the context
+        why = f"C-STORE for SOP Class {sop_class} on a presentation context negotiated for {context.abstract_syntax}"
+        return _refuse(ledger, peer, status.SOP_CLASS_NOT_SUPPORTED, sop_uid, None, why)
     try:
         if ts in DEFLATED_SYNTAXES:
             inflated_size(dataset, max_inflated)

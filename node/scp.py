@@ -76,6 +76,7 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.guard = guard
         self.on_refused = on_refused
         self.associations: set[ul.Association] = set()  # open now, for stop()
+        self.stopping = False  # set by stop(): connections that reach run() after are closed
         self._lock = threading.Lock()
         self._reaping = threading.Event()
         super().__init__(address, ConnectionHandler)
@@ -135,6 +136,10 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         close = functools.partial(_shut, assoc.sock)
         self.guard.watch(token, Connection(host, self.guard.clock(), close, lambda: assoc.negotiated))
         with self._lock:
+            if self.stopping:  # accepted (or in its TLS handshake) when the node began to stop
+                self.guard.release(token, host)
+                _shut(assoc.sock)
+                return
             self.associations.add(assoc)
         try:
             ul.serve(assoc, self.handlers, self.acceptor)
@@ -142,6 +147,11 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             with self._lock:
                 self.associations.discard(assoc)
             self.guard.release(token, host)
+
+    def refuse_new(self) -> None:
+        """From now on a connection that reaches run() is closed at once."""
+        with self._lock:
+            self.stopping = True
 
     def open_associations(self) -> list[ul.Association]:
         with self._lock:
@@ -286,16 +296,22 @@ class StorageSCP:
         An aborted sender is never answered for an instance in flight, so it re-sends it.
         """
         deadline = time.monotonic() + grace_seconds
-        if self._server is not None:
-            self._server.shutdown()
-            while self._server.open_associations() and time.monotonic() < deadline:
+        server = self._server
+        if server is not None:
+            server.shutdown()
+            server.refuse_new()
+            while server.open_associations() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            for assoc in self._server.open_associations():
-                assoc.abort()
-            # their threads close their ledger rows and give their slots back
-            ended_by = time.monotonic() + ABORT_WAIT_S
-            while self._server.open_associations() and time.monotonic() < ended_by:
-                time.sleep(0.01)
-            self._server.server_close()
+            for assoc in server.open_associations():
+                assoc.abort(source=ul.ABORT_BY_USER)
+            # the peers close on the A-ABORT; whatever has not is shut down. Their threads close
+            # their ledger rows and give their slots back.
+            for wait in (ABORT_WAIT_S / 2, ABORT_WAIT_S / 2):
+                ended_by = time.monotonic() + wait
+                while server.open_associations() and time.monotonic() < ended_by:
+                    time.sleep(0.01)
+                for assoc in server.open_associations():
+                    _shut(assoc.sock)
+            server.server_close()
         if self._events is not None:
             self._events.close(timeout=max(0.1, deadline - time.monotonic()))

@@ -16,12 +16,13 @@ handlers were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import UID
@@ -46,15 +47,17 @@ ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABO
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 PROTOCOL_VERSION = 0x0001
-MAX_ASSOCIATE_RQ_BYTES = 1 << 20  # 128 contexts with 100 transfer syntaxes each fit in a third of it
+# 128 contexts (the most PS3.8 allows) with ten transfer syntaxes each take about 40 kB; pynetdicom
+# needs about 0.2 s of CPU to decode this many bytes, before the policy is applied
+MAX_ASSOCIATE_RQ_BYTES = 1 << 18
 MAX_SHORT_PDU_BYTES = 1 << 8  # release and abort PDUs carry 4 bytes
-READ_AHEAD_BYTES = 1 << 20  # a read takes at most this before the bytes arrive (then grows with them)
-LINGER_S = 5.0  # after a rejection, release or abort: how long to wait for the peer to close
+READ_CHUNK_BYTES = 1 << 16  # one recv; larger requests make CPython map and unmap a buffer each time
+LINGER_S = 5.0  # after a rejection, release or abort: how long (in all) to wait for the peer to close
 COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 # A-ABORT source and reason (PS3.8 9.3.8)
-ABORT_BY_PROVIDER = 0x02
+ABORT_BY_USER, ABORT_BY_PROVIDER = 0x00, 0x02
+ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
-ABORT_INVALID_PARAMETER = 0x06
 # A-ASSOCIATE-RJ (result, source, reason) of the upper layer itself (PS3.8 9.3.4)
 REJECT_APPLICATION_CONTEXT = (status.REJECTED_PERMANENT, 0x01, 0x02)
 REJECT_PROTOCOL_VERSION = (status.REJECTED_PERMANENT, 0x02, 0x02)
@@ -62,7 +65,11 @@ REJECT_PROTOCOL_VERSION = (status.REJECTED_PERMANENT, 0x02, 0x02)
 Refusal = tuple[tuple[int, int, int], str]  # A-ASSOCIATE-RJ triple and the reason, for the log
 
 
-@dataclass(frozen=True)
+class UnrecognisedPDU(ProtocolError):
+    """A PDU type PS3.8 does not define (aborted with reason "unrecognized-PDU")."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Context:
     abstract_syntax: str
     transfer_syntax: str
@@ -83,29 +90,35 @@ class Association:
         self.negotiated = False  # accepted, rejected or ended
         self.established = False
         self.released = False
+        self.ending = False  # our last PDU (RJ, RP, A-ABORT) is sent: wait for the peer to close
         self._send_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(data)
 
-    def abort(self, reason: int = 0) -> None:
-        """A-ABORT (best effort), then shut the connection down so a blocked read returns."""
+    def abort(self, source: int = ABORT_BY_PROVIDER, reason: int = 0) -> None:
+        """A-ABORT (best effort), then end our side of the connection: the peer reads the
+        A-ABORT, then the end of the stream, and closes."""
         with contextlib.suppress(OSError):
-            self.send(struct.pack(">BBLBBBB", ABORT, 0, 4, 0, 0, ABORT_BY_PROVIDER, reason))
+            self.send(struct.pack(">BBLBBBB", ABORT, 0, 4, 0, 0, source, reason))
+        self.ending = True
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_WR)
 
-    def linger(self) -> None:
-        """Wait (briefly) for the peer to close after our last PDU: closing first with its
-        unread bytes pending would reset the connection and could lose the PDU we sent."""
+    def linger(self, deadline: Callable[[], float] = time.monotonic) -> None:
+        """Wait, at most LINGER_S in all, for the peer to close after our last PDU: closing
+        first with its bytes unread would reset the connection, which can lose the PDU we sent.
+        Whatever the peer sends meanwhile is dropped."""
+        end = deadline() + LINGER_S
         with contextlib.suppress(OSError):
-            self.sock.settimeout(LINGER_S)
-            while self.sock.recv(4096):
-                pass
+            while (left := end - deadline()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(4096):
+                    return
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Handlers:
     """What the node does at each step; each is called in the association's thread."""
 
@@ -113,11 +126,11 @@ class Handlers:
     rejected: Callable[[Association, str], None]  # after an A-ASSOCIATE-RJ was sent
     established: Callable[[Association], None]
     echo: Callable[[Association], int]
-    store: Callable[[Association, dimse.Command, str, bytes], int]  # request, transfer syntax, data set
+    store: Callable[[Association, dimse.Command, Context, bytes], int]  # request, its context, data set
     ended: Callable[[Association], None]  # every connection, once, at its end
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Acceptor:
     """What this SCP offers: its AE's supported contexts, and the largest P-DATA-TF it takes."""
 
@@ -129,44 +142,49 @@ class Acceptor:
 
 
 def serve(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
-    """Run one connection to its end; never raises for anything the peer did."""
+    """Run one connection to its end; never raises."""
     try:
         if _negotiate(assoc, handlers, acceptor):
             _transfer(assoc, handlers, acceptor.max_pdu)
     except ProtocolError as exc:
         log.warning("aborting association from %s@%s: %s", assoc.calling_ae, assoc.host, exc)
-        assoc.abort(ABORT_UNEXPECTED_PDU)
+        unrecognised = isinstance(exc, UnrecognisedPDU)
+        assoc.abort(reason=ABORT_UNRECOGNIZED_PDU if unrecognised else ABORT_UNEXPECTED_PDU)
     except OSError as exc:  # closed, reset, timed out (SO_RCVTIMEO), shut down by the guard
         log.info("connection from %s@%s ended: %s", assoc.calling_ae, assoc.host, exc or type(exc).__name__)
         assoc.abort()  # a peer still there (one that stalled) is told; sending to a closed one fails quietly
+    except Exception:  # a bug, or a handler that failed (the ledger gone when the association opened)
+        log.exception("association from %s@%s", assoc.calling_ae, assoc.host)
+        assoc.abort()
     finally:
         assoc.negotiated = True
         try:
-            handlers.ended(assoc)
-        finally:
-            with contextlib.suppress(OSError):
-                assoc.sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                assoc.sock.close()
+            handlers.ended(assoc)  # the slot is free and the row closed before any lingering
+        except Exception:
+            log.exception("ending association from %s@%s", assoc.calling_ae, assoc.host)
+        if assoc.ending:
+            assoc.linger()
+        with contextlib.suppress(OSError):
+            assoc.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            assoc.sock.close()
+
+
+def _read_into(sock: Any, buf: bytearray, n: int) -> None:
+    """Append exactly n bytes from the peer to `buf`; ConnectionError when it closes first.
+    Memory follows what arrives, never what a length field announces: a PDV that claims
+    gigabytes and stalls costs what it sent."""
+    while n:
+        chunk = sock.recv(min(n, READ_CHUNK_BYTES))
+        if not chunk:
+            raise ConnectionAbortedError("closed by the peer")
+        buf += chunk
+        n -= len(chunk)
 
 
 def _read(sock: Any, n: int) -> bytearray:
-    """Exactly n bytes; ConnectionError when the peer closes first. Memory follows what
-    arrives, never what a length field announces: a PDV that claims gigabytes and stalls costs
-    what it sent (up to READ_AHEAD_BYTES taken at once)."""
-    buf = bytearray(min(n, READ_AHEAD_BYTES))
-    got = 0
-    while got < n:
-        if got == len(buf):
-            buf.extend(bytes(min(n - got, len(buf))))  # at most doubles, and only after it filled
-        view = memoryview(buf)
-        try:
-            k = sock.recv_into(view[got:], len(buf) - got)
-        finally:
-            view.release()  # the next extend() may move the buffer
-        if not k:
-            raise ConnectionAbortedError("closed by the peer")
-        got += k
+    buf = bytearray()
+    _read_into(sock, buf, n)
     return buf
 
 
@@ -210,9 +228,8 @@ def _negotiate(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> bo
     if refused is not None:
         (result, source, reason), why = refused
         assoc.send(struct.pack(">BBLBBBB", ASSOCIATE_RJ, 0, 4, 0, result, source, reason))
-        assoc.negotiated = True
+        assoc.negotiated = assoc.ending = True
         handlers.rejected(assoc, why)
-        assoc.linger()
         return False
     negotiate = negotiate_unrestricted if acceptor.unrestricted else negotiate_as_acceptor
     try:
@@ -253,32 +270,30 @@ def _accept(rq: A_ASSOCIATE, result: list[PresentationContext], roles: list[Any]
 
 
 class _Message:
-    """The fragments of the DIMSE message being received (PS3.7 8.1: a message's command, then
-    its data set, on one presentation context)."""
+    """The DIMSE message being received (PS3.7 8.1: its command, then its data set, on one
+    presentation context), each part read straight into one buffer."""
 
     def __init__(self) -> None:
         self.context: int | None = None
-        self.command_parts: list[bytearray] = []
-        self.command_size = 0
+        self.command_set = bytearray()
         self.command: dimse.Command | None = None
-        self.data_parts: list[bytearray] = []
+        self.data = bytearray()
 
-    def add(self, flags: int, value: bytearray) -> bool:
-        """Take one fragment; True when the message is complete."""
+    def read_fragment(self, sock: Any, flags: int, length: int) -> bool:
+        """Read one PDV's value; True when the message is complete."""
         if flags & COMMAND:
             if self.command is not None:
                 raise ProtocolError("a command fragment after its command's last fragment")
-            self.command_parts.append(value)
-            self.command_size += len(value)
-            if self.command_size > dimse.MAX_COMMAND_BYTES:
+            if len(self.command_set) + length > dimse.MAX_COMMAND_BYTES:
                 raise ProtocolError(f"command set of more than {dimse.MAX_COMMAND_BYTES} bytes")
+            _read_into(sock, self.command_set, length)
             if not flags & LAST:
                 return False
-            self.command = dimse.decode(b"".join(self.command_parts))
+            self.command = dimse.decode(bytes(self.command_set))
             return not self.command.has_dataset
         if self.command is None:
             raise ProtocolError("a data set fragment before its command")
-        self.data_parts.append(value)
+        _read_into(sock, self.data, length)
         return bool(flags & LAST)
 
 
@@ -297,13 +312,14 @@ def _transfer(assoc: Association, handlers: Handlers, max_pdu: int) -> None:
         _read(assoc.sock, length)
         if kind == RELEASE_RQ:
             assoc.send(struct.pack(">BBLL", RELEASE_RP, 0, 4, 0))
-            assoc.released = True
-            assoc.linger()
+            assoc.released = assoc.ending = True
             return
         if kind == ABORT:
             log.info("association from %s@%s aborted by the peer", assoc.calling_ae, assoc.host)
             return
-        raise ProtocolError(f"unexpected PDU type 0x{kind:02X} in the data transfer phase")
+        if kind in (ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
+            raise ProtocolError(f"unexpected PDU type 0x{kind:02X} in the data transfer phase")
+        raise UnrecognisedPDU(f"unrecognised PDU type 0x{kind:02X}")
 
 
 def _read_pdvs(assoc: Association, handlers: Handlers, length: int, message: _Message) -> _Message:
@@ -321,7 +337,7 @@ def _read_pdvs(assoc: Association, handlers: Handlers, length: int, message: _Me
             raise ProtocolError("a message's fragments on two presentation contexts")
         message.context = context
         remaining -= item_length + 4
-        if message.add(flags, _read(assoc.sock, item_length - 2)):
+        if message.read_fragment(assoc.sock, flags, item_length - 2):
             _answer(assoc, handlers, message)
             message = _Message()
     return message
@@ -331,6 +347,8 @@ def _answer(assoc: Association, handlers: Handlers, message: _Message) -> None:
     command, context_id = message.command, message.context
     assert command is not None and context_id is not None
     context = assoc.contexts[context_id]
+    if not command.sop_class_uid:  # mandatory in the response (PS3.7 9.3.5.2, 9.3.1.2)
+        command = dataclasses.replace(command, sop_class_uid=context.abstract_syntax)
     if command.field & dimse.RESPONSE_BIT:
         raise ProtocolError(f"a response (command field 0x{command.field:04X}) sent to the SCP")
     if command.field == dimse.C_CANCEL_RQ:  # nothing to cancel: each request is answered in turn
@@ -339,8 +357,8 @@ def _answer(assoc: Association, handlers: Handlers, message: _Message) -> None:
         if command.field == dimse.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
             code = handlers.echo(assoc)
         elif command.field == dimse.C_STORE_RQ and context.abstract_syntax != VERIFICATION:
-            if message.data_parts:
-                code = handlers.store(assoc, command, context.transfer_syntax, b"".join(message.data_parts))
+            if command.has_dataset:
+                code = handlers.store(assoc, command, context, bytes(message.data))
             else:
                 code = status.CANNOT_UNDERSTAND  # a C-STORE-RQ that says no data set follows
         else:

@@ -183,9 +183,9 @@ def test_a_pdu_that_stalls_after_negotiation_is_closed(node_factory, tmp_path: P
     assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
     assert assoc.is_established
     raw = assoc.dul.socket.socket  # type: ignore[union-attr]
-    # a P-DATA-TF of 10000 bytes whose one PDV (context 1, a data set fragment) announces the
+    # a P-DATA-TF of 10000 bytes whose one PDV (context 1, a command fragment) announces the
     # rest: 106 of 10006 bytes, then nothing
-    raw.sendall(b"\x04\x00" + struct.pack(">L", 10_000) + struct.pack(">LBB", 9_996, 1, 0) + bytes(94))
+    raw.sendall(b"\x04\x00" + struct.pack(">L", 10_000) + struct.pack(">LBB", 9_996, 1, 1) + bytes(94))
     stalled = time.monotonic()
     wait_for(lambda: not assoc.is_alive(), timeout=20, what="the node to close the stalled association")
     assert 2.5 < time.monotonic() - stalled < 15

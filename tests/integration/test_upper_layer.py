@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from io import BytesIO
 
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, build_role
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -48,7 +49,8 @@ def associate_rq(max_pdu: int = 0, protocol_version: int = 1, application_contex
 
 def command(field: int, message_id: int, sop_class: str, sop_instance: str = "", dataset: bool = False) -> bytes:
     ds = Dataset()
-    ds.AffectedSOPClassUID = sop_class
+    if sop_class:
+        ds.AffectedSOPClassUID = sop_class
     ds.CommandField = field
     ds.MessageID = message_id
     ds.CommandDataSetType = 0x0001 if dataset else 0x0101
@@ -125,8 +127,9 @@ def test_commands_answered_within_the_peers_pdu_limit_and_the_association_goes_o
     peer.sock.sendall(p_data(CT_CX, 3, command(0x0001, 3, CTImageStorage, "1.2.3.4")))  # no data set
     store = peer.response(max_pdu=32)
     assert (store.CommandField, store.MessageIDBeingRespondedTo, store.Status) == (0x8001, 3, 0xC000)
-    peer.sock.sendall(p_data(VERIFICATION_CX, 3, command(0x0030, 4, Verification)))
-    assert peer.response(max_pdu=32).Status == 0
+    peer.sock.sendall(p_data(VERIFICATION_CX, 3, command(0x0030, 4, "")))  # no Affected SOP Class UID
+    echo = peer.response(max_pdu=32)
+    assert echo.Status == 0 and echo.AffectedSOPClassUID == Verification  # mandatory in the response
     peer.sock.sendall(struct.pack(">BBLL", 5, 0, 4, 0))  # A-RELEASE-RQ
     assert peer.read_pdu() == (6, bytes(4))  # A-RELEASE-RP
     peer.close()
@@ -166,19 +169,21 @@ def test_what_breaks_the_protocol_is_aborted_and_the_node_goes_on(node_factory) 
         "data before command": p_data(CT_CX, 2, b"\x08\x00\x16\x00"),
         "second request": associate_rq(),
         "pdu too large": p_data(CT_CX, 0, bytes(20_000)),
+        "unknown pdu type": struct.pack(">BBL", 9, 0, 4) + bytes(4),
     }
+    reasons = {"unknown pdu type": 1}  # unrecognized-PDU; the others unexpected-PDU (2)
     for name, attack in attacks.items():
         peer = Peer(node.port)
         peer.associate()
         peer.sock.sendall(attack)
         kind, body = peer.read_pdu()
         assert kind == 7, f"{name}: expected A-ABORT, got PDU type {kind}"
-        assert body[2] == 2, f"{name}: the abort's source is the service provider"
+        assert (body[2], body[3]) == (2, reasons.get(name, 2)), f"{name}: source service provider, reason"
         peer.close()
     wait_for(
-        lambda: node.query("SELECT outcome, count(*) FROM associations GROUP BY outcome") == [("aborted", 4)],
+        lambda: node.query("SELECT outcome, count(*) FROM associations GROUP BY outcome") == [("aborted", 5)],
         timeout=10,
-        what="four associations closed as aborted",
+        what="five associations closed as aborted",
     )
     peer = Peer(node.port)
     peer.associate()
@@ -228,8 +233,8 @@ def test_stopping_aborts_an_open_association_and_closes_its_row(node_factory) ->
     peer = Peer(node.port)
     peer.associate()
     assert node.stop() == 0
-    kind, _body = peer.read_pdu()
-    assert kind == 7
+    kind, body = peer.read_pdu()
+    assert kind == 7 and (body[2], body[3]) == (0, 0)  # source service user (the node), no reason
     peer.close()
     assert node.query("SELECT outcome FROM associations") == [("aborted",)]
 
@@ -252,3 +257,86 @@ def test_a_pdv_that_announces_gigabytes_costs_only_what_arrives(node_factory) ->
     peer.close()
     assert peak_rss(receivers) - before < 100 << 20
     wait_for(lambda: node.query("SELECT outcome FROM associations") == [("aborted",)], timeout=10)
+
+
+def test_a_c_store_whose_sop_class_is_not_its_contexts_is_refused_0122(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """PS3.7: a C-STORE belongs to its presentation context's SOP class; an MR request on the CT
+    context is answered 0x0122 and recorded, and nothing is stored."""
+    node: NodeProcess = node_factory().start()
+    ds = ct_slice("1.2.826.0.1.3680043.10.1533.99.6", "1.2.826.0.1.3680043.10.1533.99.7", 0, rows=16, cols=16)
+    ds.SOPClassUID = MRImageStorage
+    peer = Peer(node.port)
+    peer.associate()
+    peer.sock.sendall(p_data(CT_CX, 3, command(0x0001, 1, MRImageStorage, str(ds.SOPInstanceUID), dataset=True)))
+    peer.sock.sendall(p_data(CT_CX, 2, encode_explicit_le(ds)))
+    assert peer.response().Status == 0x0122
+    peer.close()
+    assert node.query("SELECT count(*) FROM instances") == [(0,)]
+    [(status, detail)] = node.query("SELECT status, detail FROM events WHERE kind = 'store.refused'")
+    assert status == 0x0122 and "negotiated for 1.2.840.10008.5.1.4.1.1.2" in detail
+
+
+def test_empty_fragments_cost_no_memory(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """8 MB of empty data set fragments (six bytes each on the wire) after a C-STORE command,
+    then the data set: stored, and the receiving process grew by far less than what was sent
+    (each fragment used to cost about 12 times its size)."""
+    from tests.integration.test_malformed import peak_rss
+
+    node: NodeProcess = node_factory(receive_processes=1).start()
+    receivers = node.receivers()
+    before = peak_rss(receivers)
+    ds = ct_slice("1.2.826.0.1.3680043.10.1533.99.8", "1.2.826.0.1.3680043.10.1533.99.9", 0, rows=16, cols=16)
+    peer = Peer(node.port)
+    peer.associate()
+    peer.sock.sendall(p_data(CT_CX, 3, command(0x0001, 1, CTImageStorage, str(ds.SOPInstanceUID), dataset=True)))
+    empty = struct.pack(">LBB", 2, CT_CX, 0) * 100_000
+    for _ in range(14):
+        peer.sock.sendall(struct.pack(">BBL", 4, 0, len(empty)) + empty)
+    peer.sock.sendall(p_data(CT_CX, 2, encode_explicit_le(ds)))
+    assert peer.response().Status == 0
+    peer.close()
+    assert peak_rss(receivers) - before < 20 << 20
+    assert node.query("SELECT count(*) FROM instances") == [(1,)]
+
+
+def test_a_peer_that_will_not_close_after_its_answer_is_cut_off(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """After an A-ASSOCIATE-RJ, or an A-RELEASE-RP, the node waits for the peer to close at
+    most 5 s in all, however it drips bytes; a released association's slot and row are given
+    back at once, not after the wait; an A-ASSOCIATE-RQ past 256 kB is aborted unread."""
+    node: NodeProcess = node_factory(extra_node="max_associations = 1").start()
+
+    def drip_until_closed(peer: Peer) -> float:
+        start = time.monotonic()
+        peer.sock.settimeout(1.0)
+        while time.monotonic() - start < 20:
+            try:
+                peer.sock.sendall(b"x")
+                if peer.sock.recv(1) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        peer.close()
+        return time.monotonic() - start
+
+    peer = Peer(node.port)
+    peer.sock.sendall(associate_rq(application_context="1.2.3.4"))
+    assert peer.read_pdu()[0] == 3
+    assert drip_until_closed(peer) < 8
+
+    peer = Peer(node.port)
+    peer.associate()
+    peer.sock.sendall(struct.pack(">BBLL", 5, 0, 4, 0))  # A-RELEASE-RQ
+    assert peer.read_pdu() == (6, bytes(4))
+    # the slot (max_associations = 1) is free while the peer still holds the connection
+    other = Peer(node.port)
+    other.associate()
+    other.close()
+    assert drip_until_closed(peer) < 8
+    assert node.query("SELECT outcome FROM associations ORDER BY id")[0] == ("released",)
+
+    peer = Peer(node.port)
+    peer.sock.sendall(struct.pack(">BBL", 1, 0, 300_000) + bytes(64))
+    assert peer.read_pdu()[0] == 7
+    peer.close()
