@@ -51,7 +51,7 @@ PROTOCOL_VERSION = 0x0001
 # needs about 0.2 s of CPU to decode this many bytes, before the policy is applied
 MAX_ASSOCIATE_RQ_BYTES = 1 << 18
 MAX_SHORT_PDU_BYTES = 1 << 8  # release and abort PDUs carry 4 bytes
-READ_CHUNK_BYTES = 1 << 16  # one recv; larger requests make CPython map and unmap a buffer each time
+READ_CHUNK_BYTES = 1 << 16  # how far a read's buffer may grow ahead of the bytes received
 LINGER_S = 5.0  # after a rejection, release or abort: how long (in all) to wait for the peer to close
 COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 # A-ABORT source and reason (PS3.8 9.3.8)
@@ -172,14 +172,24 @@ def serve(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
 
 def _read_into(sock: Any, buf: bytearray, n: int) -> None:
     """Append exactly n bytes from the peer to `buf`; ConnectionError when it closes first.
-    Memory follows what arrives, never what a length field announces: a PDV that claims
-    gigabytes and stalls costs what it sent."""
+    Memory follows what arrives, never what a length field announces: `buf` grows at most
+    READ_CHUNK_BYTES ahead of the bytes received, so a PDV that claims gigabytes and stalls
+    costs what it sent."""
     while n:
-        chunk = sock.recv(min(n, READ_CHUNK_BYTES))
-        if not chunk:
-            raise ConnectionAbortedError("closed by the peer")
-        buf += chunk
-        n -= len(chunk)
+        step = min(n, READ_CHUNK_BYTES)
+        start = len(buf)
+        buf.extend(bytes(step))
+        view = memoryview(buf)
+        try:
+            got = 0
+            while got < step:
+                k = sock.recv_into(view[start + got :], step - got)
+                if not k:
+                    raise ConnectionAbortedError("closed by the peer")
+                got += k
+        finally:
+            view.release()  # the next extend() may move the buffer
+        n -= step
 
 
 def _read(sock: Any, n: int) -> bytearray:
