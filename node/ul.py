@@ -88,7 +88,6 @@ class Association:
         self.contexts: dict[int, Context] = {}
         self.peer_max_pdu = 0  # 0: no limit
         self.negotiated = False  # accepted, rejected or ended
-        self.established = False
         self.released = False
         self.ending = False  # our last PDU (RJ, RP, A-ABORT) is sent: wait for the peer to close
         self._send_lock = threading.Lock()
@@ -106,13 +105,13 @@ class Association:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
 
-    def linger(self, deadline: Callable[[], float] = time.monotonic) -> None:
+    def linger(self, clock: Callable[[], float] = time.monotonic) -> None:
         """Wait, at most LINGER_S in all, for the peer to close after our last PDU: closing
         first with its bytes unread would reset the connection, which can lose the PDU we sent.
         Whatever the peer sends meanwhile is dropped."""
-        end = deadline() + LINGER_S
+        end = clock() + LINGER_S
         with contextlib.suppress(OSError):
-            while (left := end - deadline()) > 0:
+            while (left := end - clock()) > 0:
                 self.sock.settimeout(left)
                 if not self.sock.recv(4096):
                     return
@@ -254,7 +253,7 @@ def _negotiate(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> bo
         raise
     except Exception as exc:  # contexts pynetdicom could decode but not negotiate
         raise ProtocolError(f"presentation contexts cannot be negotiated: {type(exc).__name__}") from None
-    assoc.negotiated = assoc.established = True
+    assoc.negotiated = True
     handlers.established(assoc)
     return True
 
@@ -317,6 +316,8 @@ def _transfer(assoc: Association, handlers: Handlers, max_pdu: int) -> None:
                 raise ProtocolError(f"P-DATA-TF of {length} bytes, more than the {max_pdu} negotiated")
             message = _read_pdvs(assoc, handlers, length, message)
             continue
+        if not ASSOCIATE_RQ <= kind <= ABORT:
+            raise UnrecognisedPDU(f"unrecognised PDU type 0x{kind:02X}")
         if length > MAX_SHORT_PDU_BYTES:
             raise ProtocolError(f"PDU type 0x{kind:02X} of {length} bytes")
         _read(assoc.sock, length)
@@ -327,9 +328,7 @@ def _transfer(assoc: Association, handlers: Handlers, max_pdu: int) -> None:
         if kind == ABORT:
             log.info("association from %s@%s aborted by the peer", assoc.calling_ae, assoc.host)
             return
-        if kind in (ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
-            raise ProtocolError(f"unexpected PDU type 0x{kind:02X} in the data transfer phase")
-        raise UnrecognisedPDU(f"unrecognised PDU type 0x{kind:02X}")
+        raise ProtocolError(f"unexpected PDU type 0x{kind:02X} in the data transfer phase")
 
 
 def _read_pdvs(assoc: Association, handlers: Handlers, length: int, message: _Message) -> _Message:
