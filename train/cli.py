@@ -36,7 +36,9 @@ a small ROI's mean (about 1-2 HU at 25% dose), which no filter removes."""
 EXPORT_HELP = """\
 Export a training run's checkpoint to a model package: model.onnx (opset 17, dynamic batch,
 height and width) and model.toml (normalisation, tiling, training provenance, metrics).
-Checks that ONNX Runtime reproduces torch's output before writing."""
+Checks that ONNX Runtime reproduces torch's output before writing.
+Given several runs of one net (fine-tunes from one --init-from), exports the average of their
+weights (a model soup), recorded in model.toml as averaged_from."""
 
 
 # Degradation ranges `train` takes as --NAME LO HI, each a field of train.presets.Degradation
@@ -179,7 +181,7 @@ def add_parsers(sub: Any) -> None:
     x = sub.add_parser(
         "export", help="turn a training run into a model package", description=EXPORT_HELP, formatter_class=fmt
     )
-    x.add_argument("run", type=Path, help="training run folder (or its checkpoint.pt)")
+    x.add_argument("run", type=Path, nargs="+", help="training run folder (or its checkpoint.pt); several: averaged")
     x.add_argument("--out", type=Path, required=True, help="model package folder, e.g. models/ct-denoise")
     x.add_argument("--name", help="model name (default: the preset's)")
     x.add_argument("--version", default="1.0.0")

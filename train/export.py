@@ -73,8 +73,27 @@ def check_round_trip(model: torch.nn.Module, data: bytes, context: int, seed: in
     return worst
 
 
-def export(checkpoint: Path, out: Path, name: str | None = None, version: str = "1.0.0") -> ModelManifest:
-    state: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=False)
+def averaged(checkpoints: list[Path]) -> dict[str, Any]:
+    """One checkpoint, or the average of several runs' weights (a "model soup": fine-tunes of
+    one network, e.g. from one --init-from, averaged layer by layer, no training). The runs
+    must share the preset and the net; the last one's training record is kept, with the runs
+    averaged listed as `averaged_from`. UsageError otherwise."""
+    states = [torch.load(c, map_location="cpu", weights_only=False) for c in checkpoints]
+    state: dict[str, Any] = states[-1]
+    if len(states) == 1:
+        return state
+    for other, path in zip(states, checkpoints, strict=True):
+        if other["preset"] != state["preset"] or other["net"] != state["net"]:
+            raise UsageError(f"{path}: another preset or net than {checkpoints[-1]}: runs averaged must share both")
+    state["model"] = {k: sum(s["model"][k].double() for s in states) / len(states) for k in state["model"]}
+    state["model"] = {k: v.to(states[-1]["model"][k].dtype) for k, v in state["model"].items()}
+    state["run"] = {**state["run"], "averaged_from": [str(c) for c in checkpoints]}
+    return state
+
+
+def export(checkpoints: Path | list[Path], out: Path, name: str | None = None, version: str = "1.0.0") -> ModelManifest:
+    """Write the package of a run's checkpoint, or of several runs' averaged weights."""
+    state = averaged(checkpoints if isinstance(checkpoints, list) else [checkpoints])
     model = net_from_checkpoint(state)
     preset = PRESETS[state["preset"]]
     run = state["run"]
@@ -115,9 +134,10 @@ def export(checkpoint: Path, out: Path, name: str | None = None, version: str = 
 
 
 def export_cli(args: argparse.Namespace) -> int:
-    checkpoint = args.run / CHECKPOINT if args.run.is_dir() else args.run
-    if not checkpoint.is_file():
-        raise UsageError(f"no checkpoint at {checkpoint}")
-    manifest = export(checkpoint, args.out, args.name, args.version)  # ExportMismatch: exit 1
+    checkpoints = [run / CHECKPOINT if run.is_dir() else run for run in args.run]
+    for checkpoint in checkpoints:
+        if not checkpoint.is_file():
+            raise UsageError(f"no checkpoint at {checkpoint}")
+    manifest = export(checkpoints, args.out, args.name, args.version)  # ExportMismatch: exit 1
     print(f"{args.out}: {manifest.name} {manifest.version} ({manifest.task}, onnx sha256 {manifest.onnx_sha256[:12]})")
     return 0

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from core.errors import ManifestError
+from core.errors import ManifestError, UsageError
 from engines.manifest import Tile, load
 from engines.nets import build
 from engines.netspec import NetSpec
@@ -132,6 +132,30 @@ def test_export_returns_what_it_wrote(denoiser: Exported, tmp_path: Path) -> Non
     assert loaded.version == manifest.version == "2.1.0"
     assert loaded.onnx_sha256 == manifest.onnx_sha256
     assert loaded.as_dict() == json.loads(json.dumps(manifest.as_dict()))  # TOML has lists, not tuples
+
+
+def test_several_runs_export_the_average_of_their_weights(denoiser: Exported, tmp_path: Path) -> None:
+    """A model soup: the package of two runs of one net computes what a net with each weight
+    averaged computes (here the second run's weights are the first's halved: 0.75 x), and
+    model.toml names both runs."""
+    halved = {**denoiser.state, "model": {k: v / 2 for k, v in denoiser.state["model"].items()}}
+    second = tmp_path / "halved.pt"
+    torch.save(halved, second)
+    export([denoiser.checkpoint, second], tmp_path / "pkg")
+    three_quarters = {k: 0.75 * v for k, v in denoiser.state["model"].items()}
+    expected = net_from_checkpoint({**denoiser.state, "model": three_quarters})
+    x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        want = expected(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "pkg", x), want, atol=1e-4)
+    assert not np.allclose(_run(tmp_path / "pkg", x), _run(denoiser.package, x), atol=1e-4)
+    assert load(tmp_path / "pkg").training["averaged_from"] == [str(denoiser.checkpoint), str(second)]
+
+
+def test_runs_of_different_nets_are_not_averaged(denoiser: Exported, asinh_denoiser: Exported, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="runs averaged must share both"):
+        export([denoiser.checkpoint, asinh_denoiser.checkpoint], tmp_path / "pkg")
+    assert not (tmp_path / "pkg").exists()
 
 
 def test_tampered_onnx_is_refused(denoiser: Exported, tmp_path: Path) -> None:
