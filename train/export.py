@@ -85,8 +85,8 @@ def averaged(checkpoints: list[Path]) -> dict[str, Any]:
     for other, path in zip(states, checkpoints, strict=True):
         if other["preset"] != state["preset"] or other["net"] != state["net"]:
             raise UsageError(f"{path}: another preset or net than {checkpoints[-1]}: runs averaged must share both")
-    state["model"] = {k: sum(s["model"][k].double() for s in states) / len(states) for k in state["model"]}
-    state["model"] = {k: v.to(states[-1]["model"][k].dtype) for k, v in state["model"].items()}
+    mean = {k: sum(s["model"][k].double() for s in states) / len(states) for k in state["model"]}
+    state["model"] = {k: v.to(state["model"][k].dtype) for k, v in mean.items()}
     state["run"] = {**state["run"], "averaged_from": [str(c) for c in checkpoints]}
     return state
 
