@@ -206,7 +206,7 @@ def image_size(ds: Dataset) -> ImageSize | None:
             int(ds.get("SamplesPerPixel", 1) or 1),
             int(ds.get("BitsAllocated", 0) or 0),
         )
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # absent, not a number, or a value pydicom cannot convert (an odd-length US)
         return None
 
 

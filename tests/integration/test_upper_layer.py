@@ -329,10 +329,18 @@ def test_a_peer_that_will_not_close_after_its_answer_is_cut_off(node_factory) ->
     peer.associate()
     peer.sock.sendall(struct.pack(">BBLL", 5, 0, 4, 0))  # A-RELEASE-RQ
     assert peer.read_pdu() == (6, bytes(4))
-    # the slot (max_associations = 1) is free while the peer still holds the connection
-    other = Peer(node.port)
-    other.associate()
-    other.close()
+
+    # the slot (max_associations = 1) is free while the peer still holds the connection (the
+    # node gives it back right after the A-RELEASE-RP, a moment after the peer has it)
+    def another_accepted() -> bool:
+        other = Peer(node.port)
+        try:
+            other.sock.sendall(associate_rq())
+            return other.read_pdu()[0] == 2
+        finally:
+            other.close()
+
+    wait_for(another_accepted, timeout=3, interval=0.1, what="a second association while the first peer lingers")
     assert drip_until_closed(peer) < 8
     assert node.query("SELECT outcome FROM associations ORDER BY id")[0] == ("released",)
 

@@ -63,6 +63,19 @@ def test_garbage_cannot_be_understood() -> None:
     assert info.value.status == status.CANNOT_UNDERSTAND
 
 
+def test_an_image_attribute_pydicom_cannot_convert_is_a_warning_not_a_crash() -> None:
+    """Bits Allocated (US) three bytes long, as a fuzzed data set had it: pydicom raises its own
+    BytesLengthException when the value is read, which the structure check let escape (the SCP
+    answered 0x0110). Now the image's size is unusable: stored with the reason."""
+    ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8)
+    body = encode_explicit_le(ds)
+    bits = struct.pack("<HH", 0x0028, 0x0100) + b"US" + struct.pack("<H", 2)
+    at = body.index(bits)
+    body = body[:at] + bits[:-2] + struct.pack("<H", 3) + body[at + 8 : at + 10] + b"\x00" + body[at + 10 :]
+    header = parse_header(file_meta(CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian, "X") + body)
+    assert header.warning == "Pixel Data without a usable Rows, Columns or Bits Allocated"
+
+
 def test_missing_series_uid_does_not_match_sop_class() -> None:
     ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=4, cols=4)
     del ds.SeriesInstanceUID
