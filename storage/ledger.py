@@ -15,6 +15,7 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    delete,
     exists,
     insert,
     select,
@@ -189,6 +190,9 @@ class Ledger:
                 if old is None:
                     conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, **fields})
                 else:
+                    # a version sent again after another (A, B, A): current again, no longer
+                    # superseded, so that its path is listed once whatever the order of re-sends
+                    conn.execute(delete(t.superseded_instances).where(t.superseded_instances.c.path == f.path))
                     conn.execute(
                         insert(t.superseded_instances).values(
                             instance_id=old.id,

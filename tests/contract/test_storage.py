@@ -298,6 +298,18 @@ class TestStorageContract:
         [replaced] = events(engine, EventKind.INSTANCE_REPLACED)
         assert replaced["detail"].startswith("sha256 ")
 
+    def test_versions_sent_again_in_turn_are_each_listed_once(self, ledger: Ledger, engine: Engine) -> None:
+        """A, B, A, B under one SOP Instance UID (the fuzz test's sender did this): each is
+        recorded as a replacement; the current version is not listed as superseded and every
+        other version once (the third send failed with a unique-key error, answered 0xA700)."""
+        assert ledger.record_instance(header("1.1"), received("a")) is StoreOutcome.NEW
+        for path in ("b", "a", "b"):
+            assert ledger.record_instance(header("1.1"), received(path)) is StoreOutcome.REPLACED
+        assert one(engine, t.instances)["path"] == "b"
+        assert [r["path"] for r in rows_of(engine, t.superseded_instances)] == ["a"]
+        assert ledger.known_paths() == {"a", "b"}
+        assert len(events(engine, EventKind.INSTANCE_REPLACED)) == 3
+
     def test_an_instance_moved_to_another_series_is_counted_there(self, ledger: Ledger, engine: Engine) -> None:
         ledger.record_instance(header("1.1", "1.2.3.4"), received("a"))
         ledger.record_instance(header("1.1", "1.2.3.5"), received("b"))
