@@ -187,6 +187,13 @@ def _shut(request: Any) -> None:
         request.shutdown(socket.SHUT_RDWR)
 
 
+def _wait_for_none(server: NodeServer, seconds: float) -> None:
+    """Until no association is open on `server`, at most `seconds`."""
+    end = time.monotonic() + seconds
+    while server.open_associations() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def tls_context(cfg: TLSConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -300,18 +307,15 @@ class StorageSCP:
         if server is not None:
             server.shutdown()
             server.refuse_new()
-            while server.open_associations() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_for_none(server, deadline - time.monotonic())
             for assoc in server.open_associations():
                 assoc.abort(source=ul.ABORT_BY_USER)
             # the peers close on the A-ABORT; whatever has not is shut down. Their threads close
             # their ledger rows and give their slots back.
-            for wait in (ABORT_WAIT_S / 2, ABORT_WAIT_S / 2):
-                ended_by = time.monotonic() + wait
-                while server.open_associations() and time.monotonic() < ended_by:
-                    time.sleep(0.01)
-                for assoc in server.open_associations():
-                    _shut(assoc.sock)
+            _wait_for_none(server, ABORT_WAIT_S / 2)
+            for assoc in server.open_associations():
+                _shut(assoc.sock)
+            _wait_for_none(server, ABORT_WAIT_S / 2)
             server.server_close()
         if self._events is not None:
             self._events.close(timeout=max(0.1, deadline - time.monotonic()))

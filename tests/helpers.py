@@ -248,3 +248,13 @@ def storescu(
     """DCMTK storescu, each file proposed and sent in its own transfer syntax (-xs... not forced)."""
     cmd = [require("storescu"), "-aet", calling, "-aec", called, *args, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+
+
+def peak_rss(pids: list[int]) -> int:
+    """The largest resident set any of `pids` ever had (VmHWM), bytes."""
+    peaks = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) * 1024)
+    return max(peaks)

@@ -16,7 +16,7 @@ from pynetdicom import AE, _config
 
 from node.instance import file_meta
 from tests.dicom_factory import UID_ROOT, ct_slice, encode_explicit_le
-from tests.helpers import NodeProcess, wait_for
+from tests.helpers import NodeProcess, peak_rss, wait_for
 from tests.onnx_models import identity
 
 GIB = 1 << 30
@@ -53,16 +53,6 @@ def slice_bytes(rows: int = 32, **changes: object) -> tuple[str, bytes]:
     for key, value in changes.items():
         setattr(ds, key, value)
     return str(ds.SOPInstanceUID), encode_explicit_le(ds)
-
-
-def peak_rss(pids: list[int]) -> int:
-    """The largest resident set any of `pids` ever had (VmHWM), bytes."""
-    peaks = []
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) * 1024)
-    return max(peaks)
 
 
 def refusals(node: NodeProcess) -> list[tuple[str, int, str]]:
