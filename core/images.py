@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -78,6 +78,15 @@ class ImageFacts:
         )
 
 
+class Values(Protocol):
+    """A header's values by keyword: a pydicom Dataset, or the dict core.header's fast reader
+    makes of the same elements."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def __contains__(self, key: str) -> bool: ...
+
+
 def _first(seq: Any) -> Dataset | None:
     try:
         return seq[0] if seq else None
@@ -85,11 +94,11 @@ def _first(seq: Any) -> Dataset | None:
         return None
 
 
-def _shared(ds: Dataset, sequence: str, keyword: str) -> Any:
+def _shared(ds: Values, sequence: str, keyword: str) -> Any:
     """`keyword` at the top level, else in the shared functional groups of an enhanced object
     (the first per-frame item when it is not shared)."""
     if keyword in ds:
-        return ds[keyword].value
+        return ds.get(keyword)
     for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         group = _first(ds.get(groups))
         item = _first(group.get(sequence)) if group is not None else None
@@ -121,7 +130,7 @@ def _integer(value: Any, default: int) -> int:
         return default
 
 
-def producers(ds: Dataset) -> tuple[Producer, ...]:
+def producers(ds: Values) -> tuple[Producer, ...]:
     """The enhance-nodes named in Contributing Equipment (what made this object, in order)."""
     found = []
     for item in ds.get("ContributingEquipmentSequence") or []:
@@ -132,7 +141,7 @@ def producers(ds: Dataset) -> tuple[Producer, ...]:
     return tuple(found)
 
 
-def image_facts(ds: Dataset) -> ImageFacts:
+def image_facts(ds: Values) -> ImageFacts:
     """The facts of a dataset read with or without its pixels. Malformed values give None
     (the fact is unknown), never an exception: whether a model applies is decided later."""
     image_type = ds.get("ImageType") or ()
