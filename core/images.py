@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
@@ -58,7 +58,11 @@ class ImageFacts:
         return (n[0] / size, n[1] / size, n[2] / size) if size > 0 else None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """The facts as the ledger keeps them (once per received instance: dataclasses.asdict's
+        deep copy took a fifth of the ledger's time)."""
+        data = {name: getattr(self, name) for name in _FACT_FIELDS}
+        data["producers"] = [asdict(p) for p in self.producers]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ImageFacts:
@@ -76,6 +80,9 @@ class ImageFacts:
             slice_thickness=data.get("slice_thickness"),
             producers=tuple(Producer(**p) for p in data.get("producers", ())),
         )
+
+
+_FACT_FIELDS = tuple(f.name for f in fields(ImageFacts))
 
 
 class Values(Protocol):

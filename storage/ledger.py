@@ -226,6 +226,10 @@ class Ledger:
         self, conn: Connection, h: InstanceHeader, received: Received, now: dt.datetime, delta: int
     ) -> int:
         """The series row of `h`, created, touched or reopened, its instance count moved by delta."""
+        touch = {"uid": h.series_instance_uid, "now": now, "ae": received.calling_ae, "delta": delta}
+        touched = conn.execute(_TOUCH_RECEIVING_SERIES, touch).scalar()  # the common case, in one statement
+        if touched is not None:
+            return int(touched)
         row = conn.execute(_SELECT_SERIES, {"uid": h.series_instance_uid}).first()
         if row is None:
             study_id = conn.execute(_SELECT_STUDY, {"uid": h.study_instance_uid}).scalar()
@@ -252,7 +256,7 @@ class Ledger:
                 )
             )
         if row.state == SERIES_RECEIVING:
-            conn.execute(_TOUCH_SERIES, {"sid": row.id, "now": now, "ae": received.calling_ae, "delta": delta})
+            conn.execute(_TOUCH_RECEIVING_SERIES, touch)  # made by another process since (PostgreSQL)
             return int(row.id)
         # A late instance: the series is received again and will complete (and be
         # reprocessed with the same deterministic output UIDs) after a new quiet period.
@@ -357,14 +361,15 @@ _SELECT_INSTANCE = select(t.instances).where(t.instances.c.sop_instance_uid == b
 _INSERT_INSTANCE = insert(t.instances)
 _SELECT_SERIES = select(t.series.c.id, t.series.c.state).where(t.series.c.series_instance_uid == bindparam("uid"))
 _SELECT_STUDY = select(t.studies.c.id).where(t.studies.c.study_instance_uid == bindparam("uid"))
-_TOUCH_SERIES = (
+_TOUCH_RECEIVING_SERIES = (
     update(t.series)
-    .where(t.series.c.id == bindparam("sid"))
+    .where(t.series.c.series_instance_uid == bindparam("uid"), t.series.c.state == SERIES_RECEIVING)
     .values(
         last_received_at=bindparam("now"),
         calling_ae=bindparam("ae"),
         instance_count=t.series.c.instance_count + bindparam("delta"),
     )
+    .returning(t.series.c.id)
 )
 _COUNT_SERIES = (
     update(t.series)
