@@ -233,6 +233,12 @@ def handle_store(
     return code
 
 
+def handle_too_large(assoc: Association, rq: Command, reason: str, *, ledger: Ledger) -> None:
+    """A data set past node.max_dataset_mb: its association was aborted, nothing was stored."""
+    peer = Peer.of(assoc)
+    _record_refusal(ledger, EventKind.STORE_REFUSED, peer, rq.sop_instance_uid, None, reason + " (node.max_dataset_mb)")
+
+
 def _refuse(ledger: Ledger, peer: Peer, code: int, sop_uid: str, series_uid: str | None, reason: str) -> int:
     log.warning("refused C-STORE of %s from %s@%s: 0x%04X %s", sop_uid, peer.calling_ae, peer.host, code, reason)
     _record_refusal(ledger, EventKind.STORE_REFUSED, peer, sop_uid, series_uid, reason, code)

@@ -250,6 +250,7 @@ class StorageSCP:
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version_name=IMPLEMENTATION_VERSION_NAME,
             unrestricted=cfg.accept_unknown_sop_classes,
+            max_dataset=cfg.max_dataset_mb << 20,
         )
         slots = associations
         self.handlers = ul.Handlers(
@@ -266,6 +267,7 @@ class StorageSCP:
                 open_assocs=slots,
                 max_inflated=cfg.max_inflated_mb << 20,
             ),
+            too_large=functools.partial(handlers.handle_too_large, ledger=ledger),
             ended=functools.partial(handlers.association_ended, ledger=ledger, open_assocs=slots),
         )
         self._server: NodeServer | None = None

@@ -69,6 +69,14 @@ class UnrecognisedPDU(ProtocolError):
     """A PDU type PS3.8 does not define (aborted with reason "unrecognized-PDU")."""
 
 
+class DataSetTooLarge(ProtocolError):
+    """A data set past the acceptor's `max_dataset` (aborted by the node as service user)."""
+
+    def __init__(self, command: dimse.Command, limit: int) -> None:
+        super().__init__(f"C-STORE data set of {command.sop_instance_uid} beyond {limit >> 20} MiB")
+        self.command = command
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     abstract_syntax: str
@@ -126,6 +134,7 @@ class Handlers:
     established: Callable[[Association], None]
     echo: Callable[[Association], int]
     store: Callable[[Association, dimse.Command, Context, bytes], int]  # request, its context, data set
+    too_large: Callable[[Association, dimse.Command, str], None]  # a data set aborted past the limit
     ended: Callable[[Association], None]  # every connection, once, at its end
 
 
@@ -138,13 +147,21 @@ class Acceptor:
     implementation_class_uid: str
     implementation_version_name: str
     unrestricted: bool = False  # any private or unknown storage SOP class (negotiate_unrestricted)
+    max_dataset: int = 0  # bytes of one message's data set; 0: no limit
 
 
 def serve(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
     """Run one connection to its end; never raises."""
     try:
         if _negotiate(assoc, handlers, acceptor):
-            _transfer(assoc, handlers, acceptor.max_pdu)
+            _transfer(assoc, handlers, acceptor)
+    except DataSetTooLarge as exc:
+        log.warning("aborting association from %s@%s: %s", assoc.calling_ae, assoc.host, exc)
+        assoc.abort(source=ABORT_BY_USER)  # the node's own policy, not a protocol fault
+        try:
+            handlers.too_large(assoc, exc.command, str(exc))
+        except Exception:
+            log.exception("recording the data set from %s@%s", assoc.calling_ae, assoc.host)
     except ProtocolError as exc:
         log.warning("aborting association from %s@%s: %s", assoc.calling_ae, assoc.host, exc)
         unrecognised = isinstance(exc, UnrecognisedPDU)
@@ -282,11 +299,12 @@ class _Message:
     """The DIMSE message being received (PS3.7 8.1: its command, then its data set, on one
     presentation context), each part read straight into one buffer."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_data: int = 0) -> None:
         self.context: int | None = None
         self.command_set = bytearray()
         self.command: dimse.Command | None = None
         self.data = bytearray()
+        self.max_data = max_data  # 0: no limit
 
     def read_fragment(self, sock: Any, flags: int, length: int) -> bool:
         """Read one PDV's value; True when the message is complete."""
@@ -302,18 +320,20 @@ class _Message:
             return not self.command.has_dataset
         if self.command is None:
             raise ProtocolError("a data set fragment before its command")
+        if self.max_data and len(self.data) + length > self.max_data:
+            raise DataSetTooLarge(self.command, self.max_data)
         _read_into(sock, self.data, length)
         return bool(flags & LAST)
 
 
-def _transfer(assoc: Association, handlers: Handlers, max_pdu: int) -> None:
+def _transfer(assoc: Association, handlers: Handlers, acceptor: Acceptor) -> None:
     """The data transfer phase, until the peer releases or aborts."""
-    message = _Message()
+    message = _Message(acceptor.max_dataset)
     while True:
         kind, length = _header(assoc.sock)
         if kind == P_DATA_TF:
-            if max_pdu and length > max_pdu:
-                raise ProtocolError(f"P-DATA-TF of {length} bytes, more than the {max_pdu} negotiated")
+            if acceptor.max_pdu and length > acceptor.max_pdu:
+                raise ProtocolError(f"P-DATA-TF of {length} bytes, more than the {acceptor.max_pdu} negotiated")
             message = _read_pdvs(assoc, handlers, length, message)
             continue
         if not ASSOCIATE_RQ <= kind <= ABORT:
@@ -348,7 +368,7 @@ def _read_pdvs(assoc: Association, handlers: Handlers, length: int, message: _Me
         remaining -= item_length + 4
         if message.read_fragment(assoc.sock, flags, item_length - 2):
             _answer(assoc, handlers, message)
-            message = _Message()
+            message = _Message(message.max_data)
     return message
 
 

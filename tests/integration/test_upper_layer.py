@@ -344,3 +344,35 @@ def test_a_peer_that_will_not_close_after_its_answer_is_cut_off(node_factory) ->
     peer.sock.sendall(struct.pack(">BBL", 1, 0, 300_000) + bytes(64))
     assert peer.read_pdu()[0] == 7
     peer.close()
+
+
+def test_a_data_set_past_the_limit_aborts_its_association_and_costs_only_the_limit(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """node.max_dataset_mb = 1: a C-STORE whose data set goes on past 1 MiB (8 MiB sent in 64 kB
+    fragments) gets an A-ABORT from the node as service user, is recorded as refused with the
+    reason, stores nothing, and the receiving process grows by about the limit, not by what was
+    sent; the next association is served."""
+    node: NodeProcess = node_factory(receive_processes=1, extra_node="max_dataset_mb = 1").start()
+    receivers = node.receivers()
+    before = peak_rss(receivers)
+    peer = Peer(node.port)
+    peer.associate()
+    sop = "1.2.826.0.1.3680043.10.1533.99.10"
+    peer.sock.sendall(p_data(CT_CX, 3, command(0x0001, 1, CTImageStorage, sop, dataset=True)))
+    try:
+        for _ in range(128):
+            peer.sock.sendall(p_data(CT_CX, 0, bytes(64 << 10)))
+    except OSError:
+        pass  # the node stopped reading after its A-ABORT and closed
+    kind, body = peer.read_pdu()
+    assert kind == 7 and (body[2], body[3]) == (0, 0), "A-ABORT, source service user"
+    peer.close()
+    assert peak_rss(receivers) - before < 30 << 20
+    wait_for(lambda: node.query("SELECT outcome FROM associations") == [("aborted",)], timeout=10)
+    [(uid, detail)] = node.query("SELECT sop_instance_uid, detail FROM events WHERE kind = 'store.refused'")
+    assert uid == sop and "beyond 1 MiB (node.max_dataset_mb)" in detail
+    assert node.query("SELECT count(*) FROM instances") == [(0,)]
+    peer = Peer(node.port)
+    peer.associate()
+    peer.sock.sendall(p_data(VERIFICATION_CX, 3, command(0x0030, 1, Verification)))
+    assert peer.response().Status == 0
+    peer.close()
