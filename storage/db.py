@@ -37,7 +37,7 @@ def make_engine(url: str) -> Engine:
         cur = dbapi_conn.cursor()
         _set_wal(cur)
         # NORMAL in WAL mode: a commit survives a process crash, and at worst the last few
-        # commits roll back on power loss. The instance file itself is fsynced before the
+        # commits roll back on power loss. The instance file itself is synced before the
         # C-STORE is answered, and start-up reconciliation re-records any file whose row was
         # lost (storage/recovery.py), so an acknowledged instance is never lost. FULL would
         # add an fsync per instance for nothing.

@@ -1,5 +1,6 @@
 """The file store: instances as blobs, written so that a kill at any moment leaves either the
-whole file under its final name or nothing but a temp file that start-up discards.
+whole file under its final name or nothing but a temp file that start-up discards, and made
+durable by one file-system sync shared by the writes waiting at that moment (group commit).
 
 Layout under storage_dir:
     tmp/<host>/<random>.part          being written by that host; never an instance
@@ -10,12 +11,15 @@ Layout under storage_dir:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from core.errors import OutOfResources
@@ -36,6 +40,13 @@ def _component(uid: str) -> str:
     return "x" + hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()
 
 
+def content_matches_name(rel: str, sha256: str) -> bool:
+    """Whether an object file's bytes hash to the sha256 prefix its name carries (object_path):
+    not so for a file whose write a power cut interrupted before its sync."""
+    stem = Path(rel).name.removesuffix(OBJECT_SUFFIX)
+    return stem.rpartition("_")[2] == sha256[:12]
+
+
 def object_path(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
     """Relative path of one version of an instance (the hash keeps versions apart)."""
     name = f"{_component(sop_uid)}_{sha256[:12]}{OBJECT_SUFFIX}"
@@ -54,6 +65,58 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush everything written to the file system holding `path` (Linux syncfs(2); os.sync
+    where the C library has no syncfs): data, inodes and folder entries, in one journal commit."""
+    if not hasattr(_LIBC, "syncfs"):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+    finally:
+        os.close(fd)
+
+
+class GroupSync:
+    """Group commit: `wait` returns once a sync that began after it was called has finished.
+    Callers arriving while a sync runs share the next one, so N associations writing at once
+    pay for about one flush, not N (bench/README.md, "receive.py")."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._cond = threading.Condition()
+        self._requested = 0  # tickets handed out
+        self._done = 0  # every ticket up to this one is durable
+        self._running = False
+
+    def wait(self) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._done < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True  # this caller leads the sync for every ticket so far
+                covered, synced = self._requested, False
+                self._cond.release()
+                try:
+                    self._sync()
+                    synced = True
+                finally:  # a failed sync raises here; a waiting caller leads the next try
+                    self._cond.acquire()
+                    self._running = False
+                    if synced:
+                        self._done = max(self._done, covered)
+                    self._cond.notify_all()
 
 
 def _make_dirs(path: Path) -> None:
@@ -78,10 +141,13 @@ class FileStore:
     that a host starting on shared storage discards only its own interrupted writes, never
     another host's writes in flight."""
 
-    def __init__(self, root: Path, min_free_bytes: int, host: str = "local") -> None:
+    def __init__(
+        self, root: Path, min_free_bytes: int, host: str = "local", sync: Callable[[], None] | None = None
+    ) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
         self._tmp = root / TMP_DIR / host_component(host)
+        self._sync = GroupSync(sync or functools.partial(syncfs, root))  # `sync`: another flush, for tests
         for folder in (self._tmp, root / OBJECTS_DIR, root / QUARANTINE_DIR):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -101,10 +167,14 @@ class FileStore:
             )
 
     def write(self, rel: str, *chunks: bytes) -> None:
-        """Durably place `chunks` at `rel`: temp file, fsync, rename, fsync of the folder.
+        """Durably place `chunks` at `rel`: a temp file, renamed to `rel`, then one sync of the
+        file system shared with every write waiting at that moment (`GroupSync`).
 
-        On any failure the temp file is removed and OutOfResources raised; nothing is
-        half-written under the final name.
+        A process killed at any moment leaves the whole file under `rel` or a temp file (the
+        rename comes after the last byte). A power cut before the sync can leave a file under
+        `rel` whose bytes did not all reach the disk: it was never acknowledged, and start-up
+        recovery quarantines it, its content not matching the sha256 its name carries
+        (storage/recovery.py). On any failure the file is removed and OutOfResources raised.
         """
         self.check_space(sum(len(c) for c in chunks))
         final = self.root / rel
@@ -116,15 +186,18 @@ class FileStore:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view) :]
-                os.fsync(fd)
             finally:
                 os.close(fd)
             _make_dirs(final.parent)
             os.rename(tmp, final)
-            fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
+        try:
+            self._sync.wait()
+        except OSError as exc:
+            final.unlink(missing_ok=True)
+            raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
 
     def remove(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)

@@ -197,6 +197,21 @@ def test_reconcile_after_crash(store: FileStore, ledger: Ledger) -> None:
     assert (again.adopted, again.quarantined) == (0, 0)
 
 
+def test_a_file_whose_bytes_are_not_what_its_name_says_is_quarantined_not_adopted(
+    store: FileStore, ledger: Ledger
+) -> None:
+    """A power cut after the rename and before the sync can leave a file under its final name
+    whose tail never reached the disk (zeros): it parses, but its bytes do not hash to the
+    sha256 in its name, so recovery quarantines it instead of adopting it."""
+    data = part10("1.2.5")
+    rel = object_path("1.2.3", "1.2.3.4", "1.2.5", hashlib.sha256(data).hexdigest())
+    (store.root / rel).parent.mkdir(parents=True)
+    (store.root / rel).write_bytes(data[:-64] + bytes(64))
+    report = reconcile(store, ledger)
+    assert (report.adopted, report.quarantined) == (0, 1)
+    assert "content is not what was written" in events(ledger, EventKind.FILE_QUARANTINED)[0]
+
+
 def instance_counts(ledger: Ledger) -> dict[str, int]:
     with ledger.engine.connect() as conn:
         return dict(conn.execute(select(t.series.c.series_instance_uid, t.series.c.instance_count)).all())

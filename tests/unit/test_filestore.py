@@ -1,0 +1,81 @@
+"""The file store's group commit (storage.filestore.GroupSync) and what a write does when the
+sync fails. The sync function is a dependency (a real syncfs in the node); here it is one that
+records when it ran, so the tests can check each writer waited for a flush that began after it
+asked: a real flush's timing cannot be controlled, and the question is the ordering."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from core.errors import OutOfResources
+from storage.filestore import FileStore, GroupSync, syncfs
+
+
+class RecordedSync:
+    def __init__(self, seconds: float = 0.02, failures: int = 0) -> None:
+        self.seconds = seconds
+        self.failures = failures
+        self.runs: list[tuple[float, float]] = []  # (start, end) of each sync that succeeded
+        self.lock = threading.Lock()
+
+    def __call__(self) -> None:
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        with self.lock:
+            if self.failures:
+                self.failures -= 1
+                raise OSError(5, "Input/output error")
+            self.runs.append((start, time.monotonic()))
+
+
+def test_writers_waiting_together_share_a_sync_that_began_after_each_asked() -> None:
+    sync = RecordedSync()
+    group = GroupSync(sync)
+    calls: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        for _ in range(5):
+            asked = time.monotonic()
+            group.wait()
+            with lock:
+                calls.append((asked, time.monotonic()))
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 40
+    assert len(sync.runs) < 40 / 2  # shared: far fewer flushes than writes
+    for asked, returned in calls:  # each write was covered by a flush that started after it asked
+        assert any(asked <= start and end <= returned for start, end in sync.runs)
+
+
+def test_a_failed_sync_fails_its_writer_and_the_next_writer_syncs_again() -> None:
+    sync = RecordedSync(seconds=0.0, failures=1)
+    group = GroupSync(sync)
+    with pytest.raises(OSError):
+        group.wait()
+    group.wait()
+    assert len(sync.runs) == 1
+
+
+def test_a_write_whose_sync_fails_is_removed_and_refused(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store", 0, sync=RecordedSync(seconds=0.0, failures=1))
+    with pytest.raises(OutOfResources, match="cannot make the instance file durable"):
+        store.write("objects/1/2/a_000000000000.dcm", b"bytes")
+    assert list(store.iter_objects()) == []
+    store.write("objects/1/2/a_000000000000.dcm", b"bytes")
+    assert (store.root / "objects/1/2/a_000000000000.dcm").read_bytes() == b"bytes"
+
+
+def test_syncfs_flushes_the_real_file_system(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    syncfs(tmp_path)  # raises OSError when the call fails
+    with pytest.raises(OSError):
+        syncfs(tmp_path / "missing")
