@@ -93,6 +93,10 @@ def send(port: int, called: str, groups: list[list[Path]]) -> tuple[float, str]:
     with tempfile.TemporaryDirectory(prefix="bench-storescu-") as logdir:
         logs = [Path(logdir) / f"storescu-{i}.log" for i in range(len(groups))]
         procs: list[subprocess.Popen[bytes]] = []
+        # every timed run starts with nothing waiting to be written back: without this, what the
+        # previous run left in the page cache is flushed during the next one, and the node's
+        # syncs (which flush it) made the storescp run after them look faster
+        os.sync()
         try:
             t0 = time.perf_counter()
             for group, log in zip(groups, logs, strict=True):
