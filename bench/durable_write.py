@@ -1,8 +1,8 @@
-"""What group commit would buy on this disk (issue 19, item 9): the time per instance file to
-make N files durable, written as the node writes them today (storage.filestore.FileStore.write:
-temp file, fsync, rename, fsync of the folder, one file after another) and as a group commit
-would (N temp files written, then one durability point for all of them: each fsynced and one
-folder fsync, or one syncfs(2) before and one after the renames). Also the page cache alone
+"""What group commit buys on this disk (issue 19, item 9): the time per instance file to make N
+files durable, written one after another by storage.filestore.FileStore.write (temp file,
+rename, one syncfs: a group of one; concurrent associations share that sync) and as other
+group commits would (N temp files written, then one durability point for all of them: each
+fsynced and one folder fsync, or one syncfs(2) before and one after the renames). Also the page cache alone
 (no sync), which is what DCMTK storescp does. Printed, never asserted (DESIGN.md 5).
 
     .venv/bin/python bench/durable_write.py [--size 525000] [--batches 1 4 8] [--repeat 3] [--dir var/bench]
@@ -80,7 +80,7 @@ def page_cache(store: FileStore, root: Path, folder: Path, data: bytes, n: int) 
 
 
 WAYS: dict[str, Callable[[FileStore, Path, Path, bytes, int], None]] = {
-    "node today (per file)": node_today,
+    "node, one write at a time": node_today,
     "group: fsync each, 1 folder fsync": group_fsync,
     "group: syncfs, rename, syncfs": group_syncfs,
     "page cache only (storescp)": page_cache,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         way(store, root, folder, data, batch)
                     times[name].append((time.perf_counter() - started) / (max(1, args.files // batch) * batch))
                     shutil.rmtree(folder)
-            base = statistics.median(times["node today (per file)"])
+            base = statistics.median(times["node, one write at a time"])
             for name, values in times.items():
                 ms = statistics.median(values)
                 print(f"{name:36} {batch:5d} {ms * 1e3:8.2f} {1 / ms:8.0f} {base / ms:6.2f}")
