@@ -18,6 +18,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
@@ -202,22 +203,38 @@ def _walk(buf: bytes, offset: int, end: int, implicit: bool, values: dict[str, A
                 (length,), start = struct.unpack_from("<L", buf, offset + 8), offset + 12
             else:
                 (length,), start = struct.unpack_from("<H", buf, offset + 6), offset + 8
+        wanted = _WANTED.get((group, element)) if values is not None else None
         if length == UNDEFINED_LENGTH or vr == b"SQ":
-            if vr not in (b"", b"SQ") or depth >= MAX_NESTING:
+            # a sequence: pydicom reads an implicit undefined length as one only when the
+            # dictionary says SQ (else as raw bytes up to the first delimiter, wherever it is)
+            if (
+                wanted
+                or depth >= MAX_NESTING
+                or vr not in (b"", b"SQ")
+                or (not vr and not _is_sequence(group, element))
+            ):
                 raise _NotPlain
             offset = _items(buf, start, end, length, implicit, depth + 1)
             continue
         if start + length > end:
             raise _NotPlain  # pydicom's structure check words the refusal
-        if values is not None and (group, element) in _WANTED:
-            keyword, wanted_vr, multiple = _WANTED[(group, element)]
+        if wanted:
+            keyword, wanted_vr, multiple = wanted
             if vr not in (b"", wanted_vr):
                 raise _NotPlain
-            values[keyword] = _value(buf[start : start + length], wanted_vr, multiple)
+            values[keyword] = _value(buf[start : start + length], wanted_vr, multiple)  # type: ignore[index]
         offset = start + length
     if delimited or (values is None and offset != end):
         raise _NotPlain  # an item never closed, or one whose elements overrun it
     return offset
+
+
+def _is_sequence(group: int, element: int) -> bool:
+    """Whether the data dictionary makes this tag a sequence (private and unknown tags: no)."""
+    try:
+        return bool(dictionary_VR((group << 16) | element) == "SQ")
+    except KeyError:
+        return False
 
 
 def _items(buf: bytes, offset: int, end: int, length: int, implicit: bool, depth: int) -> int:
@@ -274,6 +291,8 @@ def _value(raw: bytes, vr: bytes, multiple: bool) -> Any:
     if vr == b"LO":
         return text.rstrip("\x00 ")
     items = text.rstrip(" \x00").split("\\")  # UI, CS (pydicom's multi_string)
+    if vr == b"UI" and any(item.startswith(" ") for item in items):
+        raise _NotPlain  # pydicom's UID strips leading spaces too
     return items[0] if len(items) == 1 else items
 
 

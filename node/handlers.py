@@ -210,6 +210,8 @@ def handle_store(
         wrote = not store.abspath(path).exists()
         if wrote:
             store.write(path, part10)
+        else:
+            store.make_durable(path)  # the first copy may still be waiting for its sync
         try:
             outcome = ledger.record_instance(header, received)
         except SQLAlchemyError as exc:

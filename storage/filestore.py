@@ -168,35 +168,54 @@ class FileStore:
 
     def write(self, rel: str, *chunks: bytes) -> None:
         """Durably place `chunks` at `rel`: a temp file, renamed to `rel`, then one sync of the
-        file system shared with every write waiting at that moment (`GroupSync`).
+        file system shared with every write waiting at that moment (`GroupSync`), then an fsync
+        of this file, which costs little once the sync has flushed it and reports this file's
+        own write-back errors (a failed shared sync reports its error to one caller only).
 
         A process killed at any moment leaves the whole file under `rel` or a temp file (the
         rename comes after the last byte). A power cut before the sync can leave a file under
         `rel` whose bytes did not all reach the disk: it was never acknowledged, and start-up
         recovery quarantines it, its content not matching the sha256 its name carries
-        (storage/recovery.py). On any failure the file is removed and OutOfResources raised.
+        (storage/recovery.py). OutOfResources on any failure: before the rename the temp file
+        is removed; after it the file stays (whole, perhaps not durable, never acknowledged:
+        a re-send finds it, recovery adopts it), as another writer may be relying on it.
         """
         self.check_space(sum(len(c) for c in chunks))
         final = self.root / rel
         tmp = self._tmp / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
+        try:
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view) :]
+                _make_dirs(final.parent)
+                os.rename(tmp, final)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
+            try:
+                self._sync.wait()
+                os.fsync(fd)
+            except OSError as exc:
+                raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def make_durable(self, rel: str) -> None:
+        """fsync a file already under its name: an identical re-send finds the first one's file,
+        which may still be waiting for its sync (OutOfResources when that fails)."""
+        try:
+            fd = os.open(self.root / rel, os.O_RDONLY)
+            try:
+                os.fsync(fd)
             finally:
                 os.close(fd)
-            _make_dirs(final.parent)
-            os.rename(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
-        try:
-            self._sync.wait()
-        except OSError as exc:
-            final.unlink(missing_ok=True)
             raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
 
     def remove(self, rel: str) -> None:

@@ -255,9 +255,8 @@ class Ledger:
                     )
                 )
             )
-        if row.state == SERIES_RECEIVING:
-            conn.execute(_TOUCH_RECEIVING_SERIES, touch)  # made by another process since (PostgreSQL)
-            return int(row.id)
+        if row.state == SERIES_RECEIVING and conn.execute(_TOUCH_RECEIVING_SERIES, touch).scalar() is not None:
+            return int(row.id)  # made by another process since the first UPDATE (PostgreSQL)
         # A late instance: the series is received again and will complete (and be
         # reprocessed with the same deterministic output UIDs) after a new quiet period.
         conn.execute(

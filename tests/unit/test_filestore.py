@@ -65,13 +65,18 @@ def test_a_failed_sync_fails_its_writer_and_the_next_writer_syncs_again() -> Non
     assert len(sync.runs) == 1
 
 
-def test_a_write_whose_sync_fails_is_removed_and_refused(tmp_path: Path) -> None:
+def test_a_write_whose_sync_fails_is_refused_and_its_whole_file_left_for_a_re_send(tmp_path: Path) -> None:
+    """The file is whole under its name (renamed after its last byte) but perhaps not durable:
+    the write is refused (0xA700 for the SCP), the file stays (another association's identical
+    re-send may be relying on it), and a re-send makes it durable with make_durable."""
     store = FileStore(tmp_path / "store", 0, sync=RecordedSync(seconds=0.0, failures=1))
+    rel = "objects/1/2/a_000000000000.dcm"
     with pytest.raises(OutOfResources, match="cannot make the instance file durable"):
-        store.write("objects/1/2/a_000000000000.dcm", b"bytes")
-    assert list(store.iter_objects()) == []
-    store.write("objects/1/2/a_000000000000.dcm", b"bytes")
-    assert (store.root / "objects/1/2/a_000000000000.dcm").read_bytes() == b"bytes"
+        store.write(rel, b"bytes")
+    assert (store.root / rel).read_bytes() == b"bytes"
+    store.make_durable(rel)
+    with pytest.raises(OutOfResources):
+        store.make_durable("objects/1/2/missing_000000000000.dcm")
 
 
 def test_syncfs_flushes_the_real_file_system(tmp_path: Path) -> None:

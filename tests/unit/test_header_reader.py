@@ -150,3 +150,54 @@ def test_values_the_reader_takes_and_those_it_leaves(raw: bytes, value: object) 
         core.header._value("Kopf\u00e9".encode("latin-1"), b"LO", False)  # a character set's
     assert core.header._value(b"0.5\\0.25 ", b"DS", True) == [0.5, 0.25]
     assert core.header._value(b"ORIGINAL\\PRIMARY\\AXIAL ", b"CS", True) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+
+
+# -- inputs a review found where the first fast reader and pydicom differed ---------------------
+
+
+def implicit(group: int, element: int, value: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<HHL", group, element, len(value) if length is None else length) + value
+
+
+def explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in core.header.LONG_VRS:
+        return struct.pack("<HH", group, element) + vr + b"\0\0" + struct.pack("<L", len(value)) + value
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value)) + value
+
+
+IDS = ((0x0008, 0x0016, b"UI", CTImageStorage.encode() + b"\0"), (0x0020, 0x000D, b"UI", b"1.2.4\0"))
+SERIES = (0x0020, 0x000E, b"UI", b"1.2.5\0")
+
+
+def test_an_implicit_undefined_length_that_is_no_sequence_is_left_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accession Number (SH) with an undefined length: pydicom reads it as raw bytes up to the
+    first sequence delimiter, wherever that is, here inside a private value, so what follows is
+    a second SOP Instance UID that pydicom reads and a structural walk would step over."""
+    fake = implicit(0x0008, 0x0018, b"9.9.9\0")
+    inner = implicit(0x0011, 0x1010, b"\xfe\xff\xdd\xe0\0\0\0\0" + fake)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    body = b"".join(implicit(g, e, v) for g, e, _, v in (*IDS[:1], (0x0008, 0x0018, b"", b"1.2.3\0")))
+    body += implicit(0x0008, 0x0050, item + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0), 0xFFFFFFFF)
+    body += b"".join(implicit(g, e, v) for g, e, _, v in (IDS[1], SERIES))
+    first, reference, fast = both(file_meta(CTImageStorage, "1.2.3", ImplicitVRLittleEndian, "X") + body, monkeypatch)
+    assert not fast and first == reference
+
+
+@pytest.mark.parametrize("tag", [(0x0008, 0x0060), (0x0028, 0x0010)])
+def test_a_wanted_element_sent_again_as_a_sequence_is_left_to_pydicom(
+    tag: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Modality or Rows, then the same tag again with VR SQ: pydicom keeps the last (empty)."""
+    first_value = (b"CS", b"CT") if tag == (0x0008, 0x0060) else (b"US", b"\0\2")
+    elements = sorted([*IDS, (0x0008, 0x0018, b"UI", b"1.2.3\0"), SERIES, (*tag, *first_value)])
+    body = b"".join(explicit(g, e, vr, v) for g, e, vr, v in elements)
+    body += explicit(*tag, b"SQ", b"")
+    first, reference, fast = both(file_meta(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "X") + body, monkeypatch)
+    assert not fast and first == reference
+
+
+def test_a_uid_with_a_leading_space_is_left_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    elements = sorted([*IDS, (0x0008, 0x0018, b"UI", b" 1.2.3"), SERIES])
+    body = b"".join(explicit(g, e, vr, v) for g, e, vr, v in elements)
+    first, reference, fast = both(file_meta(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "X") + body, monkeypatch)
+    assert not fast and first == reference
