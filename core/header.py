@@ -154,8 +154,8 @@ class _NotPlain(Exception):
 
 
 def _read_values(part10: bytes) -> tuple[dict[str, Any], str] | None:
-    """The values parse_header needs, from a file whose File Meta the node wrote (node/instance.py)
-    and whose data set is little endian and not deflated; None when pydicom must read it."""
+    """The values parse_header needs, from a Part 10 file (as the node writes them) whose data
+    set is little endian and not deflated; None when pydicom must read it."""
     try:
         meta = _meta_elements(part10)
         ts = meta[(0x0002, 0x0010)].rstrip(b"\x00 ").decode("ascii")
@@ -207,22 +207,18 @@ def _walk(buf: bytes, offset: int, end: int, implicit: bool, values: dict[str, A
         if length == UNDEFINED_LENGTH or vr == b"SQ":
             # a sequence: pydicom reads an implicit undefined length as one only when the
             # dictionary says SQ (else as raw bytes up to the first delimiter, wherever it is)
-            if (
-                wanted
-                or depth >= MAX_NESTING
-                or vr not in (b"", b"SQ")
-                or (not vr and not _is_sequence(group, element))
-            ):
+            sequence = vr == b"SQ" or (not vr and _is_sequence(group, element))
+            if wanted or depth >= MAX_NESTING or not sequence:
                 raise _NotPlain
             offset = _items(buf, start, end, length, implicit, depth + 1)
             continue
         if start + length > end:
             raise _NotPlain  # pydicom's structure check words the refusal
-        if wanted:
+        if wanted and values is not None:
             keyword, wanted_vr, multiple = wanted
             if vr not in (b"", wanted_vr):
                 raise _NotPlain
-            values[keyword] = _value(buf[start : start + length], wanted_vr, multiple)  # type: ignore[index]
+            values[keyword] = _value(buf[start : start + length], wanted_vr, multiple)
         offset = start + length
     if delimited or (values is None and offset != end):
         raise _NotPlain  # an item never closed, or one whose elements overrun it
@@ -297,8 +293,8 @@ def _value(raw: bytes, vr: bytes, multiple: bool) -> Any:
 
 
 def _meta_elements(part10: bytes) -> dict[tuple[int, int], bytes]:
-    """The File Meta elements as their group length delimits them (the node's own, written by
-    node/instance.py file_meta); empty when the file does not start that way."""
+    """The File Meta elements as their group length delimits them (in the node's files, its own,
+    written by node/instance.py file_meta); empty when the file does not start that way."""
     start = len(PREAMBLE)
     if part10[:start] != PREAMBLE or part10[start : start + 6] != b"\x02\x00\x00\x00UL":
         return {}

@@ -80,7 +80,7 @@ def check_matches_request(header: InstanceHeader, sop_class_uid: str, sop_instan
 INFLATE_CHUNK = 1 << 20
 
 
-def inflated_size(dataset: bytes, limit: int) -> int:
+def inflated_size(dataset: bytes | bytearray, limit: int) -> int:
     """The size of a deflated data set once inflated, inflating it 1 MiB at a time without
     keeping it; InvalidDataset as soon as it passes `limit` bytes (a deflate bomb) or when it
     is not a deflate stream."""
@@ -106,7 +106,7 @@ def inflated_size(dataset: bytes, limit: int) -> int:
     return total
 
 
-def strip_file_meta(dataset: bytes, transfer_syntax: str) -> tuple[bytes, int]:
+def strip_file_meta(dataset: bytes | bytearray, transfer_syntax: str) -> tuple[bytes | bytearray, int]:
     """The data set without File Meta Information elements (group 0002) at its start, and how
     many were dropped. A peer may not send them in a C-STORE data set (PS3.7 6.3.1): read back
     from the stored file they would be taken for the node's own file meta (its calling AE,
@@ -125,7 +125,7 @@ def strip_file_meta(dataset: bytes, transfer_syntax: str) -> tuple[bytes, int]:
         if not explicit:
             length = struct.unpack_from(f"{order}L", dataset, offset + 4)[0]
             header = 8
-        elif dataset[offset + 4 : offset + 6] in LONG_VRS:
+        elif bytes(dataset[offset + 4 : offset + 6]) in LONG_VRS:  # a bytearray slice is no set key
             if offset + 12 > len(dataset):
                 break
             length = struct.unpack_from(f"{order}L", dataset, offset + 8)[0]
@@ -137,7 +137,7 @@ def strip_file_meta(dataset: bytes, transfer_syntax: str) -> tuple[bytes, int]:
             raise InvalidDataset(status.CANNOT_UNDERSTAND, "a group 0002 element in the data set has a bad length")
         offset += header + length
         dropped += 1
-    return dataset[offset:], dropped
+    return (dataset[offset:] if dropped else dataset), dropped  # no copy when nothing is dropped
 
 
 J2K_SYNTAXES = frozenset(
