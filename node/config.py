@@ -231,7 +231,7 @@ class NodeConfig(_Settings):
     # a deflated data set inflating beyond this is refused (a deflate bomb)
     max_inflated_mb: int = setting(default=512, minimum=1, maximum=1 << 20)
     # a C-STORE data set larger than this aborts its association: the SCP holds a data set whole
-    # (about three copies at the peak) while it checks and writes it, so this bounds what one
+    # (two copies at the peak) while it checks and writes it, so this bounds what one
     # association can make it hold
     max_dataset_mb: int = setting(default=2048, minimum=1, maximum=1 << 20)
     # SCP processes sharing the port; 0 = one per CPU core (max 8)

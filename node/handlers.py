@@ -175,7 +175,7 @@ def handle_store(
     assoc: Association,
     rq: Command,
     context: Context,
-    dataset: bytes,
+    dataset: bytes | bytearray,
     *,
     store: FileStore,
     ledger: Ledger,

@@ -133,7 +133,7 @@ class Handlers:
     rejected: Callable[[Association, str], None]  # after an A-ASSOCIATE-RJ was sent
     established: Callable[[Association], None]
     echo: Callable[[Association], int]
-    store: Callable[[Association, dimse.Command, Context, bytes], int]  # request, its context, data set
+    store: Callable[[Association, dimse.Command, Context, bytearray], int]  # request, its context, data set
     too_large: Callable[[Association, dimse.Command, str], None]  # a data set aborted past the limit
     ended: Callable[[Association], None]  # every connection, once, at its end
 
@@ -209,8 +209,16 @@ def _read_into(sock: Any, buf: bytearray, n: int) -> None:
 
 
 def _read(sock: Any, n: int) -> bytearray:
-    buf = bytearray()
-    _read_into(sock, buf, n)
+    """Exactly n bytes, for what is small or capped before it is read (PDU and PDV headers,
+    short PDUs, an A-ASSOCIATE-RQ under MAX_ASSOCIATE_RQ_BYTES): one buffer, no growing."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionAbortedError("closed by the peer")
+        got += k
     return buf
 
 
@@ -387,7 +395,7 @@ def _answer(assoc: Association, handlers: Handlers, message: _Message) -> None:
             code = handlers.echo(assoc)
         elif command.field == dimse.C_STORE_RQ and context.abstract_syntax != VERIFICATION:
             if command.has_dataset:
-                code = handlers.store(assoc, command, context, bytes(message.data))
+                code = handlers.store(assoc, command, context, message.data)  # the buffer itself, no copy
             else:
                 code = status.CANNOT_UNDERSTAND  # a C-STORE-RQ that says no data set follows
         else:

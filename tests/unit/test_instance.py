@@ -99,11 +99,12 @@ SPOOF = struct.pack("<HH", 0x0002, 0x0016) + b"AE" + struct.pack("<H", 6) + b"SP
 SPOOF_TS = struct.pack("<HH", 0x0002, 0x0010) + b"UI" + struct.pack("<H", 20) + b"1.2.840.10008.1.2.2\x00"
 
 
-def test_group_0002_at_the_start_of_a_data_set_is_dropped_and_the_rest_kept_byte_for_byte() -> None:
+@pytest.mark.parametrize("kind", [bytes, bytearray])  # the SCP hands over its receive buffer
+def test_group_0002_at_the_start_of_a_data_set_is_dropped_and_the_rest_kept_byte_for_byte(kind: type) -> None:
     body = encode_explicit_le(ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8))
-    stripped, dropped = strip_file_meta(SPOOF + SPOOF_TS + body, ExplicitVRLittleEndian)
+    stripped, dropped = strip_file_meta(kind(SPOOF + SPOOF_TS + body), ExplicitVRLittleEndian)
     assert (stripped, dropped) == (body, 2)
-    assert strip_file_meta(body, ExplicitVRLittleEndian) == (body, 0)
+    assert strip_file_meta(kind(body), ExplicitVRLittleEndian) == (body, 0)
 
 
 def test_group_0002_is_dropped_in_implicit_and_big_endian_data_sets() -> None:
