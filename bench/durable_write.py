@@ -13,7 +13,6 @@ Run it on the disk the node's storage_dir is on, with the machine quiet.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import statistics
@@ -27,16 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storage.filestore import FileStore, fsync_dir  # noqa: E402
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
+from storage.filestore import FileStore, syncfs  # noqa: E402
 
 
-def _syncfs(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _LIBC.syncfs(fd) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs failed")
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -68,10 +64,10 @@ def group_fsync(store: FileStore, root: Path, folder: Path, data: bytes, n: int)
 
 def group_syncfs(store: FileStore, root: Path, folder: Path, data: bytes, n: int) -> None:
     temps = _write_temps(root, data, n)
-    _syncfs(root)
+    syncfs(root)
     for path in temps:
         os.rename(path, folder / uuid.uuid4().hex)
-    _syncfs(root)
+    syncfs(root)
 
 
 def page_cache(store: FileStore, root: Path, folder: Path, data: bytes, n: int) -> None:

@@ -58,15 +58,6 @@ def outbox_path(output_series_uid: str, sop_instance_uid: str) -> str:
     return f"{OUTBOX_DIR}/{output_series_uid}/{sop_instance_uid}.dcm"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new file, a rename) durable; bench/durable_write.py times it too."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -115,20 +106,8 @@ class GroupSync:
                     self._cond.acquire()
                     self._running = False
                     if synced:
-                        self._done = max(self._done, covered)
+                        self._done = covered
                     self._cond.notify_all()
-
-
-def _make_dirs(path: Path) -> None:
-    """mkdir -p that makes each new folder's name durable (fsync of its parent): a file fsynced
-    into a new series folder is lost with the folder if only the file was synced."""
-    missing = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)  # another thread or host may have made it first
-        fsync_dir(folder.parent)
 
 
 def host_component(host: str) -> str:
@@ -168,9 +147,8 @@ class FileStore:
 
     def write(self, rel: str, *chunks: bytes) -> None:
         """Durably place `chunks` at `rel`: a temp file, renamed to `rel`, then one sync of the
-        file system shared with every write waiting at that moment (`GroupSync`), then an fsync
-        of this file, which costs little once the sync has flushed it and reports this file's
-        own write-back errors (a failed shared sync reports its error to one caller only).
+        file system shared with every write waiting at that moment (`GroupSync`) and an fsync of
+        this file (`_make_durable`).
 
         A process killed at any moment leaves the whole file under `rel` or a temp file (the
         rename comes after the last byte). A power cut before the sync can leave a file under
@@ -193,28 +171,34 @@ class FileStore:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view) :]
-                _make_dirs(final.parent)
+                final.parent.mkdir(parents=True, exist_ok=True)  # its name made durable by the sync below
                 os.rename(tmp, final)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
-            try:
-                self._sync.wait()
-                os.fsync(fd)
-            except OSError as exc:
-                raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
+            self._make_durable(fd)
         finally:
             os.close(fd)
 
     def make_durable(self, rel: str) -> None:
-        """fsync a file already under its name: an identical re-send finds the first one's file,
-        which may still be waiting for its sync (OutOfResources when that fails)."""
+        """Make a file already under its name durable as `write` does: an identical re-send
+        finds the first one's file, which may still be waiting for its sync."""
         try:
             fd = os.open(self.root / rel, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        except OSError as exc:
+            raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
+        try:
+            self._make_durable(fd)
+        finally:
+            os.close(fd)
+
+    def _make_durable(self, fd: int) -> None:
+        """The shared sync (data, names and new folders of every write waiting now), then an
+        fsync of this file: cheap once flushed, and it reports this file's own write-back errors
+        (a failed shared sync reports its error to one caller only). OutOfResources on failure."""
+        try:
+            self._sync.wait()
+            os.fsync(fd)
         except OSError as exc:
             raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
 
