@@ -26,7 +26,7 @@ from node.config import NodeConfig
 from node.dimse import Command
 from node.guard import Throttle
 from node.instance import check_matches_request, file_meta, inflated_size, strip_file_meta
-from node.ul import Association, Context, Refusal
+from node.ul import Association, Context, Refusal, Sink
 from storage.filestore import FileStore, object_path
 from storage.ledger import EventKind, Ledger, Received, StoredFile
 
@@ -171,11 +171,37 @@ def handle_echo(assoc: Association) -> int:
     return status.SUCCESS
 
 
+class RunningHash:
+    """The sha256 of an instance's file (File Meta, then the data set), computed while the data
+    set arrives (`Handlers.receiving`) instead of after: the peer is still sending meanwhile."""
+
+    def __init__(self, meta: bytes) -> None:
+        self.meta = meta  # the File Meta hashed first; `handle_store` checks it is the file's
+        self._sha = hashlib.sha256(meta)
+
+    def update(self, data: memoryview, /) -> None:
+        self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def handle_receiving(assoc: Association, rq: Command, context: Context) -> RunningHash | None:
+    """A C-STORE's data set is about to arrive: hash it as it does. None when no File Meta can
+    be made of the request (a UID that is not ASCII): handle_store answers that."""
+    try:
+        meta = file_meta(rq.sop_class_uid, rq.sop_instance_uid, context.transfer_syntax, assoc.calling_ae)
+    except UnicodeEncodeError:
+        return None
+    return RunningHash(meta)
+
+
 def handle_store(
     assoc: Association,
     rq: Command,
     context: Context,
     dataset: bytes | bytearray,
+    running: Sink | None = None,
     *,
     store: FileStore,
     ledger: Ledger,
@@ -185,7 +211,9 @@ def handle_store(
     """C-STORE: persist the bytes as received, durably, then record them; then answer.
     Before anything is written: a deflated data set must inflate within `max_inflated` bytes
     (counted 1 MiB at a time, never held), and File Meta elements (group 0002) the peer put
-    in the data set are dropped, answered 0xB006 (docs/receiving.md, "Malformed data")."""
+    in the data set are dropped, answered 0xB006 (docs/receiving.md, "Malformed data").
+    `running` is handle_receiving's hash of what arrived: used when it covers exactly the file
+    written (the same File Meta, nothing dropped), else the file is hashed here."""
     peer = Peer.of(assoc)
     sop_class, sop_uid = rq.sop_class_uid, rq.sop_instance_uid
     ts = context.transfer_syntax
@@ -197,11 +225,15 @@ def handle_store(
         if ts in DEFLATED_SYNTAXES:
             inflated_size(dataset, max_inflated)
         dataset, dropped = strip_file_meta(dataset, ts)
-        part10 = file_meta(sop_class, sop_uid, ts, peer.calling_ae) + dataset
+        meta = file_meta(sop_class, sop_uid, ts, peer.calling_ae)
+        part10 = meta + dataset
         header = parse_header(part10)
         series_uid = header.series_instance_uid
         check_matches_request(header, sop_class, sop_uid)
-        sha = hashlib.sha256(part10).hexdigest()
+        if isinstance(running, RunningHash) and running.meta == meta and not dropped:
+            sha = running.hexdigest()
+        else:  # the request named no SOP class (its context's is used), or elements were dropped
+            sha = hashlib.sha256(part10).hexdigest()
         path = object_path(header.study_instance_uid, series_uid, sop_uid, sha)
         assoc_row = open_assocs.row(assoc)
         received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, assoc_row)

@@ -260,6 +260,7 @@ class StorageSCP:
                 handlers.handle_established, ledger=ledger, open_assocs=slots, node_id=node_id, tls=cfg.tls is not None
             ),
             echo=handlers.handle_echo,
+            receiving=handlers.handle_receiving,
             store=functools.partial(
                 handlers.handle_store,
                 store=store,

@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -125,6 +125,12 @@ class Association:
                     return
 
 
+class Sink(Protocol):
+    """Takes a data set's bytes as they arrive, in order (a running hash)."""
+
+    def update(self, data: memoryview, /) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Handlers:
     """What the node does at each step; each is called in the association's thread."""
@@ -133,7 +139,10 @@ class Handlers:
     rejected: Callable[[Association, str], None]  # after an A-ASSOCIATE-RJ was sent
     established: Callable[[Association], None]
     echo: Callable[[Association], int]
-    store: Callable[[Association, dimse.Command, Context, bytearray], int]  # request, its context, data set
+    # a C-STORE-RQ's command is in and its data set follows: what its fragments are fed to as
+    # they arrive (work done while the peer is still sending), given back to `store`
+    receiving: Callable[[Association, dimse.Command, Context], Sink | None]
+    store: Callable[[Association, dimse.Command, Context, bytearray, Sink | None], int]  # + data set, sink
     too_large: Callable[[Association, dimse.Command, str], None]  # a data set aborted past the limit
     ended: Callable[[Association], None]  # every connection, once, at its end
 
@@ -313,6 +322,7 @@ class _Message:
         self.command: dimse.Command | None = None
         self.data = bytearray()
         self.max_data = max_data  # 0: no limit
+        self.sink: Sink | None = None  # fed each data set fragment as it is read
 
     def read_fragment(self, sock: Any, flags: int, length: int) -> bool:
         """Read one PDV's value; True when the message is complete."""
@@ -330,7 +340,11 @@ class _Message:
             raise ProtocolError("a data set fragment before its command")
         if self.max_data and len(self.data) + length > self.max_data:
             raise DataSetTooLarge(self.command, self.max_data)
+        start = len(self.data)
         _read_into(sock, self.data, length)
+        if self.sink is not None:
+            with memoryview(self.data) as view, view[start:] as fragment:
+                self.sink.update(fragment)  # released before the next read may move the buffer
         return bool(flags & LAST)
 
 
@@ -377,7 +391,24 @@ def _read_pdvs(assoc: Association, handlers: Handlers, length: int, message: _Me
         if message.read_fragment(assoc.sock, flags, item_length - 2):
             _answer(assoc, handlers, message)
             message = _Message(message.max_data)
+        elif flags & COMMAND and message.command is not None:  # the command is in, its data set follows
+            message.sink = _sink(assoc, handlers, message.command, assoc.contexts[context])
     return message
+
+
+def _sink(assoc: Association, handlers: Handlers, command: dimse.Command, context: Context) -> Sink | None:
+    if not _is_store(command, context):
+        return None
+    try:
+        return handlers.receiving(assoc, command, context)
+    except Exception:  # a bug in a handler: `store` gets no sink and does that work itself
+        log.exception("receiving C-STORE from %s@%s", assoc.calling_ae, assoc.host)
+        return None
+
+
+def _is_store(command: dimse.Command, context: Context) -> bool:
+    """Whether `_answer` gives this request's data set to `store`."""
+    return command.field == dimse.C_STORE_RQ and command.has_dataset and context.abstract_syntax != VERIFICATION
 
 
 def _answer(assoc: Association, handlers: Handlers, message: _Message) -> None:
@@ -393,11 +424,10 @@ def _answer(assoc: Association, handlers: Handlers, message: _Message) -> None:
     try:
         if command.field == dimse.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
             code = handlers.echo(assoc)
+        elif _is_store(command, context):
+            code = handlers.store(assoc, command, context, message.data, message.sink)  # the buffer itself
         elif command.field == dimse.C_STORE_RQ and context.abstract_syntax != VERIFICATION:
-            if command.has_dataset:
-                code = handlers.store(assoc, command, context, message.data)  # the buffer itself, no copy
-            else:
-                code = status.CANNOT_UNDERSTAND  # a C-STORE-RQ that says no data set follows
+            code = status.CANNOT_UNDERSTAND  # a C-STORE-RQ that says no data set follows
         else:
             code = status.UNRECOGNIZED_OPERATION
     except Exception:  # a bug in a handler: this request fails, the association goes on

@@ -4,6 +4,7 @@ running node. pynetdicom sends each file's data set bytes exactly as they are
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, Explicit
 from pynetdicom import AE, _config
 
 from node.instance import file_meta
+from storage.filestore import content_matches_name
 from tests.dicom_factory import UID_ROOT, ct_slice, encode_explicit_le
 from tests.helpers import NodeProcess, peak_rss, wait_for
 from tests.onnx_models import identity
@@ -120,9 +122,11 @@ def test_file_meta_inside_the_data_set_is_dropped_and_the_node_keeps_its_own(nod
     status = assoc.send_c_store(ds).Status
     assoc.release()
     assert status == 0xB006
-    [(rel, ae_title)] = node.query("SELECT path, calling_ae FROM instances")
+    [(rel, ae_title, sha)] = node.query("SELECT path, calling_ae, sha256 FROM instances")
     stored = node.storage / rel
     assert ae_title == "STORESCU"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == sha  # not what arrived: that held the element
+    assert content_matches_name(rel, sha)
     assert dcmread(stored).file_meta.SourceApplicationEntityTitle.strip() == "STORESCU"
     assert stored.read_bytes().endswith(body)  # the rest byte for byte
     assert refusals(node) == [

@@ -5,11 +5,13 @@ read here (PS3.8 9.3, PS3.7 E)."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 import time
 from io import BytesIO
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, build_role
@@ -19,6 +21,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotific
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from storage.filestore import content_matches_name
 from tests.dicom_factory import ct_slice, encode_explicit_le
 from tests.helpers import NodeProcess, peak_rss, wait_for
 
@@ -139,24 +142,36 @@ def test_commands_answered_within_the_peers_pdu_limit_and_the_association_goes_o
 
 def test_a_c_store_in_fragments_over_several_pdus_is_stored(node_factory) -> None:  # type: ignore[no-untyped-def]
     """The command in two fragments, the data set in 1000-byte fragments, some PDUs holding two
-    PDVs: stored byte for byte after the node's own file meta."""
+    PDVs: stored byte for byte after the node's own file meta, under the sha256 of the file
+    (hashed as the fragments arrive). Then one whose request names no SOP Class (the context's
+    is used in the file meta, so what was hashed on arrival is not the file)."""
     node: NodeProcess = node_factory().start()
-    ds = ct_slice("1.2.826.0.1.3680043.10.1533.99.2", "1.2.826.0.1.3680043.10.1533.99.3", 0, rows=32, cols=32)
-    data = encode_explicit_le(ds)
     peer = Peer(node.port)
     peer.associate()
-    cmd = command(0x0001, 9, CTImageStorage, str(ds.SOPInstanceUID), dataset=True)
-    peer.sock.sendall(p_data(CT_CX, 1, cmd[:20]) + p_data(CT_CX, 3, cmd[20:]))
-    chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
-    pdvs = [struct.pack(">LBB", len(c) + 2, CT_CX, 2 if i == len(chunks) - 1 else 0) + c for i, c in enumerate(chunks)]
-    for i in range(0, len(pdvs), 2):  # two PDVs in each P-DATA-TF
-        body = b"".join(pdvs[i : i + 2])
-        peer.sock.sendall(struct.pack(">BBL", 4, 0, len(body)) + body)
-    rsp = peer.response()
-    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (9, 0)
+    sent = {}
+    study, series = "1.2.826.0.1.3680043.10.1533.99.2", "1.2.826.0.1.3680043.10.1533.99.3"
+    for message_id, sop_class in ((9, CTImageStorage), (10, "")):
+        ds = ct_slice(study, series, message_id, rows=32, cols=32)
+        data = sent[str(ds.SOPInstanceUID)] = encode_explicit_le(ds)
+        cmd = command(0x0001, message_id, sop_class, str(ds.SOPInstanceUID), dataset=True)
+        peer.sock.sendall(p_data(CT_CX, 1, cmd[:20]) + p_data(CT_CX, 3, cmd[20:]))
+        chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+        last = len(chunks) - 1
+        pdvs = [struct.pack(">LBB", len(c) + 2, CT_CX, 2 if i == last else 0) + c for i, c in enumerate(chunks)]
+        for i in range(0, len(pdvs), 2):  # two PDVs in each P-DATA-TF
+            body = b"".join(pdvs[i : i + 2])
+            peer.sock.sendall(struct.pack(">BBL", 4, 0, len(body)) + body)
+        rsp = peer.response()
+        assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (message_id, 0)
     peer.close()
-    (path,) = node.query("SELECT path FROM instances")[0]
-    assert (node.storage / path).read_bytes().endswith(data)
+    rows = node.query("SELECT sop_instance_uid, path, sha256, size FROM instances")
+    assert len(rows) == 2
+    for sop, path, sha, size in rows:
+        stored = (node.storage / path).read_bytes()
+        assert stored.endswith(sent[sop])
+        assert dcmread(BytesIO(stored)).file_meta.MediaStorageSOPClassUID == CTImageStorage
+        assert (hashlib.sha256(stored).hexdigest(), len(stored)) == (sha, size)
+        assert content_matches_name(path, sha)
 
 
 def test_what_breaks_the_protocol_is_aborted_and_the_node_goes_on(node_factory) -> None:  # type: ignore[no-untyped-def]
