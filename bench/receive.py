@@ -2,7 +2,9 @@
 
 Sends N synthetic 512x512 CT instances with DCMTK storescu (TCP_NODELAY=1) over one
 association, then over 4 concurrent associations, to each receiver in turn, and prints
-files/s, MB/s and the ratio enhance-node / storescp. Printed, never asserted (DESIGN.md 5).
+files/s, MB/s, the ratio enhance-node / storescp, and the CPU time per file of the receiver's
+processes and of the whole machine (senders and kernel included) while it ran. Printed,
+never asserted (DESIGN.md 5).
 
     .venv/bin/python bench/receive.py [--count 300] [--repeat 1] [--stat best|median] [--json PATH]
 
@@ -50,6 +52,8 @@ class Run:
     seconds: float | None  # None when the run raised before or during the send
     ok: bool
     error: str = ""
+    cpu_seconds: float | None = None  # the receiver's processes, user + system, during the send
+    machine_cpu_seconds: float | None = None  # every CPU of the machine busy, during the send
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Row:
     ratio: float | None  # files/s relative to storescp at the same association count
     ok: bool
     runs_seconds: list[float] = field(default_factory=list)
+    cpu_ms_per_file: float | None = None  # the receiver's, median over the runs
+    machine_cpu_ms_per_file: float | None = None
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -86,8 +92,45 @@ def split(files: list[Path], groups: int) -> list[list[Path]]:
     return [c for c in chunks if c]
 
 
-def send(port: int, called: str, groups: list[list[Path]]) -> tuple[float, str]:
-    """Start one storescu per group at once (each one association); return (wall seconds, errors)."""
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU of `root` and every live process under it, with the children each has
+    reaped (a storescp --fork child that ended is counted in its parent's cutime)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()  # after "pid (comm)"
+            pid = int(stat.parent.name)
+            parent[pid] = int(fields[1])
+            ticks[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += [child for child, ppid in parent.items() if ppid == pid and child not in tree]
+    return sum(ticks.get(pid, 0) for pid in tree) * TICK_S
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time every core of the machine has spent busy since boot (/proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) * TICK_S
+
+
+@dataclass
+class Sent:
+    seconds: float
+    errors: str
+    cpu_seconds: float  # the receiver's (`root` and its processes)
+    machine_cpu_seconds: float
+
+
+def send(port: int, called: str, groups: list[list[Path]], root: int) -> Sent:
+    """Start one storescu per group at once (each one association); the wall time, the errors,
+    and the CPU the receiver (process `root` and those under it) and the machine spent."""
     storescu = which("storescu")
     env = dcmtk_env()
     with tempfile.TemporaryDirectory(prefix="bench-storescu-") as logdir:
@@ -98,6 +141,7 @@ def send(port: int, called: str, groups: list[list[Path]]) -> tuple[float, str]:
         # syncs (which flush it) made the storescp run after them look faster
         os.sync()
         try:
+            cpu0, machine0 = tree_cpu_seconds(root), machine_cpu_seconds()
             t0 = time.perf_counter()
             for group, log in zip(groups, logs, strict=True):
                 cmd = [storescu, "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, group)]
@@ -105,6 +149,7 @@ def send(port: int, called: str, groups: list[list[Path]]) -> tuple[float, str]:
                     procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
             codes = [p.wait(timeout=600) for p in procs]
             seconds = time.perf_counter() - t0
+            cpu, machine = tree_cpu_seconds(root) - cpu0, machine_cpu_seconds() - machine0
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -115,7 +160,7 @@ def send(port: int, called: str, groups: list[list[Path]]) -> tuple[float, str]:
             for i, (rc, log) in enumerate(zip(codes, logs, strict=True))
             if rc != 0
         ]
-    return seconds, "\n".join(errors)
+    return Sent(seconds, "\n".join(errors), cpu, machine)
 
 
 # -- receivers ----------------------------------------------------------------------------
@@ -161,13 +206,18 @@ def run_storescp(files: list[Path], assoc: int, work: Path) -> Run:
             return echo_ok(port, "STORESCP")
 
         wait_for(ready, 30, what="storescp to listen")
-        seconds, error = send(port, "STORESCP", split(files, assoc))
+        sent = send(port, "STORESCP", split(files, assoc), proc.pid)
         # storescp writes each file before it answers the C-STORE, so the count is final here
         stored = sum(1 for p in out.iterdir() if p.is_file())
     finally:
         stop_process(proc, group=True)
-    ok = stored == len(files) and not error
-    return Run(STORESCP, assoc, stored, len(files), seconds, ok, error)
+    return finished(STORESCP, assoc, stored, files, sent)
+
+
+def finished(receiver: str, assoc: int, stored: int, files: list[Path], sent: Sent, error: str = "") -> Run:
+    ok = stored == len(files) and not sent.errors and not error
+    error = sent.errors or error
+    return Run(receiver, assoc, stored, len(files), sent.seconds, ok, error, sent.cpu_seconds, sent.machine_cpu_seconds)
 
 
 def run_node(files: list[Path], assoc: int, work: Path) -> Run:
@@ -176,7 +226,8 @@ def run_node(files: list[Path], assoc: int, work: Path) -> Run:
     node = NodeProcess(cfg, port, work)
     try:
         node.start()  # waits for "enhance-node ready" in its log
-        seconds, error = send(port, "ENHANCE", split(files, assoc))
+        assert node.proc is not None
+        sent = send(port, "ENHANCE", split(files, assoc), node.proc.pid)
         # the ledger row is committed before the C-STORE response, so the count is final here
         stored = int(node.query("SELECT count(*) FROM instances")[0][0])
     finally:
@@ -185,10 +236,8 @@ def run_node(files: list[Path], assoc: int, work: Path) -> Run:
                 node.stop()
             except subprocess.TimeoutExpired:
                 node.kill()
-    ok = stored == len(files) and not error
-    if not ok and not error:
-        error = f"ledger has {stored} instances; node log tail:\n{node.log_text()[-800:]}"
-    return Run(NODE, assoc, stored, len(files), seconds, ok, error)
+    missing = f"ledger has {stored} instances; node log tail:\n{node.log_text()[-800:]}" if stored != len(files) else ""
+    return finished(NODE, assoc, stored, files, sent, missing)
 
 
 RUNNERS: dict[str, Callable[[list[Path], int, Path], Run]] = {STORESCP: run_storescp, NODE: run_node}
@@ -214,20 +263,31 @@ def summarise(runs: list[Run], total_bytes: int, stat: str) -> list[Row]:
                 base = fps
             ratio = fps / base if base else None
             ok = all(r.ok for r in mine)
-            rows.append(Row(receiver, assoc, files, seconds, fps, mbps, ratio, ok, secs))
+            cpu = [r.cpu_seconds * 1e3 / r.expected for r in mine if r.cpu_seconds is not None]
+            machine = [r.machine_cpu_seconds * 1e3 / r.expected for r in mine if r.machine_cpu_seconds is not None]
+            row = Row(receiver, assoc, files, seconds, fps, mbps, ratio, ok, secs)
+            row.cpu_ms_per_file = statistics.median(cpu) if cpu else None
+            row.machine_cpu_ms_per_file = statistics.median(machine) if machine else None
+            rows.append(row)
     return rows
 
 
 def print_table(rows: list[Row], stat: str, repeat: int) -> None:
     print()
     print(f"seconds = {stat} of {repeat} run(s); ratio = files/s relative to dcmtk storescp at the same assoc")
-    print(f"{'receiver':<18}{'assoc':>6}{'files':>7}{'seconds':>9}{'files/s':>9}{'MB/s':>7}{'ratio':>7}")
+    print("CPU ms/file (medians): the receiver's processes; the whole machine's (senders, kernel) during the send")
+    print(
+        f"{'receiver':<18}{'assoc':>6}{'files':>7}{'seconds':>9}{'files/s':>9}{'MB/s':>7}{'ratio':>7}"
+        f"{'CPU ms':>8}{'machine':>9}"
+    )
     for r in rows:
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+        cpu = f"{r.cpu_ms_per_file:.2f}" if r.cpu_ms_per_file is not None else "-"
+        machine = f"{r.machine_cpu_ms_per_file:.2f}" if r.machine_cpu_ms_per_file is not None else "-"
         flag = "" if r.ok else "  INCOMPLETE"
         print(
             f"{r.receiver:<18}{r.assoc:>6}{r.files:>7}{r.seconds:>9.2f}{r.files_per_s:>9.0f}"
-            f"{r.mb_per_s:>7.0f}{ratio:>7}{flag}"
+            f"{r.mb_per_s:>7.0f}{ratio:>7}{cpu:>8}{machine:>9}{flag}"
         )
 
 
