@@ -47,6 +47,10 @@ class OpenAssociations:
         self._rows: dict[Association, int | None] = {}
         self._lock = threading.Lock()
 
+    def open_count(self) -> int:
+        """Associations open in the whole node now."""
+        return int(sum(self._counts[:]))
+
     def acquire(self, assoc: Association) -> bool:
         with self._counts.get_lock():
             if sum(self._counts[:]) >= self.limit:
@@ -238,18 +242,19 @@ def handle_store(
         assoc_row = open_assocs.row(assoc)
         received = Received(StoredFile(path, sha, len(part10)), peer.calling_ae, peer.host, assoc_row)
         # The path names the content (sha256), so an existing file there holds these bytes:
-        # an identical re-send is stored once.
+        # an identical re-send is stored once (the first copy may still be waiting for its sync).
         wrote = not store.abspath(path).exists()
-        if wrote:
-            store.write(path, part10)
-        else:
-            store.make_durable(path)  # the first copy may still be waiting for its sync
-        try:
-            outcome = ledger.record_instance(header, received)
-        except SQLAlchemyError as exc:
-            if wrote:
-                store.remove(path)
-            raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
+        with store.place(path, part10) if wrote else store.existing(path) as durable:
+            if open_assocs.open_count() > 1:
+                # others write too: wait here, so that the ledger's write lock (a transaction
+                # waiting in before_commit holds it) is not held through a flush they share
+                durable.wait()
+            try:  # alone, the ledger's statements run while the file is flushed; the commit waits for it
+                outcome = ledger.record_instance(header, received, before_commit=durable.wait)
+            except SQLAlchemyError as exc:
+                if wrote:
+                    store.remove(path)
+                raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
     except OutOfResources as exc:
         return _refuse(ledger, peer, status.OUT_OF_RESOURCES, sop_uid, series_uid, str(exc))
     except InvalidDataset as exc:

@@ -11,6 +11,7 @@ Layout under storage_dir:
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import hashlib
@@ -30,6 +31,7 @@ OUTBOX_DIR = "outbox"
 QUARANTINE_DIR = "quarantine"
 TMP_SUFFIX = ".part"
 OBJECT_SUFFIX = ".dcm"
+SYNCER_IDLE_S = 5.0  # a group commit thread with nothing to sync for this long ends
 _SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
 
 
@@ -77,37 +79,90 @@ def syncfs(path: Path) -> None:
 
 
 class GroupSync:
-    """Group commit: `wait` returns once a sync that began after it was called has finished.
-    Callers arriving while a sync runs share the next one, so N associations writing at once
-    pay for about one flush, not N (bench/README.md, "receive.py")."""
+    """Group commit: a thread of its own runs `sync` for every ticket requested before that sync
+    began; `wait(ticket)` returns once one has finished, so N associations writing at once pay
+    for about one flush, not N (bench/README.md, "receive.py"), and a writer can do other work
+    (its ledger statements) while its flush runs. A failed sync fails every ticket it covered
+    (its OSError raised by `wait`); the next request starts another. The thread ends when idle
+    for SYNCER_IDLE_S."""
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self._sync = sync
         self._cond = threading.Condition()
         self._requested = 0  # tickets handed out
-        self._done = 0  # every ticket up to this one is durable
-        self._running = False
+        self._done = 0  # every ticket up to this one has had its sync
+        self._failed: collections.deque[tuple[int, int, Exception]] = collections.deque(maxlen=64)  # first, last, why
+        self._owner = 0  # the process whose thread runs the syncs; 0: none runs (idle, or not yet)
+
+    def request(self) -> int:
+        with self._cond:
+            if self._owner != os.getpid():  # none runs here (a thread is not inherited across fork)
+                self._owner = os.getpid()
+                threading.Thread(target=self._run, name="group-sync", daemon=True).start()
+            self._requested += 1
+            self._cond.notify_all()
+            return self._requested
+
+    def wait(self, ticket: int) -> None:
+        with self._cond:
+            while self._done < ticket:
+                self._cond.wait()
+            for first, last, why in self._failed:
+                if first <= ticket <= last:
+                    raise why
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._done == self._requested:
+                    if not self._cond.wait(SYNCER_IDLE_S) and self._done == self._requested:
+                        self._owner = 0  # idle: the thread ends, the next request starts another
+                        return
+                first, covered = self._done + 1, self._requested
+            failure: Exception | None = None
+            try:
+                self._sync()
+            except Exception as exc:  # an OSError; anything else is a bug, raised to the writers too
+                failure = exc
+            with self._cond:
+                if failure is not None:
+                    self._failed.append((first, covered, failure))
+                self._done = covered
+                self._cond.notify_all()
+
+
+class Durable:
+    """A file in place under its name whose shared sync has been requested; `wait` returns once
+    the file is durable: that sync, then an fsync of the file itself, cheap once flushed, which
+    reports this file's own write-back errors (the kernel reports one to the first caller only).
+    OutOfResources on failure. Holds the file open until closed (a context manager)."""
+
+    def __init__(self, fd: int, group: GroupSync) -> None:
+        self._fd = fd
+        self._group = group
+        self._ticket = group.request()
+        self._durable = False
 
     def wait(self) -> None:
-        with self._cond:
-            self._requested += 1
-            ticket = self._requested
-            while self._done < ticket:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True  # this caller leads the sync for every ticket so far
-                covered, synced = self._requested, False
-                self._cond.release()
-                try:
-                    self._sync()
-                    synced = True
-                finally:  # a failed sync raises here; a waiting caller leads the next try
-                    self._cond.acquire()
-                    self._running = False
-                    if synced:
-                        self._done = covered
-                    self._cond.notify_all()
+        if self._durable:
+            return
+        try:
+            self._group.wait(self._ticket)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
+        self._durable = True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Durable:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def host_component(host: str) -> str:
@@ -146,9 +201,14 @@ class FileStore:
             )
 
     def write(self, rel: str, *chunks: bytes) -> None:
-        """Durably place `chunks` at `rel`: a temp file, renamed to `rel`, then one sync of the
-        file system shared with every write waiting at that moment (`GroupSync`) and an fsync of
-        this file (`_make_durable`).
+        """Durably place `chunks` at `rel` (`place`, then wait until durable)."""
+        with self.place(rel, *chunks) as durable:
+            durable.wait()
+
+    def place(self, rel: str, *chunks: bytes) -> Durable:
+        """Place `chunks` at `rel`: a temp file, renamed to `rel`; then its sync is requested, one
+        sync of the file system shared with every write waiting at that moment (`GroupSync`).
+        The file is durable once the returned `Durable.wait` returns.
 
         A process killed at any moment leaves the whole file under `rel` or a temp file (the
         rename comes after the last byte). A power cut before the sync can leave a file under
@@ -166,41 +226,26 @@ class FileStore:
         except OSError as exc:
             raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
         try:
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                final.parent.mkdir(parents=True, exist_ok=True)  # its name made durable by the sync below
-                os.rename(tmp, final)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
-            self._make_durable(fd)
-        finally:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            final.parent.mkdir(parents=True, exist_ok=True)  # its name made durable by the sync
+            os.rename(tmp, final)
+        except OSError as exc:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise OutOfResources(f"cannot write instance file: {exc.strerror or exc}") from None
+        return Durable(fd, self._sync)
 
-    def make_durable(self, rel: str) -> None:
-        """Make a file already under its name durable as `write` does: an identical re-send
-        finds the first one's file, which may still be waiting for its sync."""
+    def existing(self, rel: str) -> Durable:
+        """A file already under its name, to be made durable as `place` does: an identical
+        re-send finds the first one's file, which may still be waiting for its sync."""
         try:
             fd = os.open(self.root / rel, os.O_RDONLY)
         except OSError as exc:
             raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
-        try:
-            self._make_durable(fd)
-        finally:
-            os.close(fd)
-
-    def _make_durable(self, fd: int) -> None:
-        """The shared sync (data, names and new folders of every write waiting now), then an
-        fsync of this file: cheap once flushed, and it reports this file's own write-back errors
-        (a failed shared sync reports its error to one caller only). OutOfResources on failure."""
-        try:
-            self._sync.wait()
-            os.fsync(fd)
-        except OSError as exc:
-            raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
+        return Durable(fd, self._sync)
 
     def remove(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,8 +143,13 @@ class Ledger:
             return len(rows)
 
     # -- instances ------------------------------------------------------------------------
-    def record_instance(self, header: InstanceHeader, received: Received) -> StoreOutcome:
+    def record_instance(
+        self, header: InstanceHeader, received: Received, before_commit: Callable[[], None] | None = None
+    ) -> StoreOutcome:
         """Record a durably written file as the instance's current version, in one transaction.
+        `before_commit` runs last inside it (the SCP waits there for its file's sync: the
+        statements run while the file is flushed, and a row is never committed before its file
+        is durable); what it raises rolls the transaction back and propagates.
         InvalidDataset (permanent) when its UIDs cannot be ledger keys (`check_identifiers`);
         its other text is kept as far as the columns hold it (storage.schema.FittedString).
 
@@ -158,12 +163,14 @@ class Ledger:
         check_identifiers(header)
         for _ in range(RECORD_TRIES - 1):
             try:
-                return self._record_once(header, received)
+                return self._record_once(header, received, before_commit)
             except IntegrityError:
                 continue  # another process inserted a row this one was about to: read again
-        return self._record_once(header, received)
+        return self._record_once(header, received, before_commit)
 
-    def _record_once(self, header: InstanceHeader, received: Received) -> StoreOutcome:
+    def _record_once(
+        self, header: InstanceHeader, received: Received, before_commit: Callable[[], None] | None
+    ) -> StoreOutcome:
         now = self.now()
         f = received.file
         with self.engine.begin() as conn:
@@ -220,6 +227,8 @@ class Ledger:
                 )
             if received.association_id is not None:
                 conn.execute(_TOUCH_ASSOCIATION, {"aid": received.association_id, "now": now})
+            if before_commit is not None:
+                before_commit()
         return outcome
 
     def _touch_series(

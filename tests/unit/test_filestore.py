@@ -1,7 +1,8 @@
 """The file store's group commit (storage.filestore.GroupSync) and what a write does when the
 sync fails. The sync function is a dependency (a real syncfs in the node); here it is one that
 records when it ran, so the tests can check each writer waited for a flush that began after it
-asked: a real flush's timing cannot be controlled, and the question is the ordering."""
+asked: a real flush's timing cannot be controlled, and the question is the ordering. The
+failure is injected because a disk's write-back error cannot be made on demand here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import OutOfResources
+from storage import filestore
 from storage.filestore import FileStore, GroupSync, syncfs
+from tests.helpers import wait_for
 
 
 class RecordedSync:
@@ -41,7 +44,7 @@ def test_writers_waiting_together_share_a_sync_that_began_after_each_asked() -> 
     def writer() -> None:
         for _ in range(5):
             asked = time.monotonic()
-            group.wait()
+            group.wait(group.request())
             with lock:
                 calls.append((asked, time.monotonic()))
 
@@ -56,13 +59,57 @@ def test_writers_waiting_together_share_a_sync_that_began_after_each_asked() -> 
         assert any(asked <= start and end <= returned for start, end in sync.runs)
 
 
-def test_a_failed_sync_fails_its_writer_and_the_next_writer_syncs_again() -> None:
-    sync = RecordedSync(seconds=0.0, failures=1)
+class GatedSync:
+    """A sync that starts when the syncer thread calls it and ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+        self.fail_next = False
+        self.runs = 0
+
+    def __call__(self) -> None:
+        self.started.release()
+        assert self.go.acquire(timeout=10)
+        self.runs += 1
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(5, "Input/output error")
+
+    def run_one(self, fail: bool = False) -> None:
+        assert self.started.acquire(timeout=10)
+        self.fail_next = fail
+        self.go.release()
+
+
+def test_a_writer_works_while_its_sync_runs() -> None:
+    sync = GatedSync()
     group = GroupSync(sync)
+    ticket = group.request()
+    assert sync.started.acquire(timeout=10)  # running before the writer waits (its ledger work meanwhile)
+    sync.go.release()
+    group.wait(ticket)
+    assert sync.runs == 1
+
+
+def test_a_failed_sync_fails_every_writer_it_covered_and_the_next_request_syncs_again() -> None:
+    sync = GatedSync()
+    group = GroupSync(sync)
+    first = group.request()
+    assert sync.started.acquire(timeout=10)  # the first ticket's sync is running
+    second, third = group.request(), group.request()  # asked meanwhile: the next sync covers both
+    sync.fail_next = True
+    sync.go.release()
     with pytest.raises(OSError):
-        group.wait()
-    group.wait()
-    assert len(sync.runs) == 1
+        group.wait(first)
+    sync.run_one(fail=True)
+    for ticket in (second, third):
+        with pytest.raises(OSError):
+            group.wait(ticket)
+    fourth = group.request()
+    sync.run_one()
+    group.wait(fourth)
+    assert sync.runs == 3
 
 
 def test_a_write_whose_sync_fails_is_refused_and_its_whole_file_left_for_a_re_send(tmp_path: Path) -> None:
@@ -74,9 +121,10 @@ def test_a_write_whose_sync_fails_is_refused_and_its_whole_file_left_for_a_re_se
     with pytest.raises(OutOfResources, match="cannot make the instance file durable"):
         store.write(rel, b"bytes")
     assert (store.root / rel).read_bytes() == b"bytes"
-    store.make_durable(rel)
+    with store.existing(rel) as durable:
+        durable.wait()
     with pytest.raises(OutOfResources):
-        store.make_durable("objects/1/2/missing_000000000000.dcm")
+        store.existing("objects/1/2/missing_000000000000.dcm")
 
 
 def test_syncfs_flushes_the_real_file_system(tmp_path: Path) -> None:
@@ -84,3 +132,13 @@ def test_syncfs_flushes_the_real_file_system(tmp_path: Path) -> None:
     syncfs(tmp_path)  # raises OSError when the call fails
     with pytest.raises(OSError):
         syncfs(tmp_path / "missing")
+
+
+def test_the_sync_thread_ends_when_idle_and_the_next_request_starts_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filestore, "SYNCER_IDLE_S", 0.05)
+    threads: list[threading.Thread] = []
+    group = GroupSync(lambda: threads.append(threading.current_thread()))
+    group.wait(group.request())
+    wait_for(lambda: not threads[0].is_alive(), timeout=10)
+    group.wait(group.request())
+    assert len(threads) == 2 and threads[1] is not threads[0]

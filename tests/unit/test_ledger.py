@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,32 @@ def test_sqlite_runs_in_wal_mode(ledger: Ledger) -> None:
     with ledger.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL: files carry durability
+
+
+def test_a_row_is_committed_only_after_before_commit_returns_and_not_when_it_raises(ledger: Ledger) -> None:
+    """The SCP waits for its file's sync in `before_commit`: inside the transaction, after the
+    statements, so no other connection sees the row before the file is durable (read here by
+    a plain SQLite reader: the ledger's own connections wait for the write lock)."""
+    database = ledger.engine.url.database
+    assert database is not None
+
+    def visible(sop: str) -> bool:
+        with contextlib.closing(sqlite3.connect(database)) as reader:
+            query = "SELECT count(*) FROM instances WHERE sop_instance_uid = ?"
+            return bool(reader.execute(query, (sop,)).fetchone()[0])
+
+    seen: list[bool] = []
+    ledger.record_instance(header("1.5"), received("a", b"one"), before_commit=lambda: seen.append(visible("1.5")))
+    assert seen == [False]
+    assert visible("1.5")
+
+    def sync_failed() -> None:
+        raise OutOfResources("cannot make the instance file durable")
+
+    with pytest.raises(OutOfResources):
+        ledger.record_instance(header("1.6", series="1.2.3.9"), received("b", b"two"), before_commit=sync_failed)
+    assert current_file(ledger, "1.6") is None
+    assert series_state(ledger, "1.2.3.9") is None  # the whole transaction rolled back
 
 
 def test_new_duplicate_and_replaced_instances(ledger: Ledger) -> None:
