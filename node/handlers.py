@@ -252,8 +252,8 @@ def handle_store(
             try:  # alone, the ledger's statements run while the file is flushed; the commit waits for it
                 outcome = ledger.record_instance(header, received, before_commit=durable.wait)
             except SQLAlchemyError as exc:
-                if wrote:
-                    store.remove(path)
+                # the file stays: an identical re-send on another association may have recorded
+                # it meanwhile; a re-send records it, start-up recovery adopts it otherwise
                 raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from None
     except OutOfResources as exc:
         return _refuse(ledger, peer, status.OUT_OF_RESOURCES, sop_uid, series_uid, str(exc))

@@ -247,9 +247,6 @@ class FileStore:
             raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None
         return Durable(fd, self._sync)
 
-    def remove(self, rel: str) -> None:
-        (self.root / rel).unlink(missing_ok=True)
-
     def discard_temp_files(self) -> int:
         """Delete this host's leftovers of writes interrupted by a crash (never acknowledged),
         and any loose in tmp/ itself, where versions before per-host folders wrote."""

@@ -3,10 +3,18 @@ completion. Peers are DCMTK's storescu on loopback."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from storage.filestore import content_matches_name
 from tests.dicom_factory import write_ct_series
 from tests.helpers import NodeProcess, storescu, temp_files, wait_for
+from tests.postgres import PostgresServer
 
 
 def test_series_completes_after_idle_period_and_reopens(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -40,6 +48,37 @@ def test_disk_below_floor_answers_a700_and_writes_nothing(node_factory, tmp_path
     assert temp_files(node.storage) == []
     refused = node.query("SELECT status, detail FROM events WHERE kind = 'store.refused'")
     assert len(refused) == 2 and all(code == 0xA700 and "floor" in detail for code, detail in refused)
+
+
+def test_a_ledger_lost_mid_association_answers_a700_and_keeps_the_file_for_the_re_send(  # type: ignore[no-untyped-def]
+    node_factory, tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The ledger's database stops taking connections while an association is open (and the
+    node's connections to it are ended): the C-STORE is answered 0xA700, and the file, whole
+    and durable, stays where it was written, as an identical re-send on another association
+    may be recording it at that moment. The re-send once the ledger is back records it."""
+    node: NodeProcess = node_factory()
+    node.config.write_text(re.sub(r'ledger_url = ".*"', f'ledger_url = "{postgres_url}"', node.config.read_text()))
+    node.start()
+    database = postgres_url.rsplit("/", 1)[1]
+    _, _, files = write_ct_series(tmp_path / "s", 1, rows=64, cols=64)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ENHANCE")
+    assert assoc.is_established
+    postgres_server.psql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+    try:
+        postgres_server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+        assert assoc.send_c_store(dcmread(files[0])).Status == 0xA700
+        assoc.release()
+        [kept] = list((node.storage / "objects").rglob("*.dcm"))
+        sha = hashlib.sha256(kept.read_bytes()).hexdigest()
+        assert content_matches_name(kept.name, sha)
+    finally:
+        postgres_server.psql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    assert storescu(node.port, files).returncode == 0
+    recorded = postgres_server.psql("SELECT path, sha256 FROM instances", database=database)
+    assert [cell.strip() for cell in recorded.split("|")] == [str(kept.relative_to(node.storage)), sha]
 
 
 def test_sigterm_stops_cleanly(node_factory) -> None:  # type: ignore[no-untyped-def]
