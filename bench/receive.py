@@ -115,9 +115,10 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 def machine_cpu_seconds() -> float:
-    """CPU time every core of the machine has spent busy since boot (/proc/stat)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) * TICK_S
+    """CPU time every core of the machine has spent busy since boot (/proc/stat; not the time
+    a virtual machine's host gave its cores to others, `steal`)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) * TICK_S
 
 
 @dataclass

@@ -11,7 +11,6 @@ Layout under storage_dir:
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import functools
 import hashlib
@@ -78,56 +77,77 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+class SyncBatch:
+    """The writes one sync covers: `done` once it has run, `error` what it raised."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: Exception | None = None
+
+
 class GroupSync:
-    """Group commit: a thread of its own runs `sync` for every ticket requested before that sync
-    began; `wait(ticket)` returns once one has finished, so N associations writing at once pay
-    for about one flush, not N (bench/README.md, "receive.py"), and a writer can do other work
-    (its ledger statements) while its flush runs. A failed sync fails every ticket it covered
-    (its OSError raised by `wait`); the next request starts another. The thread ends when idle
-    for SYNCER_IDLE_S."""
+    """Group commit: a thread of its own runs `sync` once for every write that asked since the
+    sync before began; `wait(batch)` returns once that has finished, so N associations writing
+    at once pay for about one flush, not N (bench/README.md, "receive.py"), and a writer can do
+    other work (its ledger statements) while its flush runs. A failed sync fails every write it
+    covered (`wait` raises its OSError); the next request starts another. The thread ends when
+    idle for SYNCER_IDLE_S and is started again by the next request. It belongs to the process
+    that made it (the node spawns its processes; a forked child would have no such thread)."""
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self._sync = sync
         self._cond = threading.Condition()
-        self._requested = 0  # tickets handed out
-        self._done = 0  # every ticket up to this one has had its sync
-        self._failed: collections.deque[tuple[int, int, Exception]] = collections.deque(maxlen=64)  # first, last, why
-        self._owner = 0  # the process whose thread runs the syncs; 0: none runs (idle, or not yet)
+        self._pending: SyncBatch | None = None  # asked for, its sync not begun
+        self._running = False  # a thread runs the syncs
 
-    def request(self) -> int:
+    def request(self) -> SyncBatch:
         with self._cond:
-            if self._owner != os.getpid():  # none runs here (a thread is not inherited across fork)
-                self._owner = os.getpid()
+            if not self._running:
                 threading.Thread(target=self._run, name="group-sync", daemon=True).start()
-            self._requested += 1
+                self._running = True
+            if self._pending is None:
+                self._pending = SyncBatch()
             self._cond.notify_all()
-            return self._requested
+            return self._pending
 
-    def wait(self, ticket: int) -> None:
+    def wait(self, batch: SyncBatch) -> None:
         with self._cond:
-            while self._done < ticket:
+            while not batch.done:
                 self._cond.wait()
-            for first, last, why in self._failed:
-                if first <= ticket <= last:
-                    raise why
+        error = batch.error
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror)  # one of its own for each writer
+        if error is not None:
+            raise OSError(f"the sync failed: {type(error).__name__}: {error}")
 
     def _run(self) -> None:
-        while True:
+        batch: SyncBatch | None = None
+        try:
+            while True:
+                with self._cond:
+                    while self._pending is None:
+                        if not self._cond.wait(SYNCER_IDLE_S) and self._pending is None:
+                            return  # idle: the next request starts another thread
+                    batch, self._pending = self._pending, None
+                try:
+                    self._sync()
+                except Exception as exc:  # an OSError; anything else is a bug, the writers fail too
+                    batch.error = exc
+                with self._cond:
+                    batch.done = True
+                    batch = None
+                    self._cond.notify_all()
+        finally:  # idle, or this thread failing: no batch is left waiting for it
             with self._cond:
-                while self._done == self._requested:
-                    if not self._cond.wait(SYNCER_IDLE_S) and self._done == self._requested:
-                        self._owner = 0  # idle: the thread ends, the next request starts another
-                        return
-                first, covered = self._done + 1, self._requested
-            failure: Exception | None = None
-            try:
-                self._sync()
-            except Exception as exc:  # an OSError; anything else is a bug, raised to the writers too
-                failure = exc
-            with self._cond:
-                if failure is not None:
-                    self._failed.append((first, covered, failure))
-                self._done = covered
+                self._running = False
+                if batch is not None:
+                    batch.error = batch.error or RuntimeError("the sync thread ended")
+                    batch.done = True
+                if self._pending is not None:  # asked after the last look: another thread takes it
+                    threading.Thread(target=self._run, name="group-sync", daemon=True).start()
+                    self._running = True
                 self._cond.notify_all()
 
 
@@ -140,14 +160,18 @@ class Durable:
     def __init__(self, fd: int, group: GroupSync) -> None:
         self._fd = fd
         self._group = group
-        self._ticket = group.request()
+        try:
+            self._batch = group.request()
+        except BaseException:
+            os.close(fd)
+            raise
         self._durable = False
 
     def wait(self) -> None:
         if self._durable:
             return
         try:
-            self._group.wait(self._ticket)
+            self._group.wait(self._batch)
             os.fsync(self._fd)
         except OSError as exc:
             raise OutOfResources(f"cannot make the instance file durable: {exc.strerror or exc}") from None

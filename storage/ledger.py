@@ -149,7 +149,8 @@ class Ledger:
         """Record a durably written file as the instance's current version, in one transaction.
         `before_commit` runs last inside it (the SCP waits there for its file's sync: the
         statements run while the file is flushed, and a row is never committed before its file
-        is durable); what it raises rolls the transaction back and propagates.
+        is durable); what it raises rolls the transaction back and propagates. It runs once
+        per attempt (the retry below runs it again), so it must be idempotent.
         InvalidDataset (permanent) when its UIDs cannot be ledger keys (`check_identifiers`);
         its other text is kept as far as the columns hold it (storage.schema.FittedString).
 

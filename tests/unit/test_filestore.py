@@ -142,3 +142,35 @@ def test_the_sync_thread_ends_when_idle_and_the_next_request_starts_another(monk
     wait_for(lambda: not threads[0].is_alive(), timeout=10)
     group.wait(group.request())
     assert len(threads) == 2 and threads[1] is not threads[0]
+
+
+def test_a_failed_sync_is_reported_to_its_writer_however_many_syncs_follow() -> None:
+    sync = GatedSync()
+    group = GroupSync(sync)
+    first = group.request()
+    sync.run_one(fail=True)
+    for _ in range(100):  # the first writer is slow to look (its ledger statements, say)
+        later = group.request()
+        sync.run_one(fail=True)
+        with pytest.raises(OSError):
+            group.wait(later)
+    with pytest.raises(OSError, match="Input/output error"):
+        group.wait(first)
+
+
+def test_a_sync_thread_that_dies_fails_its_writers_and_the_next_request_starts_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(threading, "excepthook", lambda _args: None)  # the thread's end is on purpose here
+    calls: list[str] = []
+
+    def sync() -> None:
+        calls.append("sync")
+        if len(calls) == 1:
+            raise SystemExit  # not an Exception: it ends the thread
+
+    group = GroupSync(sync)
+    with pytest.raises(OSError, match="the sync thread ended"):
+        group.wait(group.request())
+    group.wait(group.request())
+    assert calls == ["sync", "sync"]
