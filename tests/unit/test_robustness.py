@@ -37,7 +37,7 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
     cell = robustness.cells_for(manifest)[5]
     result = robustness.run_cell(engine, manifest, cell, held, realisations=1, seed=0)
     base = robustness.baseline_name(manifest, result)
-    row = result.summary(base)
+    row = result.summary(base, len(held))
     # each of the three figures is rounded to 3 decimals, so they agree to 1.5e-3, not 1e-3
     assert math.isfinite(row["gain"]) and row["gain"] == pytest.approx(
         row["model_psnr"] - row[f"{base}_psnr"], abs=1.5e-3 + 1e-9
@@ -52,6 +52,17 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
         assert 0.0 <= row["bias_se"] < 5.0
     else:
         assert base in ("lanczos", "bicubic") and "model_bias" not in row
+
+
+def test_the_worst_slice_is_the_one_whose_draws_average_lowest() -> None:
+    """Two slices, two draws each (the order run_cell adds them in): the cell's gain is the mean
+    over all, the worst slice's its own draws' mean, which the cell's mean can hide."""
+    result = robustness.CellResult()
+    for model, nlm in ((40.0, 39.0), (42.0, 39.0), (30.0, 33.0), (31.0, 32.0)):  # slice 0: +1, +3; slice 1: -3, -1
+        result.add("model", model)
+        result.add("nlm", nlm)
+    row = result.summary("nlm", 2)
+    assert row["gain"] == 0.0 and (row["worst_slice"], row["worst_slice_gain"]) == (1, -2.0)
 
 
 def test_models_scored_in_one_run_share_nlms_figures() -> None:
