@@ -118,7 +118,7 @@ class GroupSync:
                 self._cond.wait()
         error = batch.error
         if isinstance(error, OSError):
-            raise OSError(error.errno, error.strerror)  # one of its own for each writer
+            raise OSError(*error.args)  # one of its own for each writer
         if error is not None:
             raise OSError(f"the sync failed: {type(error).__name__}: {error}")
 
