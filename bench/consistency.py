@@ -25,11 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engines.pipeline import enforce_consistency, enhance_volume  # noqa: E402
+from engines.pipeline import enforce_consistency, enhance_volume, resize  # noqa: E402
 from engines.registry import EngineOptions, open_engine  # noqa: E402
 from train import metrics  # noqa: E402
 from train.degrade import ct_downsample  # noqa: E402
-from train.evaluate import resize  # noqa: E402
 from train.phantoms import ct_phantom  # noqa: E402
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -46,10 +46,10 @@ sys.path.insert(0, str(REPO))
 from bench import acquisition as acq  # noqa: E402
 from engines import qa  # noqa: E402
 from engines.manifest import ModelManifest, dump, load  # noqa: E402
-from engines.pipeline import enhance_volume  # noqa: E402
+from engines.pipeline import enhance_volume, resize  # noqa: E402
 from engines.registry import EngineOptions, open_engine  # noqa: E402
 from train import metrics  # noqa: E402
-from train.evaluate import NLM_H, nlm, resize  # noqa: E402
+from train.evaluate import NLM_H, nlm  # noqa: E402
 from train.volumes import read_series  # noqa: E402
 
 Array = NDArray[np.float32]

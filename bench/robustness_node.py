@@ -31,13 +31,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.robustness import _best_nlm, _window, cells_for, held_out_slices  # noqa: E402
 from engines.manifest import load  # noqa: E402
-from engines.pipeline import enhance_volume  # noqa: E402
+from engines.pipeline import enhance_volume, resize  # noqa: E402
 from engines.registry import EngineOptions, open_engine  # noqa: E402
 from node.derive import derived_uid  # noqa: E402
 from tests.dicom_factory import UID_ROOT, ct_slice, mr_slice  # noqa: E402
 from tests.helpers import NodeProcess, free_port, storescu, toml_config, wait_for  # noqa: E402
 from train import metrics  # noqa: E402
-from train.evaluate import resize  # noqa: E402
 
 
 def write_series(folder: Path, modality: str, images: list[np.ndarray], spacing: float, description: str) -> list[Path]:

@@ -153,6 +153,10 @@ class ModelManifest:
     # fraction of the way to the input pixel it came from (engines.pipeline.enforce_consistency;
     # 1 = the block means reproduce the input exactly). 0 = off
     consistency: float = 0.0
+    # super-resolution: the output's share taken from a classical estimate, Lanczos with the same
+    # clamp and consistency (engines.pipeline.classical_sr): a hedge where the net is wrong about
+    # the input (an unblurred one it sharpens as if blurred). 0 = the net's output alone
+    classical_share: float = 0.0
     applies_to: AppliesTo = AppliesTo()
 
     def refusal(self, facts: ImageFacts) -> str | None:
@@ -181,6 +185,8 @@ class ModelManifest:
             raise ManifestError("clamp_to_input is for sr models")
         if not 0.0 <= self.consistency <= 1.0 or (self.consistency and self.task != "sr"):
             raise ManifestError(f"consistency is for sr models, between 0 and 1, got {self.consistency}")
+        if not 0.0 <= self.classical_share <= 1.0 or (self.classical_share and self.task != "sr"):
+            raise ManifestError(f"classical_share is for sr models, between 0 and 1, got {self.classical_share}")
         if self.noise_map and self.task != "denoise":
             raise ManifestError("noise_map is for denoise models")
         if not self.modalities:
@@ -213,6 +219,7 @@ class ModelManifest:
                 restore_mean_bounds=tuple(float(b) for b in data.get("restore_mean_bounds", ())),
                 clamp_to_input=_boolean(data.get("clamp_to_input", False)),
                 consistency=float(data.get("consistency", 0.0)),
+                classical_share=float(data.get("classical_share", 0.0)),
                 applies_to=AppliesTo.from_dict(_table(data.get("applies_to", {}), "applies_to")),
             )
         except KeyError as exc:
@@ -233,6 +240,7 @@ class ModelManifest:
             "restore_mean_bounds": list(self.restore_mean_bounds),
             "clamp_to_input": self.clamp_to_input,
             "consistency": self.consistency,
+            "classical_share": self.classical_share,
             "applies_to": self.applies_to.as_dict(),
             "normalization": self.normalization.as_dict(),
             "tile": {"size": self.tile.size, "overlap": self.tile.overlap},

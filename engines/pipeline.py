@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 from scipy import ndimage
 
 from engines.base import Engine
@@ -107,9 +108,28 @@ def enhance_volume(
         result = clamp_to_input(values, result, scale)
     if m.task == "sr" and m.consistency > 0:
         result = enforce_consistency(values, result, scale, m.consistency)
+    if m.task == "sr" and m.classical_share > 0:
+        share = np.float32(m.classical_share)
+        result = (1 - share) * result + share * classical_sr(values, scale, m.clamp_to_input, m.consistency)
     if padding is not None:
         result = np.where(_upscale(padding, scale), _upscale(np.asarray(pixels, np.float32), scale), result)
     return result
+
+
+def resize(image: Array, scale: int, method: Image.Resampling = Image.Resampling.LANCZOS) -> Array:
+    """One (h, w) image scaled by `scale` with Pillow's filter (Lanczos-3 by default), float32."""
+    h, w = image.shape
+    return np.asarray(Image.fromarray(image.astype(np.float32)).resize((w * scale, h * scale), method), np.float32)
+
+
+def classical_sr(low: Array, scale: int, clamp: bool, consistency: float) -> Array:
+    """(Z, h, w) -> (Z, h * scale, w * scale): Lanczos, then the model's own safety steps (the clamp
+    to the 3x3 input range, the consistency with the input), with no net: the classical estimate
+    an sr model's `classical_share` mixes in."""
+    out = np.stack([resize(z, scale) for z in np.asarray(low, np.float32)])
+    if clamp:
+        out = clamp_to_input(low, out, scale)
+    return enforce_consistency(low, out, scale, consistency) if consistency > 0 else out
 
 
 def clamp_to_input(low: Array, high: Array, scale: int) -> Array:

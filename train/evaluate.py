@@ -25,7 +25,7 @@ from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from core.errors import ManifestError, UsageError
 from engines.manifest import ModelManifest, dump, load
-from engines.pipeline import context_indices, enhance_volume
+from engines.pipeline import context_indices, enhance_volume, resize
 from engines.registry import EngineOptions, open_engine
 from train import metrics
 from train.data import Slab, degrade
@@ -134,11 +134,6 @@ def _ct_denoise(manifest: ModelManifest) -> bool:
 def _display_window(manifest: ModelManifest, target: Array) -> tuple[float, float]:
     """Where PSNR/SSIM are measured: CT noise in the soft-tissue window, the rest by percentiles."""
     return metrics.CT_WINDOW if _ct_denoise(manifest) else metrics.percentile_window(target)
-
-
-def resize(image: Array, scale: int, method: Image.Resampling) -> Array:
-    h, w = image.shape
-    return np.asarray(Image.fromarray(image.astype(np.float32)).resize((w * scale, h * scale), method), np.float32)
 
 
 Method = Callable[[Case], tuple[Array, float]]  # a case -> (prediction, seconds it took)
