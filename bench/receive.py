@@ -98,20 +98,20 @@ TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 def tree_cpu_seconds(root: int) -> float:
     """User + system CPU of `root` and every live process under it, with the children each has
     reaped (a storescp --fork child that ended is counted in its parent's cutime)."""
-    parent: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rpartition(")")[2].split()  # after "pid (comm)"
             pid = int(stat.parent.name)
-            parent[pid] = int(fields[1])
+            children.setdefault(int(fields[1]), []).append(pid)
             ticks[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    tree, todo = set(), [root]
+    total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        tree.add(pid)
-        todo += [child for child, ppid in parent.items() if ppid == pid and child not in tree]
-    return sum(ticks.get(pid, 0) for pid in tree) * TICK_S
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total * TICK_S
 
 
 def machine_cpu_seconds() -> float:

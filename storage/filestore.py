@@ -105,8 +105,7 @@ class GroupSync:
     def request(self) -> SyncBatch:
         with self._cond:
             if not self._running:
-                threading.Thread(target=self._run, name="group-sync", daemon=True).start()
-                self._running = True
+                self._start()
             if self._pending is None:
                 self._pending = SyncBatch()
             self._cond.notify_all()
@@ -146,9 +145,13 @@ class GroupSync:
                     batch.error = batch.error or RuntimeError("the sync thread ended")
                     batch.done = True
                 if self._pending is not None:  # asked after the last look: another thread takes it
-                    threading.Thread(target=self._run, name="group-sync", daemon=True).start()
-                    self._running = True
+                    self._start()
                 self._cond.notify_all()
+
+    def _start(self) -> None:
+        """A thread to run the syncs (with the lock held; `_running` only once it started)."""
+        threading.Thread(target=self._run, name="group-sync", daemon=True).start()
+        self._running = True
 
 
 class Durable:
