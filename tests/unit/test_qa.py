@@ -40,6 +40,28 @@ def test_noise_sd_of_mr_and_of_an_empty_slice() -> None:
     assert qa.noise_sd(np.full((64, 64), -1000.0, np.float32), ct=True) == 0.0
 
 
+def _textured_mr(n: int = 256) -> np.ndarray:
+    """A bright disc (1000) with a dark-tissue half-disc (150), both with 8% of smooth texture:
+    anatomy everywhere, no flat place for a window to find."""
+    yy, xx = np.mgrid[:n, :n] - (n - 1) / 2
+    r = np.hypot(yy, xx)
+    image = np.where(r < 0.45 * n, 1000.0, 0.0)
+    image[(r < 0.3 * n) & (xx < 0)] = 150.0
+    texture = ndimage.gaussian_filter(np.random.default_rng(3).normal(0, 1, (n, n)), 1.5)
+    return image + texture / texture.std() * 0.08 * image
+
+
+@pytest.mark.parametrize(("sd", "tolerance"), [(10.0, 0.25), (20.0, 0.15), (50.0, 0.08), (100.0, 0.08)])
+def test_noise_sd_of_textured_mr_with_rician_noise(sd: float, tolerance: float) -> None:
+    """Real MR has no flat places: the 9x9 estimator read 5.3x and 2.8x the truth at the two
+    low levels here; and at 100 the dark tissue's Rician noise is rectified (a plain median over
+    the object reads 0.87x): only the blocks bright enough to be Gaussian measure it."""
+    rng = np.random.default_rng(1)
+    clean = _textured_mr()
+    image = np.hypot(clean + rng.normal(0, sd, clean.shape), rng.normal(0, sd, clean.shape))
+    assert qa.noise_sd(image.astype(np.float32), ct=False) == pytest.approx(sd, rel=tolerance)
+
+
 def _noisy(seed: int = 0, sd: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
     clean = _phantom()
     return clean, clean + np.random.default_rng(seed).normal(0, sd, clean.shape).astype(np.float32)

@@ -50,8 +50,13 @@ def test_a_cell_scores_the_model_and_its_baseline(model: str) -> None:
         # NLM's own bias over the same draws, one figure per slice (a few HU at this cell's dose)
         assert len(result.nlm_bias) == len(held) and 0.0 <= row["nlm_bias"] < 50.0
         assert 0.0 <= row["bias_se"] < 5.0
+        # told the true SD (the verdict's figure) and, beside it, the level the node estimates
+        assert (
+            row["gain_estimated"] == pytest.approx(row["estimated_psnr"] - row["nlm_psnr"], abs=1.5e-3 + 1e-9)
+            and row["estimated_psnr"] != row["model_psnr"]
+        )
     else:
-        assert base in ("lanczos", "bicubic") and "model_bias" not in row
+        assert base in ("lanczos", "bicubic") and "model_bias" not in row and "gain_estimated" not in row
 
 
 def test_the_worst_slice_is_the_one_whose_draws_average_lowest() -> None:
