@@ -249,8 +249,10 @@ def run_cell(
             rng = np.random.default_rng([seed, i, k])
             low, target, sigma = cell.degrade(s.pixels, s.spacing, rng)
             window = _window(manifest, target)
-            # a model with a noise map is told the noise SD, as NLM is: in the object (soft tissue for CT)
-            known = float(np.std((low - target)[qa.object_mask(target, ct)])) if manifest.noise_map else None
+            # a denoiser with a noise map is told the noise SD, as NLM is: in the object (soft tissue
+            # for CT); an SR net's map is the node's estimate from its input, what it was trained with
+            told = manifest.noise_map and denoise
+            known = float(np.std((low - target)[qa.object_mask(target, ct)])) if told else None
             out = enhance_volume(engine, low[None], noise_sd=known)[0]
             if known is not None and k < draws:  # and as the node runs it: the level estimated from the slice
                 estimated = enhance_volume(engine, low[None])[0]

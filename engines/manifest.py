@@ -187,8 +187,6 @@ class ModelManifest:
             raise ManifestError(f"consistency is for sr models, between 0 and 1, got {self.consistency}")
         if not 0.0 <= self.classical_share <= 1.0 or (self.classical_share and self.task != "sr"):
             raise ManifestError(f"classical_share is for sr models, between 0 and 1, got {self.classical_share}")
-        if self.noise_map and self.task != "denoise":
-            raise ManifestError("noise_map is for denoise models")
         if not self.modalities:
             raise ManifestError("modalities must list at least one modality")
         if self.tile.size < 16 or not 0 <= self.tile.overlap < self.tile.size // 2:

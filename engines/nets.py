@@ -124,14 +124,14 @@ class SRNet(nn.Module):
             raise ValueError("srnet needs scale >= 2, an odd number of context slices and base_taps >= 0")
         if spec.transform != "linear":
             raise ValueError("transform is the noise domain of a dncnn; an srnet works on the linear image")
-        if spec.noise_map:
-            raise ValueError("a noise map is a denoiser's input; an srnet has none")
         self.scale = spec.scale
         self.taps = spec.base_taps
         kernel = lanczos_kernel(spec.scale, self.taps) if self.taps else None
         self.register_buffer("base_kernel", kernel, persistent=False)
         self.centre = spec.context_slices // 2
-        self.head = nn.Conv2d(spec.context_slices, spec.width, 3, padding=1)
+        self.context, self.noise_map = spec.context_slices, spec.noise_map
+        # with a noise map, one more input channel after the slices: the input's noise level
+        self.head = nn.Conv2d(spec.context_slices + int(spec.noise_map), spec.width, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(spec.width) for _ in range(spec.depth)])
         self.tail = nn.Conv2d(spec.width, spec.scale**2, 3, padding=1)
         _init(self)
@@ -143,6 +143,8 @@ class SRNet(nn.Module):
             base = F.pixel_shuffle(F.conv2d(padded, self.base_kernel), self.scale)
         else:
             base = F.interpolate(centre, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
+        if self.noise_map:
+            x = torch.cat([x[:, : self.context], x[:, self.context :] * NOISE_MAP_GAIN], dim=1)
         feat = self.head(x)
         feat = feat + self.blocks(feat)
         return base + F.pixel_shuffle(self.tail(feat), self.scale)

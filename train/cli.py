@@ -113,7 +113,8 @@ def add_parsers(sub: Any) -> None:
     t.add_argument(
         "--noise-map",
         action="store_true",
-        help="denoisers: give the net each series' estimated noise level as an extra input (FFDNet-style)",
+        help="give the net each series' noise level as an extra input (FFDNet-style); SR nets are told the "
+        "level the node estimates from the low-resolution input",
     )
     t.add_argument("--draws", type=int, help="degraded versions (acquisition conditions) of each clean slab")
     t.add_argument("--depth", type=int, help="convolutions (denoiser) or residual blocks (SR)")
@@ -218,8 +219,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
         raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
     base_taps, transform, noise_map, relax = args.base_taps, args.transform, args.noise_map, args.relax
-    if noise_map and preset.task != "denoise":
-        raise UsageError("--noise-map is for denoisers")
     if args.init_from is not None:  # a fine-tune keeps the base and transform it was trained with unless told
         try:
             source = source_net(args.init_from)

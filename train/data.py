@@ -213,7 +213,9 @@ class Bank:
         """The bank with a noise-map level for each input (kept when it has them already)."""
         if len(self.levels) == len(self):
             return self
-        if len(self.targets) == 0:  # self-supervised: what the node will estimate from the input
+        if len(self.targets) == 0 or self.targets.shape[-1] != self.inputs.shape[-1]:
+            # self-supervised, or super-resolution (the target is another grid): what the node
+            # will estimate from the input
             levels = [noise_level(x, norm) for x in self.inputs]
         else:
             levels = [added_noise_level(x, y, norm) for x, y in zip(self.inputs, self.targets, strict=True)]

@@ -295,8 +295,8 @@ def _source_weights(
     )
     if same != net:
         raise ValueError(f"{path}: its net {source.as_dict()} differs from this run's {net.as_dict()}")
-    if net.noise_map and not source.noise_map:  # a blind denoiser gains the map's inputs, weighted 0 to start
-        first = "body.0.weight"
+    if net.noise_map and not source.noise_map:  # a blind net gains the map's inputs, weighted 0 to start
+        first = "head.weight" if net.kind == "srnet" else "body.0.weight"
         old = weights[first]
         extra = torch.zeros(old.shape[0], net.unshuffle**2, *old.shape[2:], dtype=old.dtype, device=old.device)
         weights = {**weights, first: torch.cat([old, extra], dim=1)}

@@ -64,8 +64,6 @@ def test_the_manifest_and_the_graph_must_agree_on_the_map(tmp_path: Path) -> Non
     with pytest.raises(ManifestError, match="plus a noise map, the ONNX input has 1 channels"):
         _engine(blind_graph)
     data = load(tmp_path / "blind").as_dict()
-    with pytest.raises(ManifestError, match="noise_map is for denoise"):
-        ModelManifest.from_dict({**data, "task": "sr", "scale": 2})
     with pytest.raises(ManifestError, match="clamp_to_input is for sr"):
         ModelManifest.from_dict({**data, "clamp_to_input": True})
     with pytest.raises(ManifestError, match="true or false"):

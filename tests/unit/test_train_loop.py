@@ -586,6 +586,35 @@ def test_a_blind_denoiser_gains_a_noise_map_that_starts_unused(short_run: RunCon
         train(RunConfig(short_run.preset, tmp_path / "blind", workers=1, init_from=cfg.out / CHECKPOINT))
 
 
+def test_a_blind_sr_net_gains_a_noise_map_told_the_nodes_estimate(tmp_path: Path) -> None:
+    """An SR net with a noise map (its first convolution, `head`, gains one input weighted 0:
+    the blind net's output whatever it is told); its bank's levels are what the node estimates
+    from each low-resolution input (the target is another grid, so no added noise can be
+    measured), and the export declares the extra channel."""
+    from engines import qa
+    from engines.manifest import load
+    from train.export import export
+
+    sr = tiny("mr-sr2", net=NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2), epochs=1)
+    train(RunConfig(sr, tmp_path / "blind", workers=1))
+    mapped = with_overrides(sr, lr=0.0, net=with_overrides(sr.net, noise_map=True))
+    cfg = RunConfig(mapped, tmp_path / "mapped", workers=1, init_from=tmp_path / "blind" / CHECKPOINT)
+    train(cfg)
+    blind, head = state(tmp_path / "blind")["model"]["head.weight"], state(cfg.out)["model"]["head.weight"]
+    assert head.shape[1] == blind.shape[1] + 1 and torch.equal(head[:, :-1], blind) and not head[:, -1].any()
+    net = loop.net_from_checkpoint(state(cfg.out)).eval()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        told = [net(torch.cat([x, torch.full_like(x, level)], 1)) for level in (0.001, 0.05)]
+        assert torch.equal(told[0], told[1])
+        assert torch.allclose(told[0], loop.net_from_checkpoint(state(tmp_path / "blind")).eval()(x))
+    bank = Bank.load(cfg.out / "bank.npz")
+    estimated = [qa.noise_level(x, sr.normalization) for x in bank.inputs]
+    assert np.allclose(bank.levels, estimated) and (bank.levels > 0).all()
+    manifest = export(cfg.out / CHECKPOINT, tmp_path / "package")
+    assert manifest.noise_map and manifest.task == "sr" and load(tmp_path / "package").input_channels == 2
+
+
 def test_sampled_patches_carry_their_slices_noise_level() -> None:
     rng = np.random.default_rng(0)
     inputs = rng.uniform(0.2, 0.4, (3, 1, 48, 48)).astype(np.float32)
