@@ -194,7 +194,7 @@ def _walk(buf: bytes, offset: int, end: int, implicit: bool, values: dict[str, A
         if implicit:
             vr, (length,), start = b"", struct.unpack_from("<L", buf, offset + 4), offset + 8
         else:
-            vr = buf[offset + 4 : offset + 6]
+            vr = bytes(buf[offset + 4 : offset + 6])  # the upper layer hands over a bytearray
             if vr not in _VRS:
                 raise _NotPlain  # an implicit item in an explicit data set, or garbage
             if vr in LONG_VRS:
@@ -303,7 +303,7 @@ def _meta_elements(part10: bytes) -> dict[tuple[int, int], bytes]:
     found = {}
     while offset + 8 <= end:
         group, element = struct.unpack_from("<HH", part10, offset)
-        if part10[offset + 4 : offset + 6] in LONG_VRS:
+        if bytes(part10[offset + 4 : offset + 6]) in LONG_VRS:
             (size,) = struct.unpack_from("<L", part10, offset + 8)
             header = 12
         else:

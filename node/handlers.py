@@ -230,7 +230,7 @@ def handle_store(
             inflated_size(dataset, max_inflated)
         dataset, dropped = strip_file_meta(dataset, ts)
         meta = file_meta(sop_class, sop_uid, ts, peer.calling_ae)
-        part10 = meta + dataset
+        part10 = _with_meta(meta, dataset)
         header = parse_header(part10)
         series_uid = header.series_instance_uid
         check_matches_request(header, sop_class, sop_uid)
@@ -270,6 +270,16 @@ def handle_store(
     log.warning("stored %s from %s with warning 0x%04X: %s", sop_uid, peer.calling_ae, code, why)
     _record_refusal(ledger, kind, peer, sop_uid, series_uid, why, code)
     return code
+
+
+def _with_meta(meta: bytes, dataset: bytes | bytearray) -> bytes | bytearray:
+    """The Part 10 file: `meta`, then `dataset`. The upper layer's receive buffer (a bytearray it
+    has no further use for) takes the meta in place, in its spare room or by growing where it
+    is, so a data set is never held twice (docs/receiving.md, "Data set size")."""
+    if isinstance(dataset, bytearray):
+        dataset[:0] = meta
+        return dataset
+    return meta + dataset
 
 
 def handle_too_large(assoc: Association, rq: Command, reason: str, *, ledger: Ledger) -> None:

@@ -12,8 +12,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from storage.filestore import content_matches_name
-from tests.dicom_factory import write_ct_series
-from tests.helpers import NodeProcess, storescu, temp_files, wait_for
+from tests.dicom_factory import ct_slice, write_ct_series
+from tests.helpers import NodeProcess, peak_rss, storescu, temp_files, wait_for
 from tests.postgres import PostgresServer
 
 
@@ -85,3 +85,22 @@ def test_sigterm_stops_cleanly(node_factory) -> None:  # type: ignore[no-untyped
     node: NodeProcess = node_factory().start()
     assert node.stop() == 0
     assert "stopped" in node.log_text()
+
+
+def test_a_large_data_set_is_held_once_not_twice(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 98 MB CT slice (7000 x 7000): the receiving process grows by about the data set, not by
+    twice it. The bytes received take the node's File Meta in place to become the file, instead
+    of a second buffer holding meta + data set (docs/receiving.md, "Data set size")."""
+    path = tmp_path / "large.dcm"
+    ds = ct_slice("1.2.826.0.1.3680043.10.1533.99.30", "1.2.826.0.1.3680043.10.1533.99.31", 1, rows=7000, cols=7000)
+    ds.save_as(path, enforce_file_format=True)
+    size = path.stat().st_size
+    node: NodeProcess = node_factory(receive_processes=1).start()
+    receivers = node.receivers()
+    before = peak_rss(receivers)
+    result = storescu(node.port, [path])
+    assert result.returncode == 0, result.stderr
+    growth = peak_rss(receivers) - before
+    [(stored_size,)] = node.query("SELECT size FROM instances")
+    assert stored_size > size - 1000
+    assert growth < 1.4 * size, f"the receiver grew by {growth >> 20} MiB for a {size >> 20} MiB data set"

@@ -36,11 +36,13 @@ def outcome(part10: bytes) -> Outcome:
 
 def both(part10: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[Outcome, Outcome, bool]:
     """(parse_header's outcome, the outcome with pydicom reading everything, whether the fast
-    reader read it)."""
+    reader read it). The SCP hands parse_header its receive buffer, a bytearray: that reads the
+    same as the bytes."""
     fast = core.header._read_values(part10) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the odd values the corpus holds
         first = outcome(part10)
+        assert outcome(bytearray(part10)) == first
         with monkeypatch.context() as m:
             m.setattr(core.header, "_read_values", lambda _: None)
             reference = outcome(part10)
