@@ -29,6 +29,7 @@ from core.errors import InvalidDataset
 from core.images import ImageFacts, Values, image_facts
 
 UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")  # digits and dots, no empty component (PS3.5 9.1)
+Buffer = bytes | bytearray  # a stored file, or the SCP's receive buffer taking its File Meta in place
 PREAMBLE = b"\x00" * 128 + b"DICM"  # what precedes the File Meta Information (PS3.10 7.1)
 PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 DEFER_BYTES = 1024  # values longer than this are skipped, not read, when the structure is walked
@@ -54,7 +55,7 @@ class InstanceHeader:
     warning: str = ""  # a defect the node stores the data set with (docs/receiving.md, "Malformed data")
 
 
-def parse_header(part10: bytes) -> InstanceHeader:
+def parse_header(part10: Buffer) -> InstanceHeader:
     """Identifiers of a Part 10 instance; InvalidDataset with the status to answer otherwise.
 
     The SCP runs this once per received instance. Most data sets are read by `_read_values`,
@@ -153,7 +154,7 @@ class _NotPlain(Exception):
     """Something the fast reader leaves to pydicom."""
 
 
-def _read_values(part10: bytes) -> tuple[dict[str, Any], str] | None:
+def _read_values(part10: Buffer) -> tuple[dict[str, Any], str] | None:
     """The values parse_header needs, from a Part 10 file (as the node writes them) whose data
     set is little endian and not deflated; None when pydicom must read it."""
     try:
@@ -175,7 +176,7 @@ def _read_values(part10: bytes) -> tuple[dict[str, Any], str] | None:
     return values, ts
 
 
-def _walk(buf: bytes, offset: int, end: int, implicit: bool, values: dict[str, Any] | None, depth: int) -> int:
+def _walk(buf: Buffer, offset: int, end: int, implicit: bool, values: dict[str, Any] | None, depth: int) -> int:
     """Step over data elements from `offset` to `end`, keeping the wanted ones in `values` (the
     top level; None inside an item). The top level stops at Pixel Data or `end`; an item of
     undefined length (end < 0, bounded by -end) after its delimiter. Sequences are walked item
@@ -233,7 +234,7 @@ def _is_sequence(group: int, element: int) -> bool:
         return False
 
 
-def _items(buf: bytes, offset: int, end: int, length: int, implicit: bool, depth: int) -> int:
+def _items(buf: Buffer, offset: int, end: int, length: int, implicit: bool, depth: int) -> int:
     """Step over a sequence's items (`length` bytes of them, or up to its delimiter when the
     length is undefined); returns the offset after the sequence."""
     undefined = length == UNDEFINED_LENGTH
@@ -258,7 +259,7 @@ def _items(buf: bytes, offset: int, end: int, length: int, implicit: bool, depth
     return offset
 
 
-def _value(raw: bytes, vr: bytes, multiple: bool) -> Any:
+def _value(raw: Buffer, vr: bytes, multiple: bool) -> Any:
     """A wanted element's value as pydicom gives it, for values plain enough to be sure."""
     if vr == b"US":
         if len(raw) == 2:
@@ -292,7 +293,7 @@ def _value(raw: bytes, vr: bytes, multiple: bool) -> Any:
     return items[0] if len(items) == 1 else items
 
 
-def _meta_elements(part10: bytes) -> dict[tuple[int, int], bytes]:
+def _meta_elements(part10: Buffer) -> dict[tuple[int, int], Buffer]:
     """The File Meta elements as their group length delimits them (in the node's files, its own,
     written by node/instance.py file_meta); empty when the file does not start that way."""
     start = len(PREAMBLE)
@@ -325,21 +326,21 @@ def _ledger_integer(value: object) -> int | None:
     return number if -(2**31) <= number < 2**31 else None
 
 
-def meta_source_ae(part10: bytes) -> str:
+def meta_source_ae(part10: Buffer) -> str:
     """Source Application Entity Title from the file meta group as its group length delimits it
     (the node's own, written by file_meta): never from elements that follow it."""
     value = _meta_elements(part10).get((0x0002, 0x0016), b"")
     return value.decode("ascii", "replace").strip(" \x00")
 
 
-def _dataset_offset(part10: bytes) -> int:
+def _dataset_offset(part10: Buffer) -> int:
     """Where the data set starts: after the file meta group as its group length says."""
     start = len(PREAMBLE)
     (length,) = struct.unpack_from("<L", part10, start + 8)
     return start + 12 + int(length)
 
 
-def check_structure(part10: bytes, transfer_syntax: str, header: Values) -> str:
+def check_structure(part10: Buffer, transfer_syntax: str, header: Values) -> str:
     """The defects of a data set's structure that its header does not show (issue 19), by
     walking its top-level elements without reading large values:
 
@@ -413,7 +414,7 @@ def image_size(ds: Values) -> ImageSize | None:
         return None
 
 
-def _native_pixels_end_it(part10: bytes, transfer_syntax: str, header: Values) -> bool:
+def _native_pixels_end_it(part10: Buffer, transfer_syntax: str, header: Values) -> bool:
     """Whether the data set ends with a top-level Pixel Data element of exactly the length the
     image needs, in a little-endian syntax: then no element before it can run past the end."""
     size = image_size(header) if transfer_syntax in (IMPLICIT_LITTLE, EXPLICIT_LITTLE) else None

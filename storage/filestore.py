@@ -232,7 +232,7 @@ class FileStore:
         with self.place(rel, *chunks) as durable:
             durable.wait()
 
-    def place(self, rel: str, *chunks: bytes) -> Durable:
+    def place(self, rel: str, *chunks: bytes | bytearray) -> Durable:
         """Place `chunks` at `rel`: a temp file, renamed to `rel`; then its sync is requested, one
         sync of the file system shared with every write waiting at that moment (`GroupSync`).
         The file is durable once the returned `Durable.wait` returns.
