@@ -10,12 +10,12 @@ node/instance.py.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import warnings
 from dataclasses import dataclass, field
-from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -69,7 +69,8 @@ def parse_header(part10: Buffer) -> InstanceHeader:
         values, ts = read
     else:
         try:
-            ds = dcmread(BytesIO(part10), stop_before_pixels=True)
+            with _reader(part10) as fp:
+                ds = dcmread(fp, stop_before_pixels=True)
             values, ts = ds, str(ds.file_meta.TransferSyntaxUID)
         except Exception as exc:  # pydicom raises many kinds on corrupt input; all mean "cannot parse"
             raise InvalidDataset(status.CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}") from None
@@ -340,6 +341,48 @@ def _dataset_offset(part10: Buffer) -> int:
     return start + 12 + int(length)
 
 
+class _View(io.RawIOBase):
+    """A read-only file over a buffer without copying it (io.BytesIO copies a bytearray)."""
+
+    name = "<received data set>"  # pydicom's FileDataset names its source
+
+    def __init__(self, buf: Buffer) -> None:
+        self._view = memoryview(buf).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()  # the SCP's buffer may be resized again once it is read
+        super().close()
+
+
+def _reader(part10: Buffer) -> BinaryIO:
+    """A file to read `part10` through: bytes are shared by io.BytesIO, a bytearray (the SCP's
+    receive buffer, as large as the data set) is read in place rather than copied."""
+    if isinstance(part10, bytes):
+        return io.BytesIO(part10)
+    return io.BufferedReader(_View(part10))
+
+
 def check_structure(part10: Buffer, transfer_syntax: str, header: Values) -> str:
     """The defects of a data set's structure that its header does not show (issue 19), by
     walking its top-level elements without reading large values:
@@ -356,8 +399,12 @@ def check_structure(part10: Buffer, transfer_syntax: str, header: Values) -> str
     if _native_pixels_end_it(part10, transfer_syntax, header):
         return ""  # the common case, in O(1): what follows walks every element
     offset = _dataset_offset(part10)
-    fp = BytesIO(part10)
-    fp.seek(offset)
+    with _reader(part10) as fp:
+        fp.seek(offset)
+        return _walk_structure(fp, part10, transfer_syntax, header)
+
+
+def _walk_structure(fp: BinaryIO, part10: Buffer, transfer_syntax: str, header: Values) -> str:
     implicit, little = transfer_syntax == IMPLICIT_LITTLE, transfer_syntax != EXPLICIT_BIG
     pixel_length: int | None = None
     try:

@@ -296,9 +296,10 @@ def _source_weights(
     if same != net:
         raise ValueError(f"{path}: its net {source.as_dict()} differs from this run's {net.as_dict()}")
     if net.noise_map and not source.noise_map:  # a blind net gains the map's inputs, weighted 0 to start
-        first = "head.weight" if net.kind == "srnet" else "body.0.weight"
+        srnet = net.kind == "srnet"  # its head sees the map as one channel; a dncnn's, unshuffled
+        first, channels = ("head.weight", 1) if srnet else ("body.0.weight", net.unshuffle**2)
         old = weights[first]
-        extra = torch.zeros(old.shape[0], net.unshuffle**2, *old.shape[2:], dtype=old.dtype, device=old.device)
+        extra = torch.zeros(old.shape[0], channels, *old.shape[2:], dtype=old.dtype, device=old.device)
         weights = {**weights, first: torch.cat([old, extra], dim=1)}
     elif source.noise_map and not net.noise_map:
         raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")

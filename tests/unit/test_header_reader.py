@@ -203,3 +203,29 @@ def test_a_uid_with_a_leading_space_is_left_to_pydicom(monkeypatch: pytest.Monke
     body = b"".join(explicit(g, e, vr, v) for g, e, vr, v in elements)
     first, reference, fast = both(file_meta(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, "X") + body, monkeypatch)
     assert not fast and first == reference
+
+
+def test_a_compressed_data_set_in_the_receive_buffer_is_read_in_place() -> None:
+    """Encapsulated (JPEG) Pixel Data is not the fast case: its structure is walked through a
+    file object. Over the SCP's bytearray that file reads the buffer in place; io.BytesIO would
+    copy all 32 MB of it."""
+    import tracemalloc
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = ct_slice("1.2.3", "1.2.3.4", 0, rows=8, cols=8)
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(32 << 20) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    part10 = bytearray(file_meta(CTImageStorage, ds.SOPInstanceUID, JPEGBaseline8Bit, "X") + encode_explicit_le(ds))
+    tracemalloc.start()
+    try:
+        header = parse_header(part10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert header.transfer_syntax_uid == JPEGBaseline8Bit and header.warning == ""
+    assert peak < 1 << 20, f"{peak >> 20} MiB held while reading a {len(part10) >> 20} MiB data set"
+    part10[:0] = b""  # no view of the buffer is left behind: it can be resized again
