@@ -104,13 +104,17 @@ def enhance_volume(
     if m.task == "denoise" and m.restore_mean_px > 0:
         inside = values > AIR_HU if norm.kind == "hu" else np.ones(values.shape, bool)
         result = restore_mean(values, result, inside, m.restore_mean_px, m.restore_mean_bounds)
-    if m.task == "sr" and m.clamp_to_input:
-        result = clamp_to_input(values, result, scale)
-    if m.task == "sr" and m.consistency > 0:
-        result = enforce_consistency(values, result, scale, m.consistency)
-    if m.task == "sr" and m.classical_share > 0:
-        share = np.float32(m.classical_share)
-        result = (1 - share) * result + share * classical_sr(values, scale, m.clamp_to_input, m.consistency)
+    if m.task == "sr":
+        # the input's 3x3 range, taken once for the net's output and the classical one it is mixed with
+        bounds = input_range(values, scale) if m.clamp_to_input else None
+        if bounds is not None:
+            result = clamp_to_input(values, result, scale, bounds)
+        if m.consistency > 0:
+            result = enforce_consistency(values, result, scale, m.consistency)
+        if m.classical_share > 0:
+            share = np.float32(m.classical_share)
+            classical = classical_sr(values, scale, m.clamp_to_input, m.consistency, bounds)
+            result = (1 - share) * result + share * classical
     if padding is not None:
         result = np.where(_upscale(padding, scale), _upscale(np.asarray(pixels, np.float32), scale), result)
     return result
@@ -122,21 +126,24 @@ def resize(image: Array, scale: int, method: Image.Resampling = Image.Resampling
     return np.asarray(Image.fromarray(image.astype(np.float32)).resize((w * scale, h * scale), method), np.float32)
 
 
-def classical_sr(low: Array, scale: int, clamp: bool, consistency: float) -> Array:
+def classical_sr(
+    low: Array, scale: int, clamp: bool, consistency: float, bounds: tuple[Array, Array] | None = None
+) -> Array:
     """(Z, h, w) -> (Z, h * scale, w * scale): Lanczos, then the model's own safety steps (the clamp
     to the 3x3 input range, the consistency with the input), with no net: the classical estimate
-    an sr model's `classical_share` mixes in."""
+    an sr model's `classical_share` mixes in. `bounds`: that range when the caller has it."""
     out = np.stack([resize(z, scale) for z in np.asarray(low, np.float32)])
     if clamp:
-        out = clamp_to_input(low, out, scale)
+        out = clamp_to_input(low, out, scale, bounds)
     return enforce_consistency(low, out, scale, consistency) if consistency > 0 else out
 
 
-def clamp_to_input(low: Array, high: Array, scale: int) -> Array:
+def clamp_to_input(low: Array, high: Array, scale: int, bounds: tuple[Array, Array] | None = None) -> Array:
     """Each output pixel within [min, max] of the 3x3 input pixels round the one it lies in:
     the anti-ringing guard of image scalers. What the net adds cannot overshoot an edge (halos)
-    or push noise beyond the input's local range; real detail inside the range is kept."""
-    lo, hi = input_range(low, scale)
+    or push noise beyond the input's local range; real detail inside the range is kept.
+    `bounds`: qa.input_range(low, scale) when the caller has it."""
+    lo, hi = input_range(low, scale) if bounds is None else bounds
     return np.clip(high, lo, hi).astype(np.float32)
 
 

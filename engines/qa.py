@@ -68,7 +68,11 @@ CT_TISSUE = (-300.0, 300.0)
 
 def object_mask(image: NDArray[np.floating], ct: bool) -> NDArray[np.bool_]:
     """Where the figures are taken: soft tissue for CT, the object (not the background) otherwise."""
-    smooth = _smooth(image)
+    return _mask_of(_smooth(image), ct)
+
+
+def _mask_of(smooth: Array, ct: bool) -> NDArray[np.bool_]:
+    """object_mask of the slice `smooth` is the light smoothing of (`_smooth`)."""
     if ct:
         mask = (smooth > CT_TISSUE[0]) & (smooth < CT_TISSUE[1])
     else:
@@ -88,11 +92,12 @@ def _local_sd(image: NDArray[np.floating], size: int) -> NDArray[np.float64]:
 
 def noise_sd(image: NDArray[np.floating], ct: bool) -> float:
     """The noise SD of one slice in image units (module docstring); 0 when no object is found."""
-    mask = object_mask(image, ct)
+    smooth = _smooth(image)
+    mask = _mask_of(smooth, ct)
     if mask.sum() < LOCAL_SD_WINDOW**2:
         return 0.0
     if not ct:
-        return _diagonal_detail_sd(np.asarray(image, np.float64), mask)
+        return _diagonal_detail_sd(np.asarray(image, np.float64), smooth, mask)
     local = _local_sd(image, LOCAL_SD_WINDOW)[mask]
     return float(np.percentile(local, LOCAL_SD_QUANTILE) / LOCAL_SD_CORRECTION)
 
@@ -103,16 +108,17 @@ def _blocks(image: NDArray[Any]) -> NDArray[Any]:
     return image[:h, :w].reshape(h // 2, 2, w // 2, 2)
 
 
-def _diagonal_detail_sd(image: NDArray[np.float64], mask: NDArray[np.bool_]) -> float:
+def _diagonal_detail_sd(image: NDArray[np.float64], smooth: Array, mask: NDArray[np.bool_]) -> float:
     """MR's noise SD (module docstring): the median |finest diagonal Haar coefficient| / 0.6745
-    over the object's 2x2 blocks, then over those where the signal is RICIAN_SNR times that."""
+    over the object's 2x2 blocks, then over those where the signal (`smooth`) is RICIAN_SNR
+    times that."""
     b = _blocks(image)
     diagonal = np.abs(b[:, 0, :, 0] - b[:, 0, :, 1] - b[:, 1, :, 0] + b[:, 1, :, 1]) / 2.0
     inside = _blocks(mask).all(axis=(1, 3))
     if inside.sum() < MIN_BLOCKS:
         return 0.0
     sd = float(np.median(diagonal[inside])) / MAD_GAUSSIAN
-    bright = inside & _blocks(_smooth(image) > RICIAN_SNR * sd).all(axis=(1, 3))
+    bright = inside & _blocks(smooth > RICIAN_SNR * sd).all(axis=(1, 3))
     return float(np.median(diagonal[bright])) / MAD_GAUSSIAN if bright.sum() >= MIN_BLOCKS else sd
 
 
