@@ -8,11 +8,14 @@ them, and take any height and width.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.netspec import TRANSFORMS, NetSpec
+from engines.netspec import QUANTIZE, TRANSFORMS, NetSpec
 
 
 class DnCNN(nn.Module):
@@ -38,6 +41,12 @@ class DnCNN(nn.Module):
         if spec.relax < 0 or (spec.relax and not (self.asinh and spec.noise_map)):
             raise ValueError("relax (>= 0) adapts the asinh transform to the noise map: it needs both")
         self.offset, self.gain, self.relax = spec.offset, spec.gain, spec.relax
+        if spec.quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantize {spec.quantize!r} (expected one of {', '.join(QUANTIZE)})")
+        self.quantized = spec.quantize == "int8"
+        if self.quantized:
+            # the log of each ReLU output's 8-bit step, in layer order (calibrate() sets them from data)
+            self.act_log_scale = nn.Parameter(torch.zeros(spec.depth - 1))
         c_in = spec.input_channels * self.factor**2
         c_out = self.factor**2
         layers: list[nn.Module] = [nn.Conv2d(c_in, spec.width, 3, padding=1), nn.ReLU(inplace=True)]
@@ -61,12 +70,70 @@ class DnCNN(nn.Module):
             z = _asinh(z)
         features = z if level is None else torch.cat([z, level], dim=1)
         if self.factor > 1:
-            noise = F.pixel_shuffle(self.body(F.pixel_unshuffle(features, self.factor)), self.factor)
+            noise = F.pixel_shuffle(self._body(F.pixel_unshuffle(features, self.factor)), self.factor)
         else:
-            noise = self.body(features)
+            noise = self._body(features)
         clean = z[:, self.centre : self.centre + 1] - noise
         out = self.offset + (_sinh(clean) if self.asinh else clean) / gain
         return out[..., :h, :w]
+
+    def _body(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return self.body(x)  # type: ignore[no-any-return]  # nn.Module calls are untyped
+        convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
+        last = len(convs) - 1
+        for i, conv in enumerate(convs):
+            weight = conv.weight if i in (0, last) else fake_quantize_weight(conv.weight)
+            x = F.conv2d(x, weight, conv.bias, padding=1)
+            if i < last:
+                x = fake_quantize_activation(F.relu(x), self.act_log_scale[i].exp())
+        return x
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor], quantile: float = 0.9999) -> list[float]:
+        """Sets each ReLU output's 8-bit step so that `quantile` of its values on `batches` (net
+        inputs) fit (the largest over the batches), as the start of quantisation-aware training
+        from float weights; returns the steps."""
+        if not self.quantized:
+            raise ValueError("calibrate sets the scales of an int8 net")
+        relus = [m for m in self.body if isinstance(m, nn.ReLU)]
+        highs = [0.0] * len(relus)
+
+        def observer(i: int) -> Any:
+            def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+                values = out.flatten()[:: max(1, out.numel() // 1_000_000)]  # torch.quantile takes <= 16M
+                highs[i] = max(highs[i], float(torch.quantile(values, quantile)))
+
+            return hook
+
+        handles = [relu.register_forward_hook(observer(i)) for i, relu in enumerate(relus)]
+        self.quantized = False  # the float net's activations
+        try:
+            for x in batches:
+                self(x)
+        finally:
+            self.quantized = True
+            for handle in handles:
+                handle.remove()
+        steps = [max(high, 1e-6) / 255.0 for high in highs]
+        self.act_log_scale.copy_(torch.tensor(steps).log())
+        return steps
+
+
+def fake_quantize_activation(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """x (>= 0, after a ReLU) on the unsigned 8-bit grid of `step` (zero point 0), rounded with a
+    straight-through gradient; the step learns too (LSQ, Esser et al. 2020)."""
+    q = torch.clamp(x / step, 0.0, 255.0)
+    return (q + (torch.round(q) - q).detach()) * step
+
+
+def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """w on a symmetric signed 8-bit grid per output channel (step = max |w| / 127, ONNX
+    Runtime's symmetric int8 weights), rounded with a straight-through gradient. A weight already
+    on its grid comes back unchanged, so the weights export writes can be quantised again."""
+    step = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127.0
+    q = w / step
+    return (q + (torch.round(q) - q).detach()) * step
 
 
 # the noise map enters as SD x gain x this: 20 HU of CT noise (0.005 of the HU window, gain 20) is ~1
@@ -124,6 +191,8 @@ class SRNet(nn.Module):
             raise ValueError("srnet needs scale >= 2, an odd number of context slices and base_taps >= 0")
         if spec.transform != "linear":
             raise ValueError("transform is the noise domain of a dncnn; an srnet works on the linear image")
+        if spec.quantize != "none":
+            raise ValueError("quantize applies to a dncnn; an srnet runs in float")
         self.scale = spec.scale
         self.taps = spec.base_taps
         kernel = lanczos_kernel(spec.scale, self.taps) if self.taps else None

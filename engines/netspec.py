@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 TRANSFORMS = ("linear", "asinh")  # dncnn: the domains a denoiser may remove the noise in
+QUANTIZE = ("none", "int8")  # dncnn: how the convolutions between the first and the last compute
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class NetSpec:
     # noise SD is 1.2 units at gain 20, where asinh skews the noise and the net must learn
     # the mean's correction); 0 = the fixed gain
     relax: float = 0.0
+    # dncnn: "int8" runs every convolution but the first and the last on 8-bit activations (one
+    # learnt scale per layer, zero point 0 after the ReLU) and 8-bit weights (symmetric, one scale
+    # per output channel), as ONNX Runtime runs the QDQ graph export writes (about 2.5x faster on
+    # a CPU with VNNI); trained so (quantisation-aware, engines/nets.py): quantised after
+    # training the same net lost 2-12 dB, most at low noise
+    quantize: str = "none"
 
     @property
     def input_channels(self) -> int:

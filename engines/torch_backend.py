@@ -1,7 +1,8 @@
 """PyTorch: the verified GPU path (CUDA, FP16, CUDA graphs for repeated shapes); also runs on CPU.
 
 It runs the very weights in model.onnx: the net is rebuilt from model.toml's [net] table and
-loaded from the ONNX graph's initializers (their names are the torch parameter names), so
+loaded from the ONNX graph's initializers (their names are the torch parameter names; a
+quantised net's are dequantised, engines/qdq.py), so
 the two backends cannot drift apart. Needs the `gpu` (or `train`) extra.
 """
 
@@ -28,8 +29,9 @@ class TorchEngine:
     def __init__(self, manifest: ModelManifest, onnx_path: Path, device: str = "cpu", fp16: bool | None = None) -> None:
         try:
             import onnx
-            import onnx.numpy_helper
             import torch
+
+            from engines import qdq
         except ImportError as exc:
             raise EngineUnavailable(f"the torch backend needs the gpu extra ({exc.name} missing)") from None
         from engines.nets import build
@@ -44,9 +46,8 @@ class TorchEngine:
             raise EngineUnavailable(f"{manifest.name}: the torch backend needs model.toml's [net] table")
         try:
             net = build(NetSpec(**manifest.net))
-            graph = onnx.load(str(onnx_path))
-            weights = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.graph.initializer}
-            net.load_state_dict({k: weights[k] for k in net.state_dict()})
+            weights = qdq.state_of(onnx.load(str(onnx_path)).graph)  # a quantised net's dequantised
+            net.load_state_dict({k: torch.from_numpy(weights[k]) for k in net.state_dict()})
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
             raise ManifestError(f"{manifest.name}: model.onnx does not hold the weights of its [net]: {exc}") from None
         self._cuda = device.startswith("cuda")

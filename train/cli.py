@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UsageError
-from engines.netspec import TRANSFORMS
+from engines.netspec import QUANTIZE, TRANSFORMS
 from train.presets import PRESETS
 
 COMMANDS = ("train", "evaluate", "export")
@@ -137,6 +137,13 @@ def add_parsers(sub: Any) -> None:
         help="denoiser with asinh and a noise map: divide the transform's gain by 1 + RELAX x gain x "
         "the noise level, so it is nearly linear where the noise is large (0 = fixed gain)",
     )
+    t.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        help="denoiser: int8 trains the convolutions between the first and the last on 8-bit "
+        "activations and weights (quantisation-aware), exported as a QDQ graph ONNX Runtime runs "
+        "~2.5x faster on a CPU with VNNI; a fine-tune keeps its source's unless given",
+    )
     for name, text in DEGRADATION_RANGES:
         t.add_argument(f"--{name.replace('_', '-')}", type=float, nargs=2, metavar=("LO", "HI"), help=text)
     t.add_argument("--seed", type=int, default=0)
@@ -219,6 +226,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
         raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
     base_taps, transform, noise_map, relax = args.base_taps, args.transform, args.noise_map, args.relax
+    quantize = args.quantize
     if args.init_from is not None:  # a fine-tune keeps the base and transform it was trained with unless told
         try:
             source = source_net(args.init_from)
@@ -227,6 +235,7 @@ def _train(args: argparse.Namespace) -> int:
         base_taps = source.base_taps if base_taps is None else base_taps
         transform = source.transform if transform is None else transform
         noise_map = noise_map or source.noise_map
+        quantize = source.quantize if quantize is None else quantize
         if relax is None:  # part of the source's asinh transform: kept with it, not with another
             relax = source.relax if transform == source.transform else 0.0
     net = with_overrides(
@@ -238,6 +247,7 @@ def _train(args: argparse.Namespace) -> int:
         transform=transform,
         noise_map=noise_map or None,
         relax=relax,
+        quantize=quantize,
     )
     ranges = {name: getattr(args, name) for name, _ in DEGRADATION_RANGES}
     deg: Degradation = with_overrides(

@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 from torch import nn
 from tqdm import tqdm
 
 from core.errors import ManifestError
+from engines import qdq
 from engines.manifest import load as load_manifest
 from engines.nets import build, parameter_count
 from engines.netspec import NetSpec
@@ -203,9 +203,14 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if not start_epoch and cfg.init_from is not None:  # checked before the bank is built: a wrong source fails fast
         initial = _source_weights(model, cfg.init_from, preset.net, device)
     bank, val = _banks(cfg, reuse=resume)
+    steps_given = bool(start_epoch)  # a quantised net's activation steps: resumed, or from its source
     if initial is not None:
-        model.load_state_dict(_narrowed(*initial, preset, device, bank))
+        weights = _narrowed(*initial, preset, device, bank)
+        steps_given = qdq.ACTIVATION_STEPS in weights
+        model.load_state_dict(weights, strict=steps_given or preset.net.quantize == "none")
         log.info("starting from the weights in %s", cfg.init_from)
+    if preset.net.quantize != "none" and not steps_given:
+        _calibrate(model, bank, preset, device)
     log.info(
         "%s: %d training slices, %d validation slices, %d parameters",
         preset.name,
@@ -291,6 +296,7 @@ def _source_weights(
         transform=net.transform,
         noise_map=net.noise_map,
         relax=net.relax,
+        quantize=net.quantize,  # a float source quantised: its activation steps are calibrated
         width=net.width if narrower else source.width,
     )
     if same != net:
@@ -304,6 +310,14 @@ def _source_weights(
     elif source.noise_map and not net.noise_map:
         raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")
     return weights, source.width
+
+
+def _calibrate(model: nn.Module, bank: Bank, preset: Preset, device: torch.device) -> None:
+    """A quantised net from float (or random) weights: its activation steps from 8 batches of the bank."""
+    rng = np.random.default_rng(1)  # apart from the training's random state
+    batches = [sample(bank, rng, preset.batch, preset.patch, 1, preset.net.noise_map)[0].to(device) for _ in range(8)]
+    steps = model.calibrate(batches)  # type: ignore[operator]  # DnCNN.calibrate
+    log.info("activation steps calibrated: %s", ", ".join(f"{s:.4f}" for s in steps))
 
 
 def _narrowed(
@@ -338,15 +352,15 @@ def _checkpoint_weights(path: Path, device: torch.device) -> tuple[NetSpec, dict
 
 
 def _package_weights(path: Path, model: nn.Module) -> tuple[NetSpec, dict[str, torch.Tensor]]:
-    """A model package's weights: export keeps the parameters' names as the ONNX initialisers'."""
+    """A model package's weights: export keeps the parameters' names as the ONNX initialisers'
+    (a quantised net's dequantised, engines.qdq)."""
     net = source_net(path)  # the manifest's load also checks model.onnx against its sha256
-    initialisers = {i.name: i for i in onnx.load(str(path / "model.onnx")).graph.initializer}
-    wanted = model.state_dict()
-    missing = sorted(set(wanted) - set(initialisers))
+    state = qdq.state_of(onnx.load(str(path / "model.onnx")).graph)
+    wanted = [k for k in model.state_dict() if k != qdq.ACTIVATION_STEPS or net.quantize != "none"]
+    missing = sorted(set(wanted) - set(state))
     if missing:
         raise ValueError(f"{path}: model.onnx lacks the weights {', '.join(missing[:3])}")
-    weights = {k: torch.from_numpy(numpy_helper.to_array(initialisers[k]).copy()) for k in wanted}
-    return net, weights
+    return net, {k: torch.from_numpy(state[k]) for k in wanted}
 
 
 def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:

@@ -311,3 +311,17 @@ def test_a_fine_tune_keeps_the_sources_transform_and_base_unless_told(tmp_path: 
     sr_source = str(tmp_path / "lanczos" / "checkpoint.pt")
     assert main(["train", *TINY_SR, "--init-from", sr_source, "--out", str(tmp_path / "sr-kept")]) == 0
     assert net_of(tmp_path / "sr-kept")["base_taps"] == 3
+
+
+def test_int8_is_for_denoisers_and_a_fine_tune_keeps_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import torch
+
+    err = _usage_error(capsys, ["train", *TINY_SR, "--quantize", "int8", "--out", str(tmp_path / "sr")])
+    assert "srnet" in err
+    assert main(["train", *TINY_DN, "--quantize", "int8", "--out", str(tmp_path / "q")]) == 0
+    source = str(tmp_path / "q" / "checkpoint.pt")
+    scratch = torch.load(source, map_location="cpu", weights_only=False)["model"]["act_log_scale"]
+    assert bool((scratch < -1).all())  # calibrated from random weights' activations, not left at step 1
+    assert main(["train", *TINY_DN, "--init-from", source, "--out", str(tmp_path / "kept")]) == 0
+    kept = torch.load(tmp_path / "kept" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert kept["net"]["quantize"] == "int8" and "act_log_scale" in kept["model"]
