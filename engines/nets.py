@@ -82,11 +82,18 @@ class DnCNN(nn.Module):
             return self.body(x)  # type: ignore[no-any-return]  # nn.Module calls are untyped
         convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
         last = len(convs) - 1
+        steps = self.act_log_scale.exp()
         for i, conv in enumerate(convs):
-            weight = conv.weight if i in (0, last) else fake_quantize_weight(conv.weight)
-            x = F.conv2d(x, weight, conv.bias, padding=1)
+            weight, bias = conv.weight, conv.bias
+            if 0 < i < last:
+                weight = fake_quantize_weight(conv.weight)
+                # ONNX Runtime adds the bias as int32 in steps of input step x weight step
+                bias = _round(conv.bias / (steps[i - 1] * _weight_step(conv.weight).flatten())) * (
+                    steps[i - 1] * _weight_step(conv.weight).flatten()
+                )
+            x = F.conv2d(x, weight, bias, padding=1)
             if i < last:
-                x = fake_quantize_activation(F.relu(x), self.act_log_scale[i].exp())
+                x = fake_quantize_activation(F.relu(x), steps[i])
         return x
 
     @torch.no_grad()
@@ -123,17 +130,25 @@ class DnCNN(nn.Module):
 def fake_quantize_activation(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """x (>= 0, after a ReLU) on the unsigned 8-bit grid of `step` (zero point 0), rounded with a
     straight-through gradient; the step learns too (LSQ, Esser et al. 2020)."""
-    q = torch.clamp(x / step, 0.0, 255.0)
-    return (q + (torch.round(q) - q).detach()) * step
+    return _round(torch.clamp(x / step, 0.0, 255.0)) * step
 
 
 def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor:
     """w on a symmetric signed 8-bit grid per output channel (step = max |w| / 127, ONNX
     Runtime's symmetric int8 weights), rounded with a straight-through gradient. A weight already
     on its grid comes back unchanged, so the weights export writes can be quantised again."""
-    step = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127.0
-    q = w / step
-    return (q + (torch.round(q) - q).detach()) * step
+    step = _weight_step(w)
+    return _round(w / step) * step
+
+
+def _weight_step(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127.0
+
+
+def _round(q: torch.Tensor) -> torch.Tensor:
+    """Rounded to the nearest integer (ties to even, as ONNX QuantizeLinear); the gradient passes
+    straight through."""
+    return q + (torch.round(q) - q).detach()
 
 
 # the noise map enters as SD x gain x this: 20 HU of CT noise (0.005 of the HU window, gain 20) is ~1

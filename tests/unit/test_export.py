@@ -231,18 +231,19 @@ def _net(seed: int, spec: NetSpec) -> torch.nn.Module:
 def test_round_trip_of_the_same_net_passes() -> None:
     spec = NetSpec("dncnn", depth=3, width=8, unshuffle=2, context_slices=3)
     model = _net(0, spec)
-    assert check_round_trip(model, onnx_bytes(model, 3), 3) <= TOLERANCE
+    assert check_round_trip(model, onnx_bytes(model, 3), spec) <= TOLERANCE
 
 
 def test_round_trip_detects_another_nets_graph() -> None:
     spec = NetSpec("dncnn", depth=3, width=8, unshuffle=2)
     a, b = _net(0, spec), _net(1, spec)
     with pytest.raises(ExportMismatch, match="differs from torch"):
-        check_round_trip(a, onnx_bytes(b, 1), 1)
+        check_round_trip(a, onnx_bytes(b, 1), spec)
 
 
 def test_round_trip_detects_a_shape_mismatch() -> None:
-    denoise = _net(0, NetSpec("dncnn", depth=3, width=8, unshuffle=2))
+    spec = NetSpec("dncnn", depth=3, width=8, unshuffle=2)
+    denoise = _net(0, spec)
     sr = _net(0, NetSpec("srnet", depth=1, width=8, unshuffle=1, scale=2))
     with pytest.raises(ExportMismatch, match="shape"):
-        check_round_trip(denoise, onnx_bytes(sr, 1), 1)
+        check_round_trip(denoise, onnx_bytes(sr, 1), spec)

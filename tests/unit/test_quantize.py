@@ -18,7 +18,7 @@ from engines.manifest import load
 from engines.nets import build, fake_quantize_activation, fake_quantize_weight
 from engines.netspec import NetSpec
 from engines.registry import EngineOptions, open_engine
-from train.export import QUANTISED_TOLERANCE, export
+from train.export import QUANTISED_TOLERANCE, TOLERANCE, ExportMismatch, check_round_trip, export, graph_of
 from train.loop import RunConfig, net_from_checkpoint, train
 from train.presets import PRESETS, with_overrides
 
@@ -128,7 +128,18 @@ def test_onnx_runtime_matches_the_quantisation_aware_torch_net(int8_run: tuple[P
     (got,) = session.run(["output"], {"input": x})
     assert got.shape == expected.shape
     assert float(np.abs(got - expected).max()) <= QUANTISED_TOLERANCE
-    assert float(np.abs(got - expected).mean()) < QUANTISED_TOLERANCE / 20  # rounding ties are rare
+    assert float(np.abs(got - expected).mean()) <= TOLERANCE  # a step boundary's rounding is rare
+
+
+def test_the_export_check_refuses_another_int8_graph(int8_run: tuple[Path, Path]) -> None:
+    state = torch.load(int8_run[0], map_location="cpu", weights_only=False)
+    model, spec = net_from_checkpoint(state), NetSpec(**state["net"])
+    assert check_round_trip(model, graph_of(model, spec), spec) <= QUANTISED_TOLERANCE
+    other = net_from_checkpoint(state)
+    with torch.no_grad():
+        other.body[-1].weight.add_(0.05)  # the last layer starts near zero in a tiny run: move it off
+    with pytest.raises(ExportMismatch, match="differs from torch"):
+        check_round_trip(model, graph_of(other, spec), spec)
 
 
 def test_the_package_reads_back_as_the_trained_state(int8_run: tuple[Path, Path]) -> None:
