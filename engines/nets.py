@@ -87,10 +87,9 @@ class DnCNN(nn.Module):
             weight, bias = conv.weight, conv.bias
             if 0 < i < last:
                 weight = fake_quantize_weight(conv.weight)
-                # ONNX Runtime adds the bias as int32 in steps of input step x weight step
-                bias = _round(conv.bias / (steps[i - 1] * _weight_step(conv.weight).flatten())) * (
-                    steps[i - 1] * _weight_step(conv.weight).flatten()
-                )
+                if bias is not None:  # ONNX Runtime adds it as int32, in steps of input step x weight step
+                    bias_step = steps[i - 1] * _weight_step(conv.weight).flatten()
+                    bias = _round(bias / bias_step) * bias_step
             x = F.conv2d(x, weight, bias, padding=1)
             if i < last:
                 x = fake_quantize_activation(F.relu(x), steps[i])
