@@ -44,7 +44,7 @@ def main() -> int:
         baseline.append(nlm_seconds())
         for package in args.packages:
             seconds[str(package)].append(series_seconds(package))
-        row = ", ".join(f"{Path(p).name} {s[-1] * 1000:.1f} ms" for p, s in seconds.items())
+        row = ", ".join(f"{p} {s[-1] * 1000:.1f} ms" for p, s in seconds.items())
         print(f"round {r + 1}: NLM {baseline[-1] * 1000:.1f} ms/slice; {row} (a {SERIES_SLICES}-slice series)")
     nlm_median = statistics.median(baseline)
     print(f"\nmedians over {args.rounds} rounds, 512x512 slices; bar: >= 4x faster than NLM")
