@@ -324,12 +324,13 @@ def _narrowed(
     weights: dict[str, torch.Tensor], width: int, preset: Preset, device: torch.device, bank: Bank
 ) -> dict[str, torch.Tensor]:
     """`weights` of a net `width` channels wide, narrowed to the preset's width when that is less,
-    on 256 patches of the training bank (train.prune)."""
+    on 256 patches of the training bank (train.prune). The channels are chosen on the float
+    net's activations; a quantised net's steps are then calibrated again (train)."""
     net = preset.net
     if net.width == width:
         return weights
-    wide = build(replace(net, width=width)).to(device)
-    wide.load_state_dict(weights)
+    wide = build(replace(net, width=width, quantize="none")).to(device)
+    wide.load_state_dict({k: v for k, v in weights.items() if k != qdq.ACTIVATION_STEPS})
     rng = np.random.default_rng(0)  # apart from the training's random state
     patches = [sample(bank, rng, 16, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]
     log.info("narrowing the source from %d to %d channels", width, net.width)

@@ -177,3 +177,14 @@ def test_an_int8_package_fine_tunes_with_its_steps(int8_run: tuple[Path, Path], 
     checkpoint = train(RunConfig(preset, tmp_path / "again", workers=1, init_from=int8_run[1]))
     steps = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"][qdq.ACTIVATION_STEPS]
     np.testing.assert_allclose(steps.numpy(), source.numpy(), rtol=1e-4)
+
+
+def test_a_narrower_int8_net_from_an_int8_source_is_calibrated_again(
+    int8_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Channels chosen on the float activations (the pruning hooks see no quantised forward),
+    then the narrower net's steps calibrated on its own activations."""
+    checkpoint = _train(tmp_path / "narrow", replace(NET, quantize="int8", width=4), init_from=int8_run[0])
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    assert state["body.0.weight"].shape[0] == 4
+    assert bool((state[qdq.ACTIVATION_STEPS].exp() < 0.5).all())
