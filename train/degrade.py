@@ -11,6 +11,7 @@ Projections are slow (seconds per slice) and cached per clean slice.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +60,11 @@ class LowDoseCT:
         else:
             mu = MU_WATER_PER_MM * np.clip(1.0 + hu.astype(np.float64) / 1000.0, 0.0, None) * spacing_mm
             sino = radon(_inside_circle(mu), self.theta, circle=True)
-            if path is not None:
+            if path is not None:  # written whole, then renamed: another worker may read it at any moment
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, sino)
+                partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+                np.save(partial, sino)
+                partial.replace(path)
         self._cache[digest] = sino
         return sino
 

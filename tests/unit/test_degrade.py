@@ -98,6 +98,29 @@ def test_projections_are_cached_on_disk(abdomen: tuple[np.ndarray, float, np.nda
     assert len(list(cache.glob("*.npy"))) == 1
 
 
+def test_a_cache_file_appears_only_whole(
+    abdomen: tuple[np.ndarray, float, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training's workers simulate draws of one slice at once and share the cache: one read a
+    file another was still writing ("Failed to read all data for array", a crashed bank build).
+    A write that dies half-way (injected: a full disk or a kill cannot be timed to a write)
+    must leave no file under the name readers look for."""
+    hu, spacing, _ = abdomen
+    cache = tmp_path / "cache"
+
+    def half_written(path: Path, array: np.ndarray) -> None:
+        Path(path).write_bytes(b"\x93NUMPY" + b"\0" * 16)  # a header and no data, then the failure
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "save", half_written)
+    with pytest.raises(OSError, match="No space"):
+        LowDoseCT(CTScanner(views=180), cache_dir=cache).projections(hu, spacing)
+    monkeypatch.undo()
+    assert not [p for p in cache.glob("*.npy") if not p.name.endswith(".partial.npy")]
+    fresh = LowDoseCT(CTScanner(views=180), cache_dir=cache).projections(hu, spacing)  # recomputed, not read
+    assert fresh.shape[1] == 180
+
+
 def test_projections_of_water_match_the_attenuation() -> None:
     """A water disc of radius r: the central ray's line integral is mu_water * 2r."""
     n, spacing = 128, 2.0
