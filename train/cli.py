@@ -68,6 +68,15 @@ def add_parsers(sub: Any) -> None:
         metavar="PATH",
         help="DICOM files or folders (any layout) to train on instead of phantoms",
     )
+    t.add_argument(
+        "--add-bank",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="BANK",
+        help="training pairs of earlier runs (their bank.npz) added to this run's, each slice centred "
+        "in this run's size (padded with air or cropped): e.g. phantoms and your own series together",
+    )
     t.add_argument("--self-supervised", action="store_true", help="train on noisy --data without clean targets")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument(
@@ -223,6 +232,11 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--self-supervised needs --data (your noisy series)")
     if args.self_supervised and preset.task != "denoise":
         raise UsageError("--self-supervised trains denoisers only")
+    missing = [str(b) for b in args.add_bank if not b.is_file()]
+    if missing:
+        raise UsageError(f"--add-bank: no bank at {', '.join(missing)} (a run folder's bank.npz)")
+    if args.add_bank and args.self_supervised:
+        raise UsageError("--add-bank adds supervised pairs; --self-supervised has no targets")
     if args.init_from is not None and not (args.init_from.is_file() or (args.init_from / "model.toml").is_file()):
         raise UsageError(f"--init-from {args.init_from}: neither a checkpoint nor a model package")
     base_taps, transform, noise_map, relax = args.base_taps, args.transform, args.noise_map, args.relax
@@ -315,6 +329,7 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers,
         command=shlex.join(["enhance-node", *args.argv]),
         init_from=args.init_from,
+        add_banks=tuple(args.add_bank),
     )
     try:
         path = train(cfg, resume=args.resume)

@@ -224,6 +224,35 @@ class Bank:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
+    def merged(self, others: list[Bank]) -> Bank:
+        """This bank and `others` in one: each other slice centred in this bank's size, cropped
+        or padded with 0 (the normalisation's lowest value: air). The levels are kept when every
+        bank has them (with_levels computes them otherwise)."""
+        h, w = self.inputs.shape[-2:]
+        scale = self.targets.shape[-1] // w if len(self.targets) else 1
+        parts = [self, *(Bank(_centred(o.inputs, h, w, 1), _centred(o.targets, h, w, scale), o.levels) for o in others)]
+        levelled = all(len(b.levels) == len(b) for b in parts)
+        return Bank(
+            np.concatenate([b.inputs for b in parts]),
+            np.concatenate([b.targets for b in parts]),
+            np.concatenate([b.levels for b in parts]) if levelled else np.zeros(0, np.float32),
+        )
+
+
+def _centred(a: Array, h: int, w: int, scale: int) -> Array:
+    """`a` (..., scale x h', scale x w') centred in (..., scale x h, scale x w): cropped or padded
+    with 0, in whole input pixels (an SR target stays aligned with its input)."""
+    if a.size == 0:
+        return a
+    ah, aw = a.shape[-2] // scale, a.shape[-1] // scale
+    ch, cw = min(h, ah), min(w, aw)
+    out = np.zeros((*a.shape[:-2], h * scale, w * scale), a.dtype)
+    top, left, src_top, src_left = (h - ch) // 2, (w - cw) // 2, (ah - ch) // 2, (aw - cw) // 2
+    out[..., top * scale : (top + ch) * scale, left * scale : (left + cw) * scale] = a[
+        ..., src_top * scale : (src_top + ch) * scale, src_left * scale : (src_left + cw) * scale
+    ]
+    return out
+
 
 def added_noise_level(x: Array, y: Array, norm: Normalization) -> float:
     """What the noise map is told in training (normalised units): the SD of the noise the

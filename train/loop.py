@@ -54,6 +54,7 @@ class RunConfig:
     workers: int = 2
     command: str = ""
     init_from: Path | None = None  # fine-tune: start from this checkpoint's or package's weights (same net)
+    add_banks: tuple[Path, ...] = ()  # earlier runs' bank.npz added to this run's (Bank.merged)
 
     def describe(self) -> dict[str, Any]:
         p = self.preset
@@ -79,6 +80,7 @@ class RunConfig:
             **({"phantom_blur": list(p.phantom_blur)} if p.modality == "CT" else {}),
             "command": self.command,
             **({"init_from": str(self.init_from)} if self.init_from else {}),  # TOML has no null
+            **({"add_banks": [str(b) for b in self.add_banks]} if self.add_banks else {}),
             # where the run trained (export may happen elsewhere)
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {self.device}",
         }
@@ -380,14 +382,24 @@ def _banks(cfg: RunConfig, reuse: bool) -> tuple[Bank, Bank]:
     preset, cache = cfg.preset, cfg.out / ".cache"
     path = cfg.out / "bank.npz"
     if reuse and path.exists():
-        bank = Bank.load(path)
-    elif cfg.self_supervised:
-        bank = noisy_bank(preset, load_volumes(list(cfg.data), preset.modality))
-    elif cfg.data:
-        slabs = list(volume_slabs(load_volumes(list(cfg.data), preset.modality), preset.net.context_slices))
-        bank = build_bank(preset, slabs, cfg.seed, cfg.workers, cache)
+        bank = Bank.load(path)  # with the added banks, if any
     else:
-        bank = build_bank(preset, list(phantom_slabs(preset, preset.phantoms, cfg.seed)), cfg.seed, cfg.workers, cache)
+        if cfg.self_supervised:
+            bank = noisy_bank(preset, load_volumes(list(cfg.data), preset.modality))
+        elif cfg.data:
+            slabs = list(volume_slabs(load_volumes(list(cfg.data), preset.modality), preset.net.context_slices))
+            bank = build_bank(preset, slabs, cfg.seed, cfg.workers, cache)
+        else:
+            slabs = list(phantom_slabs(preset, preset.phantoms, cfg.seed))
+            bank = build_bank(preset, slabs, cfg.seed, cfg.workers, cache)
+        if cfg.add_banks:  # each bank's levels taken on its own slices, before any padding
+            added = [Bank.load(p) for p in cfg.add_banks]
+            if preset.net.noise_map:
+                bank, added = (
+                    bank.with_levels(preset.normalization),
+                    [b.with_levels(preset.normalization) for b in added],
+                )
+            bank = bank.merged(added)
     if preset.net.noise_map:
         bank = bank.with_levels(preset.normalization)
     bank.save(path)

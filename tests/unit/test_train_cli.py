@@ -325,3 +325,11 @@ def test_int8_is_for_denoisers_and_a_fine_tune_keeps_it(capsys: pytest.CaptureFi
     assert main(["train", *TINY_DN, "--init-from", source, "--out", str(tmp_path / "kept")]) == 0
     kept = torch.load(tmp_path / "kept" / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert kept["net"]["quantize"] == "int8" and "act_log_scale" in kept["model"]
+
+
+def test_add_bank_must_exist_and_needs_targets(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _usage_error(capsys, ["train", *TINY_DN, "--add-bank", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
+    assert "--add-bank" in err and "none.npz" in err
+    (tmp_path / "bank.npz").write_bytes(b"")
+    argv = ["train", *TINY_DN, "--add-bank", str(tmp_path / "bank.npz"), "--self-supervised", "--data", str(tmp_path)]
+    assert "--self-supervised" in _usage_error(capsys, argv)

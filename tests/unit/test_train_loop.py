@@ -633,3 +633,42 @@ def test_the_run_records_the_phantoms_texture_and_blur(tmp_path: Path) -> None:
     assert "natural_sd" not in RunConfig(tiny("ct-denoise"), tmp_path).describe()
     cfg = RunConfig(tiny("ct-denoise", natural_sd=(1.0, 40.0), phantom_blur=(0.3, 2.5)), tmp_path)
     assert cfg.describe()["natural_sd"] == [1.0, 40.0] and cfg.describe()["phantom_blur"] == [0.3, 2.5]
+
+
+# --- banks added to a run (--add-bank) -----------------------------------------------------
+
+
+def test_a_merged_bank_centres_other_sizes_and_keeps_levels() -> None:
+    ones = np.ones((1, 1, 8, 8), np.float32)
+    own = Bank(ones, 2 * ones, np.array([0.1], np.float32))
+    small = Bank(np.full((2, 1, 4, 4), 3, np.float32), np.full((2, 1, 4, 4), 4, np.float32), np.array([0.2, 0.3]))
+    large = Bank(np.arange(144, dtype=np.float32).reshape(1, 1, 12, 12), np.zeros((1, 1, 12, 12), np.float32))
+    merged = own.merged([small, large])
+    assert merged.inputs.shape == (4, 1, 8, 8) and merged.targets.shape == (4, 1, 8, 8)
+    assert merged.inputs[1, 0, 2:6, 2:6].tolist() == [[3.0] * 4] * 4  # centred
+    assert float(merged.inputs[1].sum()) == 3 * 16 and float(merged.targets[2].sum()) == 4 * 16  # padded with 0
+    np.testing.assert_array_equal(merged.inputs[3, 0], large.inputs[0, 0, 2:10, 2:10])  # cropped about the centre
+    assert len(merged.levels) == 0  # one bank had none: with_levels computes them all
+    assert own.merged([small]).levels.tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_a_merged_sr_bank_keeps_each_target_on_its_input() -> None:
+    own = Bank(np.zeros((1, 1, 8, 8), np.float32), np.zeros((1, 1, 16, 16), np.float32))
+    low = np.zeros((1, 1, 5, 5), np.float32)
+    low[0, 0, 2, 2] = 1.0
+    high = np.zeros((1, 1, 10, 10), np.float32)
+    high[0, 0, 4:6, 4:6] = 1.0  # the same point, upscaled x2
+    merged = own.merged([Bank(low, high)])
+    (r,), (c,) = np.nonzero(merged.inputs[1, 0])
+    assert merged.targets[1, 0, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert float(merged.targets[1].sum()) == 4.0
+
+
+def test_add_bank_trains_on_both_and_a_resume_does_not_add_it_twice(short_run: RunConfig, tmp_path: Path) -> None:
+    added = short_run.out / "bank.npz"
+    cfg = RunConfig(tiny(epochs=1, phantoms=3), tmp_path, workers=1, add_banks=(added,))
+    train(cfg)
+    assert len(Bank.load(tmp_path / "bank.npz")) == 3 + len(Bank.load(added))
+    assert state(tmp_path)["run"]["add_banks"] == [str(added)]
+    train(replace(cfg, preset=tiny(epochs=2, phantoms=3)), resume=True)
+    assert len(Bank.load(tmp_path / "bank.npz")) == 3 + len(Bank.load(added))
