@@ -198,7 +198,13 @@ def add_parsers(sub: Any) -> None:
     x = sub.add_parser(
         "export", help="turn a training run into a model package", description=EXPORT_HELP, formatter_class=fmt
     )
-    x.add_argument("run", type=Path, nargs="+", help="training run folder (or its checkpoint.pt); several: averaged")
+    x.add_argument(
+        "run",
+        type=Path,
+        nargs="+",
+        help="training run folder (or its checkpoint.pt); several: averaged, a model package among them "
+        "(e.g. the one the last run was fine-tuned from)",
+    )
     x.add_argument("--out", type=Path, required=True, help="model package folder, e.g. models/ct-denoise")
     x.add_argument("--name", help="model name (default: the preset's)")
     x.add_argument("--version", default="1.0.0")

@@ -22,7 +22,7 @@ from engines.manifest import ModelManifest, Tile, dump, sha256_file
 from engines.nets import build, fake_quantize_weight
 from engines.netspec import NetSpec
 from engines.normalization import Normalization
-from train.loop import CHECKPOINT, net_from_checkpoint
+from train.loop import CHECKPOINT, net_from_checkpoint, package_state
 from train.presets import APPLIES_TO, PRESETS
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,14 @@ def averaged(checkpoints: list[Path]) -> dict[str, Any]:
     """One checkpoint, or the average of several runs' weights (a "model soup": fine-tunes of
     one network, e.g. from one --init-from, averaged layer by layer, no training). The runs
     must share the preset and the net; the last one's training record is kept, with the runs
-    averaged listed as `averaged_from`. UsageError otherwise."""
-    states = [torch.load(c, map_location="cpu", weights_only=False) for c in checkpoints]
+    averaged listed as `averaged_from`. UsageError otherwise. A model package (a folder) may be
+    one of them but not the last: e.g. the package a run was fine-tuned from."""
+    states = [
+        package_state(c) if c.is_dir() else torch.load(c, map_location="cpu", weights_only=False) for c in checkpoints
+    ]
     state: dict[str, Any] = states[-1]
+    if "history" not in state:
+        raise UsageError(f"{checkpoints[-1]}: a model package holds no training record; name a run last")
     if len(states) == 1:
         return state
     for other, path in zip(states, checkpoints, strict=True):
@@ -173,9 +178,11 @@ def export(checkpoints: Path | list[Path], out: Path, name: str | None = None, v
 
 
 def export_cli(args: argparse.Namespace) -> int:
-    checkpoints = [run / CHECKPOINT if run.is_dir() else run for run in args.run]
+    checkpoints = [
+        run if (run / "model.toml").is_file() else run / CHECKPOINT if run.is_dir() else run for run in args.run
+    ]
     for checkpoint in checkpoints:
-        if not checkpoint.is_file():
+        if not (checkpoint.is_file() or checkpoint.is_dir()):
             raise UsageError(f"no checkpoint at {checkpoint}")
     manifest = export(checkpoints, args.out, args.name, args.version)  # ExportMismatch: exit 1
     print(f"{args.out}: {manifest.name} {manifest.version} ({manifest.task}, onnx sha256 {manifest.onnx_sha256[:12]})")

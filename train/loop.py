@@ -461,6 +461,15 @@ def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def package_state(path: Path) -> dict[str, Any]:
+    """A model package's weights as a checkpoint's state (the model, its net and preset), so a
+    package can be averaged with runs fine-tuned from it (train.export.averaged)."""
+    spec = source_net(path)
+    manifest = load_manifest(path)
+    _, weights = _package_weights(path, build(spec))
+    return {"model": weights, "net": spec.as_dict(), "preset": manifest.training.get("preset", "")}
+
+
 def net_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     model = build(NetSpec(**state["net"]))
     model.load_state_dict(state["model"])

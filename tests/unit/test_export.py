@@ -152,6 +152,22 @@ def test_several_runs_export_the_average_of_their_weights(denoiser: Exported, tm
     assert load(tmp_path / "pkg").training["averaged_from"] == [str(denoiser.checkpoint), str(second)]
 
 
+def test_a_package_averages_with_a_run_fine_tuned_from_it(denoiser: Exported, tmp_path: Path) -> None:
+    """The shipped package has no checkpoint: it joins a soup as a folder, the run named last."""
+    halved = {**denoiser.state, "model": {k: v / 2 for k, v in denoiser.state["model"].items()}}
+    second = tmp_path / "halved.pt"
+    torch.save(halved, second)
+    export([denoiser.package, second], tmp_path / "pkg")
+    three_quarters = {k: 0.75 * v for k, v in denoiser.state["model"].items()}
+    expected = net_from_checkpoint({**denoiser.state, "model": three_quarters})
+    x = np.random.default_rng(1).random((1, 1, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        want = expected(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "pkg", x), want, atol=1e-4)
+    with pytest.raises(UsageError, match="name a run last"):
+        export([second, denoiser.package], tmp_path / "other")
+
+
 def test_runs_of_different_nets_are_not_averaged(denoiser: Exported, asinh_denoiser: Exported, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="runs averaged must share both"):
         export([denoiser.checkpoint, asinh_denoiser.checkpoint], tmp_path / "pkg")
