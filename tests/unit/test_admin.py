@@ -94,7 +94,7 @@ def test_models_list_shows_each_shipped_model_with_its_held_out_metrics() -> Non
     assert "lanczos    PSNR" in out.stdout and "ROI bias" in out.stdout
     assert "held-out: 5 slices x 8 noise draws (simulated 25% dose" in out.stdout  # ct-denoise's manifest
     assert "robustness (16 conditions, bench/acquisition.py): worst" in out.stdout
-    assert "ct-denoise 2.6.0: denoise x1 CT, told the noise level" in out.stdout
+    assert "ct-denoise 2.7.0: denoise x1 CT, told the noise level" in out.stdout
     assert (
         "applies to: axial planes, 64..2048 matrix, 0.1..2 mm pixels, MONOCHROME1/MONOCHROME2, not LOCALIZER/DERIVED"
         in out.stdout
