@@ -134,36 +134,39 @@ def test_export_returns_what_it_wrote(denoiser: Exported, tmp_path: Path) -> Non
     assert loaded.as_dict() == json.loads(json.dumps(manifest.as_dict()))  # TOML has lists, not tuples
 
 
-def test_several_runs_export_the_average_of_their_weights(denoiser: Exported, tmp_path: Path) -> None:
-    """A model soup: the package of two runs of one net computes what a net with each weight
-    averaged computes (here the second run's weights are the first's halved: 0.75 x), and
-    model.toml names both runs."""
+def _halved(denoiser: Exported, tmp_path: Path) -> Path:
+    """A checkpoint of the denoiser's run with every weight halved."""
     halved = {**denoiser.state, "model": {k: v / 2 for k, v in denoiser.state["model"].items()}}
-    second = tmp_path / "halved.pt"
-    torch.save(halved, second)
-    export([denoiser.checkpoint, second], tmp_path / "pkg")
+    torch.save(halved, tmp_path / "halved.pt")
+    return tmp_path / "halved.pt"
+
+
+def _computes_three_quarters(package: Path, denoiser: Exported) -> None:
+    """The package computes what the denoiser's net with each weight x 0.75 computes."""
     three_quarters = {k: 0.75 * v for k, v in denoiser.state["model"].items()}
     expected = net_from_checkpoint({**denoiser.state, "model": three_quarters})
     x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
     with torch.no_grad():
         want = expected(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_run(tmp_path / "pkg", x), want, atol=1e-4)
-    assert not np.allclose(_run(tmp_path / "pkg", x), _run(denoiser.package, x), atol=1e-4)
+    np.testing.assert_allclose(_run(package, x), want, atol=1e-4)
+    assert not np.allclose(_run(package, x), _run(denoiser.package, x), atol=1e-4)
+
+
+def test_several_runs_export_the_average_of_their_weights(denoiser: Exported, tmp_path: Path) -> None:
+    """A model soup: the package of two runs of one net computes what a net with each weight
+    averaged computes (here the second run's weights are the first's halved: 0.75 x), and
+    model.toml names both runs."""
+    second = _halved(denoiser, tmp_path)
+    export([denoiser.checkpoint, second], tmp_path / "pkg")
+    _computes_three_quarters(tmp_path / "pkg", denoiser)
     assert load(tmp_path / "pkg").training["averaged_from"] == [str(denoiser.checkpoint), str(second)]
 
 
 def test_a_package_averages_with_a_run_fine_tuned_from_it(denoiser: Exported, tmp_path: Path) -> None:
     """The shipped package has no checkpoint: it joins a soup as a folder, the run named last."""
-    halved = {**denoiser.state, "model": {k: v / 2 for k, v in denoiser.state["model"].items()}}
-    second = tmp_path / "halved.pt"
-    torch.save(halved, second)
+    second = _halved(denoiser, tmp_path)
     export([denoiser.package, second], tmp_path / "pkg")
-    three_quarters = {k: 0.75 * v for k, v in denoiser.state["model"].items()}
-    expected = net_from_checkpoint({**denoiser.state, "model": three_quarters})
-    x = np.random.default_rng(1).random((1, 1, 32, 32), dtype=np.float32)
-    with torch.no_grad():
-        want = expected(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_run(tmp_path / "pkg", x), want, atol=1e-4)
+    _computes_three_quarters(tmp_path / "pkg", denoiser)
     with pytest.raises(UsageError, match="name a run last"):
         export([second, denoiser.package], tmp_path / "other")
 
