@@ -43,9 +43,9 @@ class NetSpec:
     relax: float = 0.0
     # dncnn: "int8" runs every convolution but the first and the last on 8-bit activations (one
     # learnt scale per layer, zero point 0 after the ReLU) and 8-bit weights (symmetric, one scale
-    # per output channel), as ONNX Runtime runs the QDQ graph export writes (about 2.5x faster on
-    # a CPU with VNNI); trained so (quantisation-aware, engines/nets.py): quantised after
-    # training the same net lost 2-12 dB, most at low noise
+    # per output channel), as ONNX Runtime runs the QDQ graph export writes (the convolutions about 2.5x
+    # faster on a CPU with VNNI); trained so (quantisation-aware, engines/nets.py), although the
+    # precision lost is mostly the activations' (models/README.md: 0.2-0.9 dB, most at low noise)
     quantize: str = "none"
 
     @property

@@ -51,7 +51,8 @@ class TorchEngine:
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
             raise ManifestError(f"{manifest.name}: model.onnx does not hold the weights of its [net]: {exc}") from None
         self._cuda = device.startswith("cuda")
-        self._half = self._cuda if fp16 is None else fp16
+        # an int8 net's fake quantisation needs float32 (its steps and bias steps underflow in fp16)
+        self._half = (self._cuda if fp16 is None else fp16) and NetSpec(**manifest.net).quantize == "none"
         self._dtype = torch.float16 if self._half else torch.float32
         self._net = net.to(device=device, dtype=self._dtype).eval()
         self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}

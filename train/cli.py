@@ -151,7 +151,7 @@ def add_parsers(sub: Any) -> None:
         choices=QUANTIZE,
         help="denoiser: int8 trains the convolutions between the first and the last on 8-bit "
         "activations and weights (quantisation-aware), exported as a QDQ graph ONNX Runtime runs "
-        "~2.5x faster on a CPU with VNNI; a fine-tune keeps its source's unless given",
+        "~2.5x faster (its convolutions) on a CPU with VNNI; a fine-tune keeps its source's unless given",
     )
     for name, text in DEGRADATION_RANGES:
         t.add_argument(f"--{name.replace('_', '-')}", type=float, nargs=2, metavar=("LO", "HI"), help=text)

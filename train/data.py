@@ -230,6 +230,13 @@ class Bank:
         bank has them (with_levels computes them otherwise)."""
         h, w = self.inputs.shape[-2:]
         scale = self.targets.shape[-1] // w if len(self.targets) else 1
+        for other in others:
+            other_scale = other.targets.shape[-1] // other.inputs.shape[-1] if len(other.targets) else 1
+            if other.inputs.shape[1] != self.inputs.shape[1] or other_scale != scale:
+                raise ValueError(
+                    f"a bank of {other.inputs.shape[1]}-slice inputs at x{other_scale} cannot join one of "
+                    f"{self.inputs.shape[1]}-slice inputs at x{scale} (another preset's bank?)"
+                )
         parts = [self, *(Bank(_centred(o.inputs, h, w, 1), _centred(o.targets, h, w, scale), o.levels) for o in others)]
         levelled = all(len(b.levels) == len(b) for b in parts)
         return Bank(

@@ -63,8 +63,11 @@ class LowDoseCT:
             if path is not None:  # written whole, then renamed: another worker may read it at any moment
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
-                np.save(partial, sino)
-                partial.replace(path)
+                try:
+                    np.save(partial, sino)
+                    partial.replace(path)
+                finally:
+                    partial.unlink(missing_ok=True)
         self._cache[digest] = sino
         return sino
 

@@ -118,9 +118,13 @@ def averaged(checkpoints: list[Path]) -> dict[str, Any]:
     must share the preset and the net; the last one's training record is kept, with the runs
     averaged listed as `averaged_from`. UsageError otherwise. A model package (a folder) may be
     one of them but not the last: e.g. the package a run was fine-tuned from."""
-    states = [
-        package_state(c) if c.is_dir() else torch.load(c, map_location="cpu", weights_only=False) for c in checkpoints
-    ]
+    try:
+        states = [
+            package_state(c) if c.is_dir() else torch.load(c, map_location="cpu", weights_only=False)
+            for c in checkpoints
+        ]
+    except ValueError as exc:  # a package's manifest or weights (source_net, _package_weights)
+        raise UsageError(str(exc)) from None
     state: dict[str, Any] = states[-1]
     if "history" not in state:
         raise UsageError(f"{checkpoints[-1]}: a model package holds no training record; name a run last")
@@ -178,9 +182,10 @@ def export(checkpoints: Path | list[Path], out: Path, name: str | None = None, v
 
 
 def export_cli(args: argparse.Namespace) -> int:
-    checkpoints = [
-        run if (run / "model.toml").is_file() else run / CHECKPOINT if run.is_dir() else run for run in args.run
-    ]
+    def checkpoint_of(run: Path) -> Path:  # a model package is named as its folder
+        return run / CHECKPOINT if run.is_dir() and not (run / "model.toml").is_file() else run
+
+    checkpoints = [checkpoint_of(run) for run in args.run]
     for checkpoint in checkpoints:
         if not (checkpoint.is_file() or checkpoint.is_dir()):
             raise UsageError(f"no checkpoint at {checkpoint}")

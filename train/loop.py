@@ -311,6 +311,8 @@ def _source_weights(
         weights = {**weights, first: torch.cat([old, extra], dim=1)}
     elif source.noise_map and not net.noise_map:
         raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")
+    if net.quantize == "none":  # an int8 source's weights, trained on: its activation steps go
+        weights = {k: v for k, v in weights.items() if k != qdq.ACTIVATION_STEPS}
     return weights, source.width
 
 
@@ -381,8 +383,15 @@ def _banks(cfg: RunConfig, reuse: bool) -> tuple[Bank, Bank]:
     validation bank."""
     preset, cache = cfg.preset, cfg.out / ".cache"
     path = cfg.out / "bank.npz"
+    added_list = cfg.out / "bank-added.txt"  # the banks bank.npz holds besides the run's own
+    names = "".join(f"{b}\n" for b in cfg.add_banks)
     if reuse and path.exists():
-        bank = Bank.load(path)  # with the added banks, if any
+        if (added_list.read_text() if added_list.exists() else "") != names:
+            raise ValueError(
+                f"{path} was not built with these --add-bank banks: drop --resume to build it again, "
+                "or name the banks it was built with"
+            )
+        bank = Bank.load(path)
     else:
         if cfg.self_supervised:
             bank = noisy_bank(preset, load_volumes(list(cfg.data), preset.modality))
@@ -400,6 +409,7 @@ def _banks(cfg: RunConfig, reuse: bool) -> tuple[Bank, Bank]:
                     [b.with_levels(preset.normalization) for b in added],
                 )
             bank = bank.merged(added)
+        added_list.write_text(names)
     if preset.net.noise_map:
         bank = bank.with_levels(preset.normalization)
     bank.save(path)

@@ -171,6 +171,14 @@ def test_a_package_averages_with_a_run_fine_tuned_from_it(denoiser: Exported, tm
         export([second, denoiser.package], tmp_path / "other")
 
 
+def test_a_tampered_package_in_a_soup_is_a_usage_error(denoiser: Exported, tmp_path: Path) -> None:
+    package = tmp_path / "tampered"
+    shutil.copytree(denoiser.package, package)
+    (package / "model.onnx").write_bytes((package / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(UsageError, match="sha256"):
+        export([package, denoiser.checkpoint], tmp_path / "pkg")
+
+
 def test_runs_of_different_nets_are_not_averaged(denoiser: Exported, asinh_denoiser: Exported, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="runs averaged must share both"):
         export([denoiser.checkpoint, asinh_denoiser.checkpoint], tmp_path / "pkg")

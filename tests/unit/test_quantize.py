@@ -18,6 +18,7 @@ from engines.manifest import load
 from engines.nets import build, fake_quantize_activation, fake_quantize_weight
 from engines.netspec import NetSpec
 from engines.registry import EngineOptions, open_engine
+from engines.torch_backend import TorchEngine
 from train.export import QUANTISED_TOLERANCE, TOLERANCE, ExportMismatch, check_round_trip, export, graph_of
 from train.loop import RunConfig, net_from_checkpoint, train
 from train.presets import PRESETS, with_overrides
@@ -150,6 +151,13 @@ def test_the_package_reads_back_as_the_trained_state(int8_run: tuple[Path, Path]
     for name in (f"body.{2 * i}.weight" for i in range(1, NET.depth - 1)):
         np.testing.assert_array_equal(state[name], fake_quantize_weight(trained[name]).numpy())
     np.testing.assert_array_equal(state["body.0.weight"], trained["body.0.weight"].numpy())
+    steps = trained[qdq.ACTIVATION_STEPS].exp()
+    for i in range(1, NET.depth - 1):  # the bias as the torch net rounds it: in input step x weight step
+        weight, bias = trained[f"body.{2 * i}.weight"], trained[f"body.{2 * i}.bias"]
+        bias_step = steps[i - 1] * weight.abs().amax(dim=(1, 2, 3)) / 127
+        np.testing.assert_allclose(
+            state[f"body.{2 * i}.bias"], (torch.round(bias / bias_step) * bias_step).numpy(), rtol=1e-5, atol=1e-9
+        )
 
 
 def test_the_torch_backend_runs_the_int8_package(int8_run: tuple[Path, Path]) -> None:
@@ -158,6 +166,16 @@ def test_the_torch_backend_runs_the_int8_package(int8_run: tuple[Path, Path]) ->
     x = _input(2, 40, seed=3)
     got, expected = torch_engine.infer(x), ort_engine.infer(x)
     assert float(np.abs(got - expected).max()) <= QUANTISED_TOLERANCE
+    # asked for fp16 (the GPU default), it keeps float32: the steps would underflow in half precision
+    half = TorchEngine(load(int8_run[1]), int8_run[1] / "model.onnx", device="cpu", fp16=True)
+    assert float(np.abs(half.infer(x) - expected).max()) <= QUANTISED_TOLERANCE
+
+
+def test_an_int8_checkpoint_fine_tunes_a_float_net(int8_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Its activation steps are dropped; the float net starts from its weights."""
+    checkpoint = _train(tmp_path / "float", NET, init_from=int8_run[0])
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert qdq.ACTIVATION_STEPS not in state["model"] and state["net"]["quantize"] == "none"
 
 
 def test_an_int8_package_fine_tunes_with_its_steps(int8_run: tuple[Path, Path], tmp_path: Path) -> None:

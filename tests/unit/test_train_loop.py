@@ -672,3 +672,23 @@ def test_add_bank_trains_on_both_and_a_resume_does_not_add_it_twice(short_run: R
     assert state(tmp_path)["run"]["add_banks"] == [str(added)]
     train(replace(cfg, preset=tiny(epochs=2, phantoms=3)), resume=True)
     assert len(Bank.load(tmp_path / "bank.npz")) == 3 + len(Bank.load(added))
+
+
+def test_banks_of_another_shape_of_input_are_refused() -> None:
+    own = Bank(np.zeros((1, 1, 8, 8), np.float32), np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="3-slice inputs at x1 cannot join one of 1-slice inputs at x1"):
+        own.merged([Bank(np.zeros((1, 3, 8, 8), np.float32), np.zeros((1, 1, 8, 8), np.float32))])
+    with pytest.raises(ValueError, match="at x2 cannot join"):
+        own.merged([Bank(np.zeros((1, 1, 8, 8), np.float32), np.zeros((1, 1, 16, 16), np.float32))])
+
+
+def test_a_resumed_bank_must_hold_the_banks_named(short_run: RunConfig, tmp_path: Path) -> None:
+    """--resume reuses bank.npz as it is: naming other --add-bank banks than it was built with
+    (or naming some when it was built without) is refused, not silently recorded."""
+    added = short_run.out / "bank.npz"
+    train(RunConfig(tiny(epochs=1), tmp_path / "plain", workers=1))
+    with pytest.raises(ValueError, match="not built with these --add-bank banks"):
+        train(RunConfig(tiny(epochs=2), tmp_path / "plain", workers=1, add_banks=(added,)), resume=True)
+    train(RunConfig(tiny(epochs=1), tmp_path / "mixed", workers=1, add_banks=(added,)))
+    with pytest.raises(ValueError, match="not built with these --add-bank banks"):
+        train(RunConfig(tiny(epochs=2), tmp_path / "mixed", workers=1), resume=True)
