@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.netspec import QUANTIZE, TRANSFORMS, NetSpec
+from engines.netspec import ACTIVATION_STEPS, QUANTIZE, TRANSFORMS, NetSpec
 
 
 class DnCNN(nn.Module):
@@ -45,7 +45,8 @@ class DnCNN(nn.Module):
             raise ValueError(f"unknown quantize {spec.quantize!r} (expected one of {', '.join(QUANTIZE)})")
         self.quantized = spec.quantize == "int8"
         if self.quantized:
-            # the log of each ReLU output's 8-bit step, in layer order (calibrate() sets them from data)
+            # the log of each ReLU output's 8-bit step, in layer order (calibrate() sets them from
+            # data); its name is ACTIVATION_STEPS
             self.act_log_scale = nn.Parameter(torch.zeros(spec.depth - 1))
         c_in = spec.input_channels * self.factor**2
         c_out = self.factor**2
@@ -77,23 +78,40 @@ class DnCNN(nn.Module):
         out = self.offset + (_sinh(clean) if self.asinh else clean) / gain
         return out[..., :h, :w]
 
+    def _convs(self) -> list[tuple[str, nn.Conv2d, bool]]:
+        """The body's convolutions in order (state name, layer, whether an int8 net quantises it:
+        all but the first, which sees the image and the map, and the last, which writes the noise)."""
+        convs = [(f"body.{i}", m) for i, m in enumerate(self.body) if isinstance(m, nn.Conv2d)]
+        return [(name, conv, self.quantized and 0 < k < len(convs) - 1) for k, (name, conv) in enumerate(convs)]
+
     def _body(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return self.body(x)  # type: ignore[no-any-return]  # nn.Module calls are untyped
-        convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
-        last = len(convs) - 1
         steps = self.act_log_scale.exp()
-        for i, conv in enumerate(convs):
+        convs = self._convs()
+        for i, (_, conv, quantised) in enumerate(convs):
             weight, bias = conv.weight, conv.bias
-            if 0 < i < last:
-                weight = fake_quantize_weight(conv.weight)
+            if quantised:
+                weight_step = _weight_step(weight)
+                weight = _round(weight / weight_step) * weight_step
                 if bias is not None:  # ONNX Runtime adds it as int32, in steps of input step x weight step
-                    bias_step = steps[i - 1] * _weight_step(conv.weight).flatten()
+                    bias_step = steps[i - 1] * weight_step.flatten()
                     bias = _round(bias / bias_step) * bias_step
             x = F.conv2d(x, weight, bias, padding=1)
-            if i < last:
+            if i < len(convs) - 1:
                 x = fake_quantize_activation(F.relu(x), steps[i])
         return x
+
+    @torch.no_grad()
+    def float_state(self) -> dict[str, torch.Tensor]:
+        """The state of the float net that computes as this one does up to the activations'
+        rounding: the quantised weights on their 8-bit grid, no activation steps. Export writes
+        it as the graph ONNX Runtime's quantiser turns into the int8 one (engines.qdq)."""
+        state = {k: v for k, v in self.state_dict().items() if k != ACTIVATION_STEPS}
+        for name, conv, quantised in self._convs():
+            if quantised:
+                state[f"{name}.weight"] = fake_quantize_weight(conv.weight)
+        return state
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[torch.Tensor], quantile: float = 0.9999) -> list[float]:

@@ -10,6 +10,7 @@ from typing import Any
 
 TRANSFORMS = ("linear", "asinh")  # dncnn: the domains a denoiser may remove the noise in
 QUANTIZE = ("none", "int8")  # dncnn: how the convolutions between the first and the last compute
+ACTIVATION_STEPS = "act_log_scale"  # an int8 dncnn's parameter: the log of each ReLU output's step
 
 
 @dataclass(frozen=True)

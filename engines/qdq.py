@@ -19,8 +19,9 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
+from engines.netspec import ACTIVATION_STEPS
+
 QUANTISED_SUFFIX = "_quantized"  # ONNX Runtime's name for an initialiser's integer form
-ACTIVATION_STEPS = "act_log_scale"  # engines.nets.DnCNN's parameter: log of each ReLU output's step
 
 
 def to_qdq(float_graph: bytes, steps: Sequence[float], channels: int) -> bytes:
@@ -69,7 +70,7 @@ def to_qdq(float_graph: bytes, steps: Sequence[float], channels: int) -> bytes:
 
 def state_of(graph: onnx.GraphProto) -> dict[str, NDArray[np.float32]]:
     """The float initialisers by name, each quantised one dequantised under its float name and,
-    for a QDQ graph, `act_log_scale`: the log of the activation steps in graph order."""
+    for a QDQ graph, ACTIVATION_STEPS: the log of the activation steps in graph order."""
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     steps_of = {n.input[1] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
     state = {k: v.astype(np.float32, copy=True) for k, v in init.items() if v.dtype == np.float32 and k not in steps_of}

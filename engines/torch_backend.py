@@ -45,14 +45,15 @@ class TorchEngine:
         if not manifest.net:  # e.g. a third-party ONNX model: "auto" then falls through to onnxruntime
             raise EngineUnavailable(f"{manifest.name}: the torch backend needs model.toml's [net] table")
         try:
-            net = build(NetSpec(**manifest.net))
+            spec = NetSpec(**manifest.net)
+            net = build(spec)
             weights = qdq.state_of(onnx.load(str(onnx_path)).graph)  # a quantised net's dequantised
             net.load_state_dict({k: torch.from_numpy(weights[k]) for k in net.state_dict()})
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
             raise ManifestError(f"{manifest.name}: model.onnx does not hold the weights of its [net]: {exc}") from None
         self._cuda = device.startswith("cuda")
         # an int8 net's fake quantisation needs float32 (its steps and bias steps underflow in fp16)
-        self._half = (self._cuda if fp16 is None else fp16) and NetSpec(**manifest.net).quantize == "none"
+        self._half = (self._cuda if fp16 is None else fp16) and spec.quantize == "none"
         self._dtype = torch.float16 if self._half else torch.float32
         self._net = net.to(device=device, dtype=self._dtype).eval()
         self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core import status
 from core.errors import InvalidDataset, OutOfResources
-from core.header import DEFLATED_SYNTAXES, parse_header
+from core.header import DEFLATED_SYNTAXES, Buffer, parse_header
 from node.background import BackgroundWriter
 from node.config import NodeConfig
 from node.dimse import Command
@@ -272,7 +272,7 @@ def handle_store(
     return code
 
 
-def _with_meta(meta: bytes, dataset: bytes | bytearray) -> bytes | bytearray:
+def _with_meta(meta: bytes, dataset: Buffer) -> Buffer:
     """The Part 10 file: `meta`, then `dataset`. The upper layer's receive buffer (a bytearray it
     has no further use for) takes the meta in place, in its spare room or by growing where it
     is, so a data set is never held twice (docs/receiving.md, "Data set size")."""

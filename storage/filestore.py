@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from core.errors import OutOfResources
+from core.header import Buffer
 
 TMP_DIR = "tmp"
 OBJECTS_DIR = "objects"
@@ -232,7 +233,7 @@ class FileStore:
         with self.place(rel, *chunks) as durable:
             durable.wait()
 
-    def place(self, rel: str, *chunks: bytes | bytearray) -> Durable:
+    def place(self, rel: str, *chunks: Buffer) -> Durable:
         """Place `chunks` at `rel`: a temp file, renamed to `rel`; then its sync is requested, one
         sync of the file system shared with every write waiting at that moment (`GroupSync`).
         The file is durable once the returned `Durable.wait` returns.

@@ -25,7 +25,7 @@ from core.errors import ManifestError
 from engines import qdq
 from engines.manifest import load as load_manifest
 from engines.nets import build, parameter_count
-from engines.netspec import NetSpec
+from engines.netspec import ACTIVATION_STEPS, NetSpec
 from train.data import Bank, build_bank, load_volumes, noisy_bank, phantom_slabs, sample, volume_slabs
 from train.metrics import ROI_SIDE
 from train.presets import HU, Preset
@@ -208,7 +208,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     steps_given = bool(start_epoch)  # a quantised net's activation steps: resumed, or from its source
     if initial is not None:
         weights = _narrowed(*initial, preset, device, bank)
-        steps_given = qdq.ACTIVATION_STEPS in weights
+        steps_given = ACTIVATION_STEPS in weights
         model.load_state_dict(weights, strict=steps_given or preset.net.quantize == "none")
         log.info("starting from the weights in %s", cfg.init_from)
     if preset.net.quantize != "none" and not steps_given:
@@ -312,7 +312,7 @@ def _source_weights(
     elif source.noise_map and not net.noise_map:
         raise ValueError(f"{path}: its net takes a noise map; this run's does not (add --noise-map)")
     if net.quantize == "none":  # an int8 source's weights, trained on: its activation steps go
-        weights = {k: v for k, v in weights.items() if k != qdq.ACTIVATION_STEPS}
+        weights = {k: v for k, v in weights.items() if k != ACTIVATION_STEPS}
     return weights, source.width
 
 
@@ -334,7 +334,7 @@ def _narrowed(
     if net.width == width:
         return weights
     wide = build(replace(net, width=width, quantize="none")).to(device)
-    wide.load_state_dict({k: v for k, v in weights.items() if k != qdq.ACTIVATION_STEPS})
+    wide.load_state_dict({k: v for k, v in weights.items() if k != ACTIVATION_STEPS})
     rng = np.random.default_rng(0)  # apart from the training's random state
     patches = [sample(bank, rng, 16, preset.patch, net.scale, net.noise_map)[0] for _ in range(16)]
     log.info("narrowing the source from %d to %d channels", width, net.width)
@@ -361,11 +361,11 @@ def _package_weights(path: Path, model: nn.Module) -> tuple[NetSpec, dict[str, t
     (a quantised net's dequantised, engines.qdq)."""
     net = source_net(path)  # the manifest's load also checks model.onnx against its sha256
     state = qdq.state_of(onnx.load(str(path / "model.onnx")).graph)
-    wanted = [k for k in model.state_dict() if k != qdq.ACTIVATION_STEPS or net.quantize != "none"]
-    missing = sorted(set(wanted) - set(state))
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(state) - {ACTIVATION_STEPS})  # a float source has no steps: calibrated
     if missing:
         raise ValueError(f"{path}: model.onnx lacks the weights {', '.join(missing[:3])}")
-    return net, {k: torch.from_numpy(state[k]) for k in wanted}
+    return net, {k: torch.from_numpy(state[k]) for k in wanted if k in state}
 
 
 def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:

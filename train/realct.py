@@ -22,8 +22,9 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from train.presets import HU
+
 CROP = 256  # the InVesalius volume's size: the crops of single slices match it
-HU_RANGE = (-1024, 3071)
 
 
 def write_series(volume: NDArray[np.int16], spacing: tuple[float, float, float], description: str, out: Path) -> int:
@@ -79,7 +80,7 @@ def crops(paths: Iterable[Path], out: Path, size: int = CROP) -> int:
         thickness = float(ds.get("SliceThickness", 1.0) or 1.0)
         for r in _starts(hu.shape[0], size):
             for c in _starts(hu.shape[1], size):
-                crop = np.clip(np.rint(hu[r : r + size, c : c + size]), *HU_RANGE).astype(np.int16)
+                crop = np.clip(np.rint(hu[r : r + size, c : c + size]), HU.lo, HU.hi).astype(np.int16)
                 write_series(crop[None], (spacing[0], spacing[1], thickness), f"{path.stem} crop", out / f"{count:03d}")
                 count += 1
     return count

@@ -16,7 +16,7 @@ import torch
 from engines import qdq
 from engines.manifest import load
 from engines.nets import build, fake_quantize_activation, fake_quantize_weight
-from engines.netspec import NetSpec
+from engines.netspec import ACTIVATION_STEPS, NetSpec
 from engines.registry import EngineOptions, open_engine
 from engines.torch_backend import TorchEngine
 from train.export import QUANTISED_TOLERANCE, TOLERANCE, ExportMismatch, check_round_trip, export, graph_of
@@ -92,7 +92,7 @@ def test_a_float_net_refuses_calibration_and_an_srnet_refuses_int8() -> None:
 
 def test_the_fine_tune_calibrates_the_steps_from_data(int8_run: tuple[Path, Path]) -> None:
     state = torch.load(int8_run[0], map_location="cpu", weights_only=False)
-    steps = state["model"][qdq.ACTIVATION_STEPS].exp()
+    steps = state["model"][ACTIVATION_STEPS].exp()
     assert steps.shape == (NET.depth - 1,)
     assert bool((steps < 0.5).all()) and bool((steps > 1e-5).all())  # from the activations, not the initial 1
     assert state["net"]["quantize"] == "int8"
@@ -147,11 +147,11 @@ def test_the_package_reads_back_as_the_trained_state(int8_run: tuple[Path, Path]
     trained = torch.load(int8_run[0], map_location="cpu", weights_only=False)["model"]
     state = qdq.state_of(onnx.load(str(int8_run[1] / "model.onnx")).graph)
     assert set(trained) <= set(state)
-    np.testing.assert_allclose(state[qdq.ACTIVATION_STEPS], trained[qdq.ACTIVATION_STEPS].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(state[ACTIVATION_STEPS], trained[ACTIVATION_STEPS].numpy(), rtol=1e-6)
     for name in (f"body.{2 * i}.weight" for i in range(1, NET.depth - 1)):
         np.testing.assert_array_equal(state[name], fake_quantize_weight(trained[name]).numpy())
     np.testing.assert_array_equal(state["body.0.weight"], trained["body.0.weight"].numpy())
-    steps = trained[qdq.ACTIVATION_STEPS].exp()
+    steps = trained[ACTIVATION_STEPS].exp()
     for i in range(1, NET.depth - 1):  # the bias as the torch net rounds it: in input step x weight step
         weight, bias = trained[f"body.{2 * i}.weight"], trained[f"body.{2 * i}.bias"]
         bias_step = steps[i - 1] * weight.abs().amax(dim=(1, 2, 3)) / 127
@@ -175,12 +175,12 @@ def test_an_int8_checkpoint_fine_tunes_a_float_net(int8_run: tuple[Path, Path], 
     """Its activation steps are dropped; the float net starts from its weights."""
     checkpoint = _train(tmp_path / "float", NET, init_from=int8_run[0])
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert qdq.ACTIVATION_STEPS not in state["model"] and state["net"]["quantize"] == "none"
+    assert ACTIVATION_STEPS not in state["model"] and state["net"]["quantize"] == "none"
 
 
 def test_an_int8_package_fine_tunes_with_its_steps(int8_run: tuple[Path, Path], tmp_path: Path) -> None:
     """A quantised package as a source keeps its learnt steps (no calibration over them)."""
-    source = torch.load(int8_run[0], map_location="cpu", weights_only=False)["model"][qdq.ACTIVATION_STEPS]
+    source = torch.load(int8_run[0], map_location="cpu", weights_only=False)["model"][ACTIVATION_STEPS]
     preset = with_overrides(
         PRESETS["ct-denoise"],
         net=replace(NET, quantize="int8"),
@@ -193,7 +193,7 @@ def test_an_int8_package_fine_tunes_with_its_steps(int8_run: tuple[Path, Path], 
         lr=1e-12,
     )
     checkpoint = train(RunConfig(preset, tmp_path / "again", workers=1, init_from=int8_run[1]))
-    steps = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"][qdq.ACTIVATION_STEPS]
+    steps = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"][ACTIVATION_STEPS]
     np.testing.assert_allclose(steps.numpy(), source.numpy(), rtol=1e-4)
 
 
@@ -205,4 +205,4 @@ def test_a_narrower_int8_net_from_an_int8_source_is_calibrated_again(
     checkpoint = _train(tmp_path / "narrow", replace(NET, quantize="int8", width=4), init_from=int8_run[0])
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     assert state["body.0.weight"].shape[0] == 4
-    assert bool((state[qdq.ACTIVATION_STEPS].exp() < 0.5).all())
+    assert bool((state[ACTIVATION_STEPS].exp() < 0.5).all())
