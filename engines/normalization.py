@@ -51,9 +51,13 @@ class Normalization:
     @staticmethod
     def forward(values: NDArray[Any], window: tuple[float, float]) -> NDArray[np.float32]:
         offset, span = window
-        return ((values.astype(np.float32) - np.float32(offset)) / np.float32(span)).astype(np.float32)
+        x = np.subtract(values, np.float32(offset), dtype=np.float32)  # in float32, as values.astype(float32) would be
+        x /= np.float32(span)
+        return np.asarray(x, np.float32)
 
     @staticmethod
     def inverse(x: NDArray[Any], window: tuple[float, float]) -> NDArray[np.float32]:
         offset, span = window
-        return (x.astype(np.float32) * np.float32(span) + np.float32(offset)).astype(np.float32)
+        values = np.multiply(x, np.float32(span), dtype=np.float32)
+        values += np.float32(offset)
+        return np.asarray(values, np.float32)

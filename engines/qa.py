@@ -64,6 +64,9 @@ MAD_GAUSSIAN = 0.6745  # the median of |N(0, 1)|
 RICIAN_SNR = 3.0  # above this signal-to-noise ratio a magnitude image's noise is Gaussian
 MIN_BLOCKS = 64  # 2x2 blocks the MR estimate needs
 CT_TISSUE = (-300.0, 300.0)
+SMOOTH_SIGMA = 2.0  # pixels: the light smoothing the object mask is taken on
+SMOOTH_RADIUS = int(4.0 * SMOOTH_SIGMA + 0.5)  # ndimage.gaussian_filter's reach (truncate 4)
+EROSIONS = 2  # the mask is eroded this many pixels, off the object's edge
 
 
 def object_mask(image: NDArray[np.floating], ct: bool) -> NDArray[np.bool_]:
@@ -77,21 +80,41 @@ def _mask_of(smooth: Array, ct: bool) -> NDArray[np.bool_]:
         mask = (smooth > CT_TISSUE[0]) & (smooth < CT_TISSUE[1])
     else:
         mask = smooth > 0.1 * float(np.percentile(smooth, 99.5))
-    return np.asarray(ndimage.binary_erosion(mask, iterations=2), np.bool_)
+    return np.asarray(ndimage.binary_erosion(mask, iterations=EROSIONS), np.bool_)
 
 
 def _smooth(image: NDArray[np.floating]) -> Array:
-    return np.asarray(ndimage.gaussian_filter(np.asarray(image, np.float32), 2.0), np.float32)  # float32 is enough
+    return np.asarray(ndimage.gaussian_filter(np.asarray(image, np.float32), SMOOTH_SIGMA), np.float32)
 
 
-def _local_sd(image: NDArray[np.floating], size: int) -> NDArray[np.float64]:
-    x = np.asarray(image, np.float64)
+def _local_sd(image: NDArray[np.floating], size: int) -> Array:
+    """The SD in size x size windows. float32 is enough: ndimage sums each window in float64,
+    and a window's mean square of soft tissue (< 1e5 HU^2) in float32 is within 0.01 HU^2."""
+    x = np.asarray(image, np.float32)
     mean = ndimage.uniform_filter(x, size)
-    return np.asarray(np.sqrt(np.clip(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0, None)), np.float64)
+    return np.asarray(np.sqrt(np.clip(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0, None)), np.float32)
+
+
+def _tissue_crop(image: NDArray[np.floating]) -> NDArray[np.floating]:
+    """The part of a CT slice that noise_sd's figure depends on: the box round the pixels above
+    the tissue mask's floor, widened by what the figure reads beyond it. A mask pixel lies within
+    the smoothing's reach of the box (a smoothing of pixels at or below the floor stays there);
+    the smoothing and erosion it needs read that reach and the erosion further, its local SD half
+    a window. The estimate is the same (to float rounding); air, a quarter of a slice and more,
+    is not filtered."""
+    rows, cols = np.nonzero((image > CT_TISSUE[0]).any(axis=1)), np.nonzero((image > CT_TISSUE[0]).any(axis=0))
+    if not rows[0].size:
+        return image[:0, :0]
+    margin = SMOOTH_RADIUS + max(SMOOTH_RADIUS + EROSIONS, LOCAL_SD_WINDOW // 2)
+    y0, y1 = max(0, int(rows[0][0]) - margin), int(rows[0][-1]) + margin + 1
+    x0, x1 = max(0, int(cols[0][0]) - margin), int(cols[0][-1]) + margin + 1
+    return image[y0:y1, x0:x1]
 
 
 def noise_sd(image: NDArray[np.floating], ct: bool) -> float:
     """The noise SD of one slice in image units (module docstring); 0 when no object is found."""
+    if ct:
+        image = _tissue_crop(image)
     smooth = _smooth(image)
     mask = _mask_of(smooth, ct)
     if mask.sum() < LOCAL_SD_WINDOW**2:
