@@ -50,6 +50,7 @@ DEGRADATION_RANGES = (
     ("sharpen", "low-dose CT: edge enhancement after reconstruction (bone kernels), amount range; 0 0 = none"),
     ("white_fraction", "low-dose CT: share of the added noise's variance that is pixel-independent, range"),
     ("white_slope", "low-dose CT: that share's power rises as |f|^slope to the grid's corners, range; 0 0 = white"),
+    ("post_smooth_px", "low-dose CT: Gaussian smoothing after reconstruction, both images, sigma range in px"),
 )
 
 

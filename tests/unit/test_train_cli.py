@@ -245,11 +245,12 @@ def test_degradation_ranges_from_the_command_line_reach_the_run(tmp_path: Path) 
     degradation, and the run records what it trained with."""
     import torch
 
-    extra = ["--sigma-percent", "3", "4", "--texture-sd", "1", "2"]
+    extra = ["--sigma-percent", "3", "4", "--texture-sd", "1", "2", "--post-smooth-px", "0.5", "2"]
     assert main(["train", *TINY_DN, *extra, "--out", str(tmp_path)]) == 0
     run = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)["run"]
     assert tuple(run["degradation"]["sigma_percent"]) == (3.0, 4.0)
     assert tuple(run["degradation"]["texture_sd"]) == (1.0, 2.0)
+    assert tuple(run["degradation"]["post_smooth_px"]) == (0.5, 2.0)
     assert {name for name, _ in DEGRADATION_RANGES} <= set(run["degradation"])
 
 
