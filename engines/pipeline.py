@@ -75,9 +75,8 @@ def enhance_volume(
     otherwise estimated from the series itself (engines.qa.noise_level), as the node does.
 
     What is the series' (the normalisation window, the noise level, the content box) is taken
-    first; then every step runs on `max_batch` slices at a time, so that no whole-series copy is
-    made but the result (a 300-slice series once, not six times) and each step's arrays are
-    reused from one batch to the next."""
+    first; then every step runs on `max_batch` slices at a time, so that the only whole-series
+    array made is the result (a 300-slice series is held once, not six times)."""
     m = engine.manifest
     norm, scale = m.normalization, m.scale
     values = np.asarray(pixels, np.float32)
@@ -85,9 +84,12 @@ def enhance_volume(
     window = norm.window(values)  # per series for percentile normalisation
     lo = np.float32(norm.lo)
 
-    def before(zs: Any) -> Array:
+    def clipped(a: Array) -> Array:
         """The input the net is given, in image units: noisy air that dips below lo is lo."""
-        return np.asarray(np.maximum(values[zs], lo) if ct_denoise else values[zs], np.float32)
+        return np.asarray(np.maximum(a, lo), np.float32) if ct_denoise else a
+
+    def before(zs: Any) -> Array:
+        return clipped(values[zs])
 
     level = None
     if m.noise_map and noise_sd is not None:
@@ -96,7 +98,7 @@ def enhance_volume(
         picked = spread(len(values), NOISE_SLICES)  # the slices noise_level reads, normalised alone
         level = noise_level(Normalization.forward(before(picked), window), norm) * noise_scale
     z_count, (h, w) = values.shape[0], values.shape[1:]
-    if m.task == "denoise":
+    if m.task == "denoise" and not (ct_denoise and lo > AIR_HU):  # clipped at such a lo, all would be content
         rows, cols = content_box(values, norm)
     else:
         rows, cols = slice(0, h), slice(0, w)
@@ -110,8 +112,8 @@ def enhance_volume(
         if rows.stop > rows.start and cols.stop > cols.start:
             crop = x[:, rows, cols]
             if m.context_slices > 1:  # the neighbours, normalised with the series' window
-                near = [context_indices(z, z_count, m.context_slices) for z in range(zs.start, zs.stop)]
-                stack = Normalization.forward(before(np.stack(near))[..., rows, cols], window)
+                near = np.stack([context_indices(z, z_count, m.context_slices) for z in range(zs.start, zs.stop)])
+                stack = Normalization.forward(clipped(values[:, rows, cols][near]), window)
             else:
                 stack = crop[:, None]
             if level is not None:
@@ -122,8 +124,8 @@ def enhance_volume(
             inside = low > AIR_HU if norm.kind == "hu" else np.ones(low.shape, bool)
             done = restore_mean(low, done, inside, m.restore_mean_px, m.restore_mean_bounds)
         if m.task == "sr":
-            done = _safe_sr(low, done, m.scale, m.clamp_to_input, m.consistency, m.classical_share)
-        if ct_denoise:
+            done = _safe_sr(low, done, scale, m.clamp_to_input, m.consistency, m.classical_share)
+        if ct_denoise:  # (a denoiser's scale is 1: the output has the input's grid)
             padding = values[zs] < PADDING_HU  # pixel padding comes back as it was
             np.copyto(done, values[zs], where=padding)
         result[zs] = done
@@ -205,11 +207,11 @@ def restore_mean(
     step, classes = RESTORE_STEP, len(bounds) + 1
     ch, cw = -(-h // step), -(-w // step)
     bins, size = _block_bins(h, w, step, classes + 1), ch * cw * (classes + 1)
-    spread = (0, sigma_px / step, sigma_px / step, 0)
+    sigmas = (0, sigma_px / step, sigma_px / step, 0)
     top, bottom, down = _linear(ch, step, h, 1)
-    left_of, right_of, across = _linear(cw, step, w, classes + 1)
-    left_of = np.arange(h)[:, None] * (cw * (classes + 1)) + left_of  # in the (h, cw, classes + 1) rows
-    right_of = right_of - left_of[0]  # from the left one
+    left, right, across = _linear(cw, step, w, classes + 1)
+    # each pixel's left coarse column (class 0) in the (h, cw, classes + 1) rows, and the right one's offset from it
+    left_index, to_right = np.arange(h)[:, None] * (cw * (classes + 1)) + left, right - left
     floor = 1e-3 * step * step
     out = np.empty(after.shape, np.float32)
     # slice by slice, so that what one slice needs stays in the CPU's cache; no BLAS (its threads
@@ -223,20 +225,20 @@ def restore_mean(
         flat = (bins + labels).ravel()
         sums = np.bincount(flat, weights=(before[s] - after[s]).ravel(), minlength=size)
         counts = np.bincount(flat, minlength=size).astype(np.float64)
-        stats = ndimage.gaussian_filter(np.stack([sums, counts]).reshape(2, ch, cw, -1), spread, mode="constant")
+        stats = ndimage.gaussian_filter(np.stack([sums, counts]).reshape(2, ch, cw, -1), sigmas, mode="constant")
         mean = (stats[0] / np.maximum(stats[1], floor)).astype(np.float32)  # (ch, cw, classes + 1)
         mean[..., classes] = 0.0
         # back to full resolution, linearly: the rows, then for each pixel the two coarse columns
         # it lies between, in its own class
         mean = mean.reshape(ch, -1)
         fine = mean[top] + down[:, None] * (mean[bottom] - mean[top])  # (h, cw * (classes + 1))
-        index = left_of + labels
+        index = left_index + labels
         fine = fine.ravel()
-        left, right = fine[index], fine[index + right_of]
-        right -= left
-        right *= across
-        right += left
-        np.add(after[s], right, out=out[s])
+        at_left, at_right = fine[index], fine[index + to_right]
+        at_right -= at_left
+        at_right *= across
+        at_right += at_left
+        np.add(after[s], at_right, out=out[s])
     return out
 
 

@@ -87,12 +87,12 @@ def _smooth(image: NDArray[np.floating]) -> Array:
     return np.asarray(ndimage.gaussian_filter(np.asarray(image, np.float32), SMOOTH_SIGMA), np.float32)
 
 
-def _local_sd(image: NDArray[np.floating], size: int) -> Array:
-    """The SD in size x size windows. float32 is enough: ndimage sums each window in float64,
-    and a window's mean square of soft tissue (< 1e5 HU^2) in float32 is within 0.01 HU^2."""
-    x = np.asarray(image, np.float32)
+def _local_sd(image: NDArray[np.floating], size: int) -> NDArray[np.float64]:
+    """The SD in size x size windows, in float64: in float32 the mean square of bright tissue
+    loses the variance of half-HU noise (+0.4% at 250 HU)."""
+    x = np.asarray(image, np.float64)
     mean = ndimage.uniform_filter(x, size)
-    return np.asarray(np.sqrt(np.clip(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0, None)), np.float32)
+    return np.asarray(np.sqrt(np.clip(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0, None)), np.float64)
 
 
 def _tissue_crop(image: NDArray[np.floating]) -> NDArray[np.floating]:

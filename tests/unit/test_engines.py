@@ -213,6 +213,23 @@ def test_noisy_air_below_lo_is_enhanced_not_restored(tmp_path: Path) -> None:
     assert out[0, 10, 10] == pytest.approx(-1024.0, abs=1e-3) and out[0, 0, 0] == -3024.0
 
 
+def test_a_window_whose_lo_is_above_air_runs_the_whole_slice(tmp_path: Path) -> None:
+    """The content box leaves air (<= -900 HU) out of the net; a CT denoiser whose window starts
+    above that (lo = -800) sees air clipped to lo as content, so the whole slice goes through it:
+    a model that adds 10 HU adds them to the air too."""
+    from tests.onnx_models import shift
+
+    package = shift(tmp_path / "shift", 10.0)
+    doc = tomlkit.parse((package / "model.toml").read_text())
+    doc["normalization"]["lo"] = -800.0
+    (package / "model.toml").write_text(tomlkit.dumps(doc))
+    v = np.full((1, 96, 96), -1000.0, np.float32)
+    v[0, 40:56, 40:56] = 40.0
+    out = enhance_volume(open_engine(package), v)
+    assert float(out[0, 0, 0]) == pytest.approx(-800.0 + 10.0 * 3871.0 / 4095.0, abs=0.05)
+    assert float(out[0, 48, 48]) == pytest.approx(40.0 + 10.0 * 3871.0 / 4095.0, abs=0.05)
+
+
 def test_padding_is_hidden_from_the_model(tmp_path: Path) -> None:
     """The net sees lo (-1024) where the series has padding; the padding comes back unchanged."""
     engine = open_engine(identity(tmp_path / "id"))
