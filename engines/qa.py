@@ -102,12 +102,13 @@ def _tissue_crop(image: NDArray[np.floating]) -> NDArray[np.floating]:
     the smoothing and erosion it needs read that reach and the erosion further, its local SD half
     a window. The estimate is the same (to float rounding); air, a quarter of a slice and more,
     is not filtered."""
-    rows, cols = np.nonzero((image > CT_TISSUE[0]).any(axis=1)), np.nonzero((image > CT_TISSUE[0]).any(axis=0))
-    if not rows[0].size:
+    above = image > CT_TISSUE[0]
+    rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if not rows.size:
         return image[:0, :0]
     margin = SMOOTH_RADIUS + max(SMOOTH_RADIUS + EROSIONS, LOCAL_SD_WINDOW // 2)
-    y0, y1 = max(0, int(rows[0][0]) - margin), int(rows[0][-1]) + margin + 1
-    x0, x1 = max(0, int(cols[0][0]) - margin), int(cols[0][-1]) + margin + 1
+    y0, y1 = max(0, int(rows[0]) - margin), int(rows[-1]) + margin + 1
+    x0, x1 = max(0, int(cols[0]) - margin), int(cols[-1]) + margin + 1
     return image[y0:y1, x0:x1]
 
 
