@@ -108,7 +108,7 @@ def enhance_volume(
         zs = slice(first, min(z_count, first + max_batch))
         low = before(zs)
         x = Normalization.forward(low, window)
-        out = _upscale(x, scale)  # what air outside the content box becomes
+        out = x if scale == 1 else _upscale(x, scale)  # what air outside the content box becomes (x is read first)
         if rows.stop > rows.start and cols.stop > cols.start:
             crop = x[:, rows, cols]
             if m.context_slices > 1:  # the neighbours, normalised with the series' window

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from core.errors import ManifestError
 from engines import qdq
+from engines.manifest import ModelManifest
 from engines.manifest import load as load_manifest
 from engines.nets import build, parameter_count
 from engines.netspec import ACTIVATION_STEPS, NetSpec
@@ -344,11 +345,16 @@ def _narrowed(
 def source_net(path: Path) -> NetSpec:
     """The net of the checkpoint or model package a fine-tune starts from."""
     if path.is_dir():
-        try:
-            return NetSpec(**load_manifest(path).net)
-        except ManifestError as exc:
-            raise ValueError(str(exc)) from None
+        return NetSpec(**_manifest(path).net)
     return NetSpec(**torch.load(path, map_location="cpu", weights_only=False)["net"])
+
+
+def _manifest(path: Path) -> ModelManifest:
+    """A model package's manifest (its load checks model.onnx against its sha256); ValueError if bad."""
+    try:
+        return load_manifest(path)
+    except ManifestError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _checkpoint_weights(path: Path, device: torch.device) -> tuple[NetSpec, dict[str, torch.Tensor]]:
@@ -359,13 +365,18 @@ def _checkpoint_weights(path: Path, device: torch.device) -> tuple[NetSpec, dict
 def _package_weights(path: Path, model: nn.Module) -> tuple[NetSpec, dict[str, torch.Tensor]]:
     """A model package's weights: export keeps the parameters' names as the ONNX initialisers'
     (a quantised net's dequantised, engines.qdq)."""
-    net = source_net(path)  # the manifest's load also checks model.onnx against its sha256
+    return source_net(path), _onnx_weights(path, model)
+
+
+def _onnx_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights from a package's model.onnx (a float source has no activation steps:
+    they are calibrated)."""
     state = qdq.state_of(onnx.load(str(path / "model.onnx")).graph)
     wanted = model.state_dict()
-    missing = sorted(set(wanted) - set(state) - {ACTIVATION_STEPS})  # a float source has no steps: calibrated
+    missing = sorted(set(wanted) - set(state) - {ACTIVATION_STEPS})
     if missing:
         raise ValueError(f"{path}: model.onnx lacks the weights {', '.join(missing[:3])}")
-    return net, {k: torch.from_numpy(state[k]) for k in wanted if k in state}
+    return {k: torch.from_numpy(state[k]) for k in wanted if k in state}
 
 
 def _neighbour_loss(model: nn.Module, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:
@@ -474,10 +485,13 @@ def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
 def package_state(path: Path) -> dict[str, Any]:
     """A model package's weights as a checkpoint's state (the model, its net and preset), so a
     package can be averaged with runs fine-tuned from it (train.export.averaged)."""
-    spec = source_net(path)
-    manifest = load_manifest(path)
-    _, weights = _package_weights(path, build(spec))
-    return {"model": weights, "net": spec.as_dict(), "preset": manifest.training.get("preset", "")}
+    manifest = _manifest(path)  # read (and model.onnx hashed) once
+    spec = NetSpec(**manifest.net)
+    return {
+        "model": _onnx_weights(path, build(spec)),
+        "net": spec.as_dict(),
+        "preset": manifest.training.get("preset", ""),
+    }
 
 
 def net_from_checkpoint(state: dict[str, Any]) -> nn.Module:
